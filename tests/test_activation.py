@@ -209,3 +209,18 @@ def test_loading_helu_checkpoint_without_plugin_fails_with_key_error(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert "KEYERROR" in out and "helu" in out
+
+
+def test_inside_autocast_keeps_the_autocast_dtype():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 16)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = linear(x)
+        y = helu(z, 0.05)
+    assert z.dtype == y.dtype == torch.bfloat16
+    assert torch.equal(y, torch.relu(z))
+    z.retain_grad()
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert torch.equal(z.grad, reference_grad(z.detach(), grad, 0.05))

