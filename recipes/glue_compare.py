@@ -1,0 +1,284 @@
+"""Compare FFN activations on GLUE: tasks x activations (keep, relu, helu[, alphas]) x conversions x seeds.
+
+    python recipes/glue_compare.py --tasks rte mrpc stsb cola --seeds 0 1 2 --data_dir ../shared/data/glue \\
+        --output_dir runs/glue_compare -- --epochs 3 --max_length 128
+
+Everything after ``--`` (or any option this script does not know) goes to every ``recipes/glue.py`` run. Each run
+writes OUTPUT_DIR/<task>/<variant>/seed<seed>/results.json; runs already complete are not redone, so an
+interrupted comparison is continued by running the same command again. At the end (and after every run)
+OUTPUT_DIR/compare.md (a Markdown table: mean ± std over seeds of each task's GLUE score, x100, and the average
+over tasks; plus the dead FFN units), OUTPUT_DIR/compare.json and OUTPUT_DIR/compare.png (bar chart) are written
+atomically. ``--alphas 0.05 0.5`` sweeps HeLU's margin (one column per alpha); ``--conversions none calibrate
+anneal calibrate+anneal`` adds one column per conversion method for relu and helu (``keep`` is never converted).
+
+Runs go one after another in this process, so ``accelerate launch recipes/glue_compare.py ...`` runs each of them
+on all processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import glue as glue_recipe  # recipes/glue.py
+
+from hf_helu import glue
+from hf_helu.activation import DEFAULT_ALPHA
+from hf_helu.atomic import atomic_write_json, atomic_write_text
+from hf_helu.conversion import CONVERSION_METHODS
+
+ACTIVATIONS = ("keep", "relu", "helu")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc", "stsb", "cola"])
+    parser.add_argument("--activations", nargs="+", choices=ACTIVATIONS, default=list(ACTIVATIONS))
+    parser.add_argument("--alphas", nargs="+", type=float, default=[DEFAULT_ALPHA], help="HeLU margins to sweep.")
+    parser.add_argument(
+        "--conversions", nargs="+", choices=CONVERSION_METHODS, default=["none"], help="Conversion methods to compare."
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output_dir", default="runs/glue_compare")
+    parser.add_argument("--keep_models", action="store_true", help="Keep each run's model and checkpoints.")
+    parser.add_argument("--title", default=None, help="Heading of compare.md (default: the protocol).")
+    args, passthrough = parser.parse_known_args(argv)
+    passthrough = [a for a in passthrough if a != "--"]
+    args.tasks = [glue.get_task(t).name for t in args.tasks]
+    for forbidden in ("--task", "--activation", "--alpha", "--conversion", "--seed", "--output_dir"):
+        if forbidden in passthrough:
+            raise ValueError(
+                f"{forbidden} is set per run by glue_compare; use --tasks/--activations/--alphas/--conversions/--seeds"
+            )
+    return args, passthrough
+
+
+def variants(
+    activations: list[str], alphas: list[float], conversions: tuple[str, ...] | list[str] = ("none",)
+) -> list[tuple[str, str, float | None, str]]:
+    """(label, activation, alpha, conversion) for each column of the table, e.g. "helu_0.5+calibrate"."""
+    out = []
+    for activation in activations:
+        if activation == "keep":
+            out.append((activation, activation, None, "none"))
+            continue
+        if activation == "helu":
+            named = [("helu" if len(alphas) == 1 and a == DEFAULT_ALPHA else f"helu_{a:g}", a) for a in alphas]
+        else:
+            named = [(activation, None)]
+        for conversion in conversions:
+            suffix = "" if conversion == "none" else f"+{conversion}"
+            out.extend((name + suffix, activation, alpha, conversion) for name, alpha in named)
+    return out
+
+
+def run_dir(root: Path, task: str, label: str, seed: int) -> Path:
+    return root / task / label / f"seed{seed}"
+
+
+def load_complete(path: Path) -> dict | None:
+    try:
+        results = json.loads((path / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return results if results.get("status") == "complete" else None
+
+
+def run_one(
+    task: str,
+    activation: str,
+    alpha: float | None,
+    seed: int,
+    out: Path,
+    passthrough: list[str],
+    conversion: str = "none",
+) -> dict:
+    """One recipes/glue.py run in this process (a finished one is read back, an interrupted one resumed)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    done = load_complete(out)
+    if done is not None:
+        return done
+    argv = ["--task", task, "--activation", activation, "--seed", str(seed), "--output_dir", str(out)]
+    argv += ["--alpha", str(alpha)] if alpha is not None else []
+    argv += ["--conversion", conversion] if conversion != "none" else []
+    has_checkpoint = (out / "checkpoints").is_dir() and any(
+        (p / "trainer_state.json").is_file() for p in (out / "checkpoints").iterdir()
+    )
+    argv += ["--resume_from_checkpoint", "latest"] if has_checkpoint else ["--overwrite_output_dir"]
+    argv += ["--save_total_limit", "1", *passthrough]
+    try:
+        results = glue_recipe.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    return results
+
+
+def _score(task: str, results: dict) -> float:
+    spec = glue.get_task(task)
+    splits = list(results["final"].values())  # MNLI: the mean over matched and mismatched
+    return float(np.mean([glue.glue_score(spec, split) for split in splits]))
+
+
+def summarise(table: dict[str, dict[str, dict[int, dict]]], tasks: list[str], labels: list[str]) -> dict:
+    """Per task and variant: scores per seed, mean, std (ddof=1), dead FFN fraction; plus the task average."""
+    summary: dict = {"tasks": {}, "average": {}}
+    for task in tasks:
+        summary["tasks"][task] = {}
+        for label in labels:
+            runs = table.get(task, {}).get(label, {})
+            scores = {seed: _score(task, r) for seed, r in sorted(runs.items())}
+            dead = [r["dead_units"]["dead_fraction"] for r in runs.values() if r.get("dead_units")]
+            values = list(scores.values())
+            summary["tasks"][task][label] = {
+                "scores": scores,
+                "mean": float(np.mean(values)) if values else None,
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                "dead_fraction": float(np.mean(dead)) if dead else None,
+                "wall_time_s": float(sum(r.get("wall_time_s", 0.0) for r in runs.values())),
+            }
+    for label in labels:
+        cells = [summary["tasks"][t][label] for t in tasks]
+        if any(c["mean"] is None for c in cells):
+            summary["average"][label] = {"mean": None, "std": None}
+            continue
+        # Average over tasks per seed (seeds every task has), then mean ± std over those seeds.
+        seeds = set.intersection(*(set(c["scores"]) for c in cells))
+        per_seed = [np.mean([c["scores"][s] for c in cells]) for s in sorted(seeds)]
+        summary["average"][label] = {
+            "mean": float(np.mean([c["mean"] for c in cells])),
+            "std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None,
+        }
+    return summary
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+
+
+def markdown(summary: dict, tasks: list[str], labels: list[str], title: str, command: str) -> str:
+    metric = {t: "/".join(glue.get_task(t).metrics) for t in tasks}
+    lines = [f"## {title}", "", f"Command: `{command}`", ""]
+    lines += ["GLUE dev score x100 (mean ± std over seeds; MRPC/QQP: mean of accuracy and F1, STS-B: mean of Pearson "
+              "and Spearman, CoLA: Matthews correlation, others: accuracy).", ""]  # fmt: skip
+    lines += ["| task (metric) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for task in tasks:
+        cells = [_cell(summary["tasks"][task][lb]["mean"], summary["tasks"][task][lb]["std"]) for lb in labels]
+        lines.append(f"| {task} ({metric[task]}) | " + " | ".join(cells) + " |")
+    avg = [_cell(summary["average"][lb]["mean"], summary["average"][lb]["std"]) for lb in labels]
+    lines.append("| **average** | " + " | ".join(f"**{c}**" for c in avg) + " |")
+    lines += ["", "Dead FFN units on the dev set after fine-tuning (% of units that never fire, mean over seeds):", ""]
+    lines += ["| task | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for task in tasks:
+        cells = []
+        for lb in labels:
+            dead = summary["tasks"][task][lb]["dead_fraction"]
+            cells.append("–" if dead is None else f"{100 * dead:.1f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    seeds = sorted({s for t in tasks for lb in labels for s in summary["tasks"][t][lb]["scores"]})
+    lines += ["", f"Seeds: {seeds}. Per-seed scores are in compare.json.", ""]
+    return "\n".join(lines)
+
+
+def bar_chart(summary: dict, tasks: list[str], labels: list[str], path: Path, title: str) -> Path:
+    """Grouped bars (one group per task and the average), error bars = std over seeds; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [*tasks, "average"]
+    cells = [*(summary["tasks"][t] for t in tasks), summary["average"]]
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 4))
+    for i, label in enumerate(labels):
+        means = [c[label]["mean"] if c[label]["mean"] is not None else np.nan for c in cells]
+        stds = [c[label]["std"] or 0.0 for c in cells]
+        xs = np.arange(len(groups)) + (i - (len(labels) - 1) / 2) * width
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("GLUE dev score x100")
+    ax.set_title(title, fontsize=9)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_report(root: Path, table: dict, tasks: list[str], labels: list[str], title: str, command: str) -> dict:
+    summary = summarise(table, tasks, labels)
+    atomic_write_json(root / "compare.json", {"command": command, "title": title, **summary})
+    atomic_write_text(root / "compare.md", markdown(summary, tasks, labels, title, command))
+    bar_chart(summary, tasks, labels, root / "compare.png", title)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, passthrough = parse_args(argv)
+    glue_recipe.parse_args(["--task", args.tasks[0], *passthrough])  # bad pass-through options fail now
+    root = Path(args.output_dir)
+    columns = variants(args.activations, args.alphas, args.conversions)
+    labels = [label for label, *_ in columns]
+    command = shlex.join(["python", "recipes/glue_compare.py", *(argv if argv is not None else sys.argv[1:])])
+    title = args.title or f"GLUE: {', '.join(args.tasks)} x {', '.join(labels)} x seeds {args.seeds}"
+    table: dict[str, dict[str, dict[int, dict]]] = {}
+    start = time.perf_counter()
+    total = len(args.tasks) * len(columns) * len(args.seeds)
+    count = 0
+    for seed in args.seeds:  # seed-major: a cut-short comparison still has every cell for the first seeds
+        for task in args.tasks:
+            for label, activation, alpha, conversion in columns:
+                count += 1
+                out = run_dir(root, task, label, seed)
+                print(f"[{count}/{total}] {task} {label} seed {seed} ({time.perf_counter() - start:.0f} s)", flush=True)
+                results = run_one(task, activation, alpha, seed, out, passthrough, conversion)
+                if not args.keep_models and _is_main():
+                    for sub in ("model", "model_relu", "checkpoints"):
+                        shutil.rmtree(out / sub, ignore_errors=True)
+                table.setdefault(task, {}).setdefault(label, {})[seed] = results
+                if _is_main():
+                    write_report(root, table, args.tasks, labels, title, command)
+    summary = summarise(table, args.tasks, labels)
+    if _is_main():
+        print((root / "compare.md").read_text())
+    return summary
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+if __name__ == "__main__":
+    main()
