@@ -161,18 +161,23 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
 
-def run_patch(args: argparse.Namespace) -> int:
+def _transform_and_save(args: argparse.Namespace, transform, saved_note: str = "") -> int:
+    """Load SRC, apply ``transform`` (a ValueError is the user's error), save to DST atomically, print the report."""
     _check_destination(args.dst, args.overwrite)
     src = resolve_source(args.src)
     model = load_model(src)
     try:
-        report = patch_model(model, alpha=args.alpha, scope=args.scope)
+        report = transform(model)
     except ValueError as error:
         raise CLIError(str(error)) from None
     _save(model, src, args.dst, args.overwrite)
     print(report)
-    print(f"saved to {args.dst}")
+    print(f"saved to {args.dst}{saved_note}")
     return 0
+
+
+def run_patch(args: argparse.Namespace) -> int:
+    return _transform_and_save(args, lambda model: patch_model(model, alpha=args.alpha, scope=args.scope))
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -185,17 +190,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    _check_destination(args.dst, args.overwrite)
-    src = resolve_source(args.src)
-    model = load_model(src)
-    try:
-        report = export_for_inference(model)
-    except ValueError as error:
-        raise CLIError(str(error)) from None
-    _save(model, src, args.dst, args.overwrite)
-    print(report)
-    print(f"saved to {args.dst} (stock transformers can load it; no hf_helu needed)")
-    return 0
+    return _transform_and_save(args, export_for_inference, " (stock transformers can load it; no hf_helu needed)")
 
 
 # --- inspect ------------------------------------------------------------------------------------

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import inspect
+import io
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 
 from hf_helu.activation import HeLU, validate_alpha
-from hf_helu.atomic import atomic_write_json
+from hf_helu.atomic import atomic_write_bytes, atomic_write_json
 from hf_helu.backends import threshold
 from hf_helu.families import Scope, find_activation_sites, supported_families
 
@@ -630,73 +629,49 @@ def plot_dead_fraction(history: Mapping[str, Sequence[Mapping[str, Any]]], path:
     axes[0].set_ylabel("dead FFN units (%)")
     axes[-1].legend(fontsize="small", loc="best")
     figure.suptitle("FFN units that never fire, per layer")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=120)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
 # -- CLI: hf-helu inspect-activations ------------------------------------------------------------
 
-# Text columns of the GLUE TSV files, by header name (CoLA has no header: its text is column 3).
-_GLUE_TEXT_COLUMNS = (
-    ("sentence1", "sentence2"),  # STS-B, RTE, WNLI, MNLI
-    ("#1 String", "#2 String"),  # MRPC
-    ("question1", "question2"),  # QQP
-    ("question", "sentence"),  # QNLI
-    ("sentence", None),  # SST-2
-)
+
+def _glue_task_of(folder: Path):
+    """The GLUE task whose folder name (``STS-B``) or task name (``stsb``) ``folder`` carries."""
+    from hf_helu import glue
+
+    for task in glue.GLUE_TASKS.values():
+        if folder.name.lower() in (task.folder.lower(), task.name):
+            return task
+    raise ValueError(
+        f"cannot tell which columns of {folder} hold text: its folder name is no GLUE task folder "
+        f"(expected one of {', '.join(t.folder for t in glue.GLUE_TASKS.values())})"
+    )
 
 
 def read_texts(path: str | os.PathLike) -> list[tuple[str, str | None]]:
-    """Texts (single or pairs) of a GLUE task folder or TSV file, or of a plain text file (one per line)."""
+    """Texts (single or pairs) of a GLUE task folder (its dev set) or TSV file, or of a plain text file."""
+    from hf_helu import glue
+
     path = Path(path)
-    if path.is_dir():
-        candidates = [path / "dev.tsv", path / "dev_matched.tsv"]
-        found = [candidate for candidate in candidates if candidate.is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path} is a folder without dev.tsv or dev_matched.tsv; pass a GLUE task folder")
-        path = found[0]
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no data file at {path}")
-    if path.suffix.lower() != ".tsv":
-        texts = [(line.strip(), None) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise ValueError(f"{path} has no non-empty lines")
-        return texts
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise ValueError(f"{path} is empty")
-    header = rows[0]
-    for first, second in _GLUE_TEXT_COLUMNS:
-        if first in header and (second is None or second in header):
-            a, b = header.index(first), (header.index(second) if second is not None else None)
-            body = rows[1:]
-            break
-    else:
-        if path.parent.name.lower() != "cola":
-            raise ValueError(
-                f"cannot tell which columns of {path} hold text: header {header!r} matches no GLUE layout "
-                "(expected e.g. 'sentence', 'sentence1'/'sentence2'; CoLA files are recognised by their folder)"
-            )
-        a, b, body = 3, None, rows
-    texts = []
-    for number, row in enumerate(body, start=len(rows) - len(body) + 1):
-        if len(row) <= max(a, b or 0):
-            raise ValueError(f"{path}:{number}: expected at least {max(a, b or 0) + 1} columns, got {len(row)}")
-        texts.append((row[a], row[b] if b is not None else None))
+    if path.is_dir() or path.suffix.lower() == ".tsv":
+        task = _glue_task_of(path if path.is_dir() else path.parent)
+        if path.is_dir():
+            candidates = [path / name for name in task.eval_files().values()]
+            path = next((c for c in candidates if c.is_file()), candidates[0])
+            if not path.is_file():
+                raise FileNotFoundError(f"no data file at {path}")
+        columns = glue.read_tsv(task, path)
+        first = columns[task.text_columns[0]]
+        second = columns[task.text_columns[1]] if len(task.text_columns) > 1 else [None] * len(first)
+        return list(zip(first, second, strict=True))
+    texts = [(line.strip(), None) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
-        raise ValueError(f"{path} has no data rows")
+        raise ValueError(f"{path} has no non-empty lines")
     return texts
 
 

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         model_info=model_info,
         on_step=converted.annealer.on_step if converted is not None and converted.annealer else None,
     )
-    accelerator.print(f"{task.name} dev: " + ", ".join(f"{k}={v}" for k, v in results["final"].items()))
+    for split, metrics in results["final"].items():
+        accelerator.print(f"{task.name} {split}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     accelerator.print(f"results: {args.output_dir}/results.json")
     if not args.eval_only:
         accelerator.print(

@@ -18,14 +18,12 @@ on all processes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import glue as glue_recipe  # recipes/glue.py
 
 from hf_helu import glue
 from hf_helu.activation import DEFAULT_ALPHA
-from hf_helu.atomic import atomic_write_json, atomic_write_text
+from hf_helu.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hf_helu.conversion import CONVERSION_METHODS
 
 ACTIVATIONS = ("keep", "relu", "helu")
@@ -224,17 +222,7 @@ def bar_chart(summary: dict, tasks: list[str], labels: list[str], path: Path, ti
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_report(root: Path, table: dict, tasks: list[str], labels: list[str], title: str, command: str) -> dict:

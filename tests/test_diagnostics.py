@@ -447,10 +447,13 @@ def test_read_texts_knows_the_glue_layouts(tmp_path):
     assert read_texts(text) == [("first line", None), ("second", None)]
     odd = tmp_path / "odd.tsv"
     odd.write_text("a\tb\n1\t2\n")
-    with pytest.raises(ValueError, match="which columns"):
+    with pytest.raises(ValueError, match="GLUE task folder"):
         read_texts(odd)
-    with pytest.raises(FileNotFoundError, match=r"dev\.tsv"):
+    with pytest.raises(ValueError, match="GLUE task folder"):
         read_texts(tmp_path)
+    (tmp_path / "RTE").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"RTE/dev\.tsv"):
+        read_texts(tmp_path / "RTE")
 
 
 def test_inspect_activations_cli_on_the_real_checkpoint(tmp_path, capsys):
