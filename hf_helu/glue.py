@@ -19,6 +19,7 @@ import csv
 import importlib.resources
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,60 +295,18 @@ def load_glue_model(name: str, task: GlueTask, init: str = "pretrained", eval_on
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def accuracy(predictions: Sequence, labels: Sequence) -> float:
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    return float((predictions == labels).mean())
+def _metric_functions() -> dict[str, Any]:
+    """GLUE's metrics as ``evaluate``'s glue metric computes them: scikit-learn and scipy."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-
-def binary_f1(predictions: Sequence, labels: Sequence) -> float:
-    """F1 of the positive class 1 (sklearn's ``f1_score`` default; 0.0 when there is no true positive)."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    tp = float(np.sum((predictions == 1) & (labels == 1)))
-    fp = float(np.sum((predictions == 1) & (labels != 1)))
-    fn = float(np.sum((predictions != 1) & (labels == 1)))
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
-
-
-def matthews_correlation(predictions: Sequence, labels: Sequence) -> float:
-    """Matthews correlation from the confusion matrix (multi-class form); 0.0 when undefined, like sklearn."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    classes = np.union1d(predictions, labels)
-    c = np.array([[np.sum((labels == a) & (predictions == b)) for b in classes] for a in classes], dtype=np.float64)
-    t, p, n = c.sum(axis=1), c.sum(axis=0), c.sum()
-    correct = np.trace(c)
-    cov_yp = correct * n - t @ p
-    cov_pp = n * n - p @ p
-    cov_yy = n * n - t @ t
-    denominator = math.sqrt(cov_yy * cov_pp)
-    return 0.0 if denominator == 0 else float(cov_yp / denominator)
-
-
-def pearson(x: Sequence, y: Sequence) -> float:
-    """Pearson correlation (nan when one side is constant, like scipy)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    dx, dy = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
-    return float("nan") if denominator == 0 else float(np.clip((dx @ dy) / denominator, -1.0, 1.0))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        stop = start
-        while stop + 1 < len(values) and sorted_values[stop + 1] == sorted_values[start]:
-            stop += 1
-        ranks[order[start : stop + 1]] = (start + stop) / 2 + 1  # ties share their mean rank
-        start = stop + 1
-    return ranks
-
-
-def spearman(x: Sequence, y: Sequence) -> float:
-    """Spearman correlation: Pearson of the average ranks (ties averaged, like scipy)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    return pearson(_average_ranks(x), _average_ranks(y))
+    return {
+        "accuracy": lambda p, y: accuracy_score(y, p),
+        "f1": lambda p, y: f1_score(y, p, zero_division=0.0),
+        "matthews_correlation": lambda p, y: matthews_corrcoef(y, p),
+        "pearson": lambda p, y: pearsonr(p, y)[0],
+        "spearmanr": lambda p, y: spearmanr(p, y)[0],
+    }
 
 
 def predictions_from_logits(task: GlueTask, logits: np.ndarray) -> np.ndarray:
@@ -363,14 +322,10 @@ def glue_metrics(task: GlueTask, predictions: Sequence, labels: Sequence) -> dic
         raise ValueError(f"predictions shape {predictions.shape} != labels shape {labels.shape}")
     if len(labels) == 0:
         raise ValueError("no predictions to score")
-    functions = {
-        "accuracy": accuracy,
-        "f1": binary_f1,
-        "matthews_correlation": matthews_correlation,
-        "pearson": pearson,
-        "spearmanr": spearman,
-    }
-    return {name: functions[name](predictions, labels) for name in task.metrics}
+    functions = _metric_functions()
+    with warnings.catch_warnings():  # a constant side makes a correlation nan (as in evaluate): no warning spam
+        warnings.simplefilter("ignore")
+        return {name: float(functions[name](predictions, labels)) for name in task.metrics}
 
 
 def evaluate_glue_metrics(task: GlueTask, predictions: Sequence, labels: Sequence) -> dict[str, float]:
@@ -407,8 +362,6 @@ __all__ = [
     "GLUE_TASKS",
     "GlueDataError",
     "GlueTask",
-    "accuracy",
-    "binary_f1",
     "check_head",
     "default_data_dir",
     "default_model",
@@ -420,11 +373,8 @@ __all__ = [
     "load_glue",
     "load_glue_model",
     "make_compute_metrics",
-    "matthews_correlation",
-    "pearson",
     "predictions_from_logits",
     "read_tsv",
-    "spearman",
     "subsample",
     "tokenize_glue",
 ]

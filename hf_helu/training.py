@@ -707,3 +707,9 @@ __all__ = [
     "save_checkpoint",
     "save_model",
 ]
+
+
+def end_processes() -> None:
+    """Tear down ``torch.distributed`` at the end of a script: an undestroyed gloo group can abort at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -126,3 +126,5 @@ if __name__ == "__main__":
     except (glue.GlueDataError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        training.end_processes()

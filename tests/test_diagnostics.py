@@ -361,6 +361,8 @@ torch.distributed.all_gather_object(gathered, local_dead)
 if accelerator.is_main_process:
     with open({out!r}, "w") as handle:
         json.dump({{"accelerate": via_accelerate, "distributed": via_distributed, "local_dead": gathered}}, handle)
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # an undestroyed gloo group can abort the process at exit
 """
 
 

@@ -7,15 +7,15 @@ checkpoint for one short run. Data: a few hundred real rows of ../shared/data/gl
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.stats
-import sklearn.metrics
 import torch
 
 from hf_helu import glue, training
@@ -110,46 +110,108 @@ def read_results(out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics: ours (numpy) against sklearn / scipy
+# Metrics: the library's (scikit-learn / scipy, as evaluate's glue metric) against formulas written out here
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def ref_accuracy(predictions: Sequence, labels: Sequence) -> float:
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    return float((predictions == labels).mean())
+
+
+def ref_binary_f1(predictions: Sequence, labels: Sequence) -> float:
+    """F1 of the positive class 1 (sklearn's ``f1_score`` default; 0.0 when there is no true positive)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    tp = float(np.sum((predictions == 1) & (labels == 1)))
+    fp = float(np.sum((predictions == 1) & (labels != 1)))
+    fn = float(np.sum((predictions != 1) & (labels == 1)))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def ref_matthews(predictions: Sequence, labels: Sequence) -> float:
+    """Matthews correlation from the confusion matrix (multi-class form); 0.0 when undefined, like sklearn."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    classes = np.union1d(predictions, labels)
+    c = np.array([[np.sum((labels == a) & (predictions == b)) for b in classes] for a in classes], dtype=np.float64)
+    t, p, n = c.sum(axis=1), c.sum(axis=0), c.sum()
+    correct = np.trace(c)
+    cov_yp = correct * n - t @ p
+    cov_pp = n * n - p @ p
+    cov_yy = n * n - t @ t
+    denominator = math.sqrt(cov_yy * cov_pp)
+    return 0.0 if denominator == 0 else float(cov_yp / denominator)
+
+
+def ref_pearson(x: Sequence, y: Sequence) -> float:
+    """Pearson correlation (nan when one side is constant, like scipy)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float("nan") if denominator == 0 else float(np.clip((dx @ dy) / denominator, -1.0, 1.0))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        stop = start
+        while stop + 1 < len(values) and sorted_values[stop + 1] == sorted_values[start]:
+            stop += 1
+        ranks[order[start : stop + 1]] = (start + stop) / 2 + 1  # ties share their mean rank
+        start = stop + 1
+    return ranks
+
+
+def ref_spearman(x: Sequence, y: Sequence) -> float:
+    """Spearman correlation: Pearson of the average ranks (ties averaged, like scipy)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return ref_pearson(_average_ranks(x), _average_ranks(y))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_classification_metrics_match_sklearn(seed):
+def test_classification_metrics_match_the_formulas(seed):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, size=101)
     predictions = np.where(rng.random(101) < 0.7, labels, 1 - labels)
-    assert glue.accuracy(predictions, labels) == pytest.approx(sklearn.metrics.accuracy_score(labels, predictions))
-    assert glue.binary_f1(predictions, labels) == pytest.approx(sklearn.metrics.f1_score(labels, predictions))
-    assert glue.matthews_correlation(predictions, labels) == pytest.approx(
-        sklearn.metrics.matthews_corrcoef(labels, predictions)
+    mrpc = glue.glue_metrics(glue.get_task("mrpc"), predictions, labels)
+    assert mrpc["accuracy"] == pytest.approx(ref_accuracy(predictions, labels))
+    assert mrpc["f1"] == pytest.approx(ref_binary_f1(predictions, labels))
+    cola = glue.get_task("cola")
+    assert glue.glue_metrics(cola, predictions, labels)["matthews_correlation"] == pytest.approx(
+        ref_matthews(predictions, labels)
     )
     labels3, predictions3 = rng.integers(0, 3, size=77), rng.integers(0, 3, size=77)
-    assert glue.matthews_correlation(predictions3, labels3) == pytest.approx(
-        sklearn.metrics.matthews_corrcoef(labels3, predictions3)
+    assert glue.glue_metrics(cola, predictions3, labels3)["matthews_correlation"] == pytest.approx(
+        ref_matthews(predictions3, labels3)
     )
 
 
-def test_classification_metric_edge_cases_match_sklearn():
+def test_classification_metric_edge_cases():
     labels = np.array([1, 0, 1, 1, 0])
-    constant = np.ones_like(labels)  # MCC undefined -> 0.0 like sklearn
-    assert glue.matthews_correlation(constant, labels) == sklearn.metrics.matthews_corrcoef(labels, constant) == 0.0
-    none_positive = np.zeros_like(labels)  # no true positive -> F1 0.0 like sklearn
-    assert glue.binary_f1(none_positive, labels) == sklearn.metrics.f1_score(labels, none_positive, zero_division=0)
-    assert glue.matthews_correlation(labels, labels) == pytest.approx(1.0)
-    assert glue.matthews_correlation(1 - labels, labels) == pytest.approx(-1.0)
+    cola, mrpc = glue.get_task("cola"), glue.get_task("mrpc")
+    mcc = lambda p: glue.glue_metrics(cola, p, labels)["matthews_correlation"]  # noqa: E731
+    constant = np.ones_like(labels)  # MCC undefined -> 0.0
+    assert mcc(constant) == ref_matthews(constant, labels) == 0.0
+    none_positive = np.zeros_like(labels)  # no true positive -> F1 0.0
+    assert glue.glue_metrics(mrpc, none_positive, labels)["f1"] == ref_binary_f1(none_positive, labels) == 0.0
+    assert mcc(labels) == pytest.approx(1.0)
+    assert mcc(1 - labels) == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_correlations_match_scipy(seed):
+def test_correlations_match_the_formulas(seed):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=200)
     y = 0.6 * x + rng.normal(size=200)
     y_ties = np.round(y * 2) / 2  # STS-B style scores with many ties
+    stsb = glue.get_task("stsb")
     for a, b in ((x, y), (x, y_ties), (np.round(x), y_ties)):
-        assert glue.pearson(a, b) == pytest.approx(scipy.stats.pearsonr(a, b)[0], abs=1e-12)
-        assert glue.spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b)[0], abs=1e-12)
-    assert np.isnan(glue.pearson(np.ones(5), np.arange(5)))
+        metrics = glue.glue_metrics(stsb, a, b)
+        assert metrics["pearson"] == pytest.approx(ref_pearson(a, b), abs=1e-12)
+        assert metrics["spearmanr"] == pytest.approx(ref_spearman(a, b), abs=1e-12)
+    assert np.isnan(glue.glue_metrics(stsb, np.ones(5), np.arange(5.0))["pearson"])
 
 
 def test_glue_metrics_keys_and_score():
@@ -163,7 +225,7 @@ def test_glue_metrics_keys_and_score():
     compute = glue.make_compute_metrics(glue.get_task("stsb"))
     logits = np.array([[0.1], [0.9], [0.4], [0.2], [0.7]])
     out = compute({"predictions": logits, "labels": labels.astype(np.float32)})
-    assert out["pearson"] == pytest.approx(scipy.stats.pearsonr(logits[:, 0], labels)[0])
+    assert out["pearson"] == pytest.approx(ref_pearson(logits[:, 0], labels))
     with pytest.raises(ValueError, match="shape"):
         glue.glue_metrics(glue.get_task("rte"), predictions[:3], labels)
 
