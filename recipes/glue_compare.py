@@ -7,7 +7,8 @@ Everything after ``--`` (or any option this script does not know) goes to every 
 writes OUTPUT_DIR/<task>/<variant>/seed<seed>/results.json; runs already complete are not redone, so an
 interrupted comparison is continued by running the same command again. At the end (and after every run)
 OUTPUT_DIR/compare.md (a Markdown table: mean ± std over seeds of each task's GLUE score, x100, and the average
-over tasks; plus the dead FFN units), OUTPUT_DIR/compare.json and OUTPUT_DIR/compare.png (bar chart) are written
+over tasks; plus the dead FFN units), OUTPUT_DIR/compare.json, OUTPUT_DIR/compare.png (bar chart) and
+OUTPUT_DIR/dead_units_<task>.png (dead FFN units per layer at each evaluation, one panel per variant) are written
 atomically. ``--alphas 0.05 0.5`` sweeps HeLU's margin (one column per alpha); ``--conversions none calibrate
 anneal calibrate+anneal`` adds one column per conversion method for relu and helu (``keep`` is never converted).
 
@@ -37,6 +38,7 @@ from hf_helu import glue
 from hf_helu.activation import DEFAULT_ALPHA
 from hf_helu.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hf_helu.conversion import CONVERSION_METHODS
+from hf_helu.diagnostics import plot_dead_fraction
 
 ACTIVATIONS = ("keep", "relu", "helu")
 
@@ -225,11 +227,30 @@ def bar_chart(summary: dict, tasks: list[str], labels: list[str], path: Path, ti
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def dead_unit_history(runs: dict[str, dict[int, dict]]) -> dict[str, list[dict]]:
+    """Per variant, the dead fraction per layer at each evaluation of its lowest-seed run (for the plot)."""
+    history = {}
+    for label, by_seed in runs.items():
+        epochs = by_seed[min(by_seed)]["epochs"]
+        points = [
+            {"step": e["step"], "dead_fraction": [layer["dead_fraction"] for layer in e["dead_units"]["layers"]]}
+            for e in epochs
+            if e.get("dead_units")
+        ]
+        if points:
+            history[label] = points
+    return history
+
+
 def write_report(root: Path, table: dict, tasks: list[str], labels: list[str], title: str, command: str) -> dict:
     summary = summarise(table, tasks, labels)
     atomic_write_json(root / "compare.json", {"command": command, "title": title, **summary})
     atomic_write_text(root / "compare.md", markdown(summary, tasks, labels, title, command))
     bar_chart(summary, tasks, labels, root / "compare.png", title)
+    for task, runs in table.items():
+        history = dead_unit_history(runs)
+        if history:
+            plot_dead_fraction(history, root / f"dead_units_{task}.png")
     return summary
 
 

@@ -581,12 +581,32 @@ def test_compare_end_to_end(tmp_path, tiny_bert):
     text = (root / "compare.md").read_text()
     assert "| rte (accuracy) |" in text and "| stsb (pearson/spearmanr) |" in text
     assert (root / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (root / "dead_units_rte.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = {label: {seed: read_results(root / "rte" / label / f"seed{seed}") for seed in (0, 1)} for label in labels}
+    history = glue_compare.dead_unit_history(runs)
+    for label in labels:
+        layers = runs[label][0]["epochs"][0]["dead_units"]["layers"]
+        assert history[label] == [{"step": runs[label][0]["epochs"][0]["step"],
+                                   "dead_fraction": [layer["dead_fraction"] for layer in layers]}]  # fmt: skip
     # Running again reuses the finished runs (nothing retrained) and gives the same table.
     before = {p: p.stat().st_mtime_ns for p in root.glob("*/*/seed*/results.json")}
     assert glue_compare.main(argv) == summary
     assert before == {p: p.stat().st_mtime_ns for p in root.glob("*/*/seed*/results.json")}
     with pytest.raises(ValueError, match="--alpha is set per run"):
         glue_compare.main([*argv, "--alpha", "0.1"])
+
+
+def test_compare_columns_cross_activations_alphas_and_conversions():
+    import glue_compare
+
+    columns = glue_compare.variants(["keep", "relu", "helu"], [0.05, 0.5], ["none", "calibrate"])
+    assert [c[0] for c in columns] == [
+        "keep", "relu", "relu+calibrate", "helu_0.05", "helu_0.5", "helu_0.05+calibrate", "helu_0.5+calibrate",
+    ]  # fmt: skip
+    assert columns[2] == ("relu+calibrate", "relu", None, "calibrate")
+    assert columns[-1] == ("helu_0.5+calibrate", "helu", 0.5, "calibrate")
+    with pytest.raises(ValueError, match="--conversion is set per run"):
+        glue_compare.parse_args(["--tasks", "rte", "--", "--conversion", "anneal"])
 
 
 @needs_data
