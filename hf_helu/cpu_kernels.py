@@ -25,6 +25,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -280,20 +282,48 @@ def _half_key(value: int) -> int:
     return -(value & 0x7FFF) if value & 0x8000 else value
 
 
+# Below this many elements per thread, handing work to another thread costs more than it saves.
+_MIN_ELEMENTS_PER_THREAD = 1 << 16
+_executor: ThreadPoolExecutor | None = None
+
+
+def _in_chunks(launch: Callable[[int, int], None], n: int) -> None:
+    """Run ``launch(start, count)`` over ``n`` elements on up to ``torch.get_num_threads()`` threads.
+
+    Chunks start at multiples of 8, so each owns whole mask bytes; ctypes releases the GIL during each call.
+    """
+    global _executor
+    workers = min(torch.get_num_threads(), n // _MIN_ELEMENTS_PER_THREAD)
+    if workers <= 1:
+        launch(0, n)
+        return
+    step = -(-n // workers)
+    step += -step % 8
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="hf_helu")
+    futures = [_executor.submit(launch, start, min(step, n - start)) for start in range(step, n, step)]
+    launch(0, step)
+    for future in futures:
+        future.result()
+
+
 def helu_forward(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(relu(x), bits)`` for a CPU tensor; bits hold ``not (x <= threshold)``, 8 per byte."""
     lib = load()
     x = x.detach().contiguous()
-    n = x.numel()
+    n, size = x.numel(), x.element_size()
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
+    xp, bp = x.data_ptr(), bits.data_ptr()
     if x.dtype in _HALF_INF_BITS:
         y = torch.relu(x)
         raw = torch.tensor(threshold, dtype=x.dtype).view(torch.int16).item() & 0xFFFF
-        lib.helu_pack_h16(x.data_ptr(), _half_key(raw), _HALF_INF_BITS[x.dtype], bits.data_ptr(), n)
+        key, inf = _half_key(raw), _HALF_INF_BITS[x.dtype]
+        _in_chunks(lambda i, k: lib.helu_pack_h16(xp + i * size, key, inf, bp + i // 8, k), n)
         return y, bits
     y = torch.empty_like(x)
+    yp = y.data_ptr()
     forward = lib.helu_forward_f32 if x.dtype == torch.float32 else lib.helu_forward_f64
-    forward(x.data_ptr(), threshold, y.data_ptr(), bits.data_ptr(), n)
+    _in_chunks(lambda i, k: forward(xp + i * size, threshold, yp + i * size, bp + i // 8, k), n)
     return y, bits
 
 
@@ -301,6 +331,8 @@ def helu_backward(grad: torch.Tensor, bits: torch.Tensor, shape: torch.Size) -> 
     """``grad`` where the mask bit is set, else +0.0, shaped ``shape``."""
     grad = grad.contiguous()
     out = torch.empty(shape, dtype=grad.dtype)
-    backward = getattr(load(), _BACKWARD_BY_SIZE[grad.element_size()])
-    backward(grad.data_ptr(), bits.data_ptr(), out.data_ptr(), grad.numel())
+    size = grad.element_size()
+    backward = getattr(load(), _BACKWARD_BY_SIZE[size])
+    gp, bp, op = grad.data_ptr(), bits.data_ptr(), out.data_ptr()
+    _in_chunks(lambda i, k: backward(gp + i * size, bp + i // 8, op + i * size, k), grad.numel())
     return out

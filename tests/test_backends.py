@@ -245,3 +245,25 @@ def test_auto_prefers_fused_c_kernels_on_cpu(monkeypatch):
     expected = "c" if cpu_kernels.available() else "numpy"
     assert backends.resolve(torch.randn(2, requires_grad=True)) == expected
     assert backends.resolve(torch.randn(2, dtype=torch.bfloat16)) == ("c" if expected == "c" else "torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_c_kernels_split_across_threads_match_one_thread(dtype):
+    """Large inputs run in chunks on several threads; chunk edges (odd sizes) must not change a bit."""
+    _skip_unsupported("c", dtype)
+    n = 4 * cpu_kernels._MIN_ELEMENTS_PER_THREAD + 13  # not a multiple of 8: the last chunk ends mid-byte
+    x = _sample((n,), dtype, seed=7).requires_grad_(True)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            y = helu(x, ALPHA, backend="c")
+            (dx,) = torch.autograd.grad(y, x, grad)
+            results.append((_bits(y), _bits(dx)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[1][0], _bits(torch.relu(x.detach())))
+    assert torch.equal(dx, grad * (x.detach() > -ALPHA))
