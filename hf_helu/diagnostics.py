@@ -226,13 +226,6 @@ class _Site:
         self.alpha = alpha
         self.fired: torch.Tensor | None = None  # bool [units]: output > 0 seen at an unmasked position
         self.counts: torch.Tensor | None = None  # int64 [_NUM_COUNTS]
-        self._thresholds: dict[torch.dtype, float] = {}
-
-    def threshold(self, dtype: torch.dtype) -> float:
-        # -alpha rounded to the input's dtype, the same value HeLU's backward compares with.
-        if dtype not in self._thresholds:
-            self._thresholds[dtype] = threshold(self.alpha, dtype)
-        return self._thresholds[dtype]
 
 
 def _site_alpha(module: nn.Module, alpha: float | None) -> float | None:
@@ -464,7 +457,7 @@ class ActivationMonitor:
         counts[_ZEROS] += torch.count_nonzero(flat == 0) - padded_elements
         if site.alpha is not None:
             z = inputs.detach().reshape(-1, units)
-            band = (z <= 0) & (z > site.threshold(z.dtype))
+            band = (z <= 0) & (z > threshold(site.alpha, z.dtype))  # HeLU's own (cached) threshold
             if mask is not None:
                 band &= keep
             counts[_BAND] += torch.count_nonzero(band)
