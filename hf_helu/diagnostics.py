@@ -3,7 +3,9 @@
 :class:`ActivationMonitor` puts a forward hook on each FFN activation module and accumulates, over
 every forward pass while it is attached, per activation ("layer"):
 
-- **dead fraction**: share of units (features along the last dim) whose output was never > 0;
+- **dead fraction**: share of units whose output was never > 0 (units are the features along the
+  last dim; for an activation inside a convolution block, e.g. Wav2Vec2's feature encoder, the
+  channels along dim 1);
 - **zero fraction**: share of output elements exactly 0 (the sparsity a sparse FFN kernel could skip);
 - **band fraction** (HeLU, or any activation when an ``alpha`` is given): share of elements whose
   *input* lies in the hysteresis band ``(-alpha, 0]``: zero output, yet they still receive gradient.
@@ -18,11 +20,12 @@ Padding: a padded position must not make a unit look alive, so positions can be 
 default the monitor reads the ``attention_mask`` the model is called with (keyword or positional):
 it is applied to every activation whose positions it matches one to one, and for speech models
 (Wav2Vec2, HuBERT, WavLM), whose mask counts audio samples, it is converted to frames with the
-model's own ``_get_feature_vector_attention_mask``. An activation the captured mask cannot be mapped
-onto (e.g. a decoder layer of an encoder-decoder model) is counted over all positions and reported
-with ``unmasked_calls > 0``. Setting ``monitor.token_mask`` overrides this: it must have one entry
-per position of every monitored activation (shape = output shape without the last dim), or the
-forward fails with an error. It applies to every forward pass until it is changed, set to ``None``
+model's own ``_get_feature_vector_attention_mask`` (for the feature encoder's conv layers, to the
+frames of each layer with the config's ``conv_kernel`` / ``conv_stride``). An activation the captured
+mask cannot be mapped onto (e.g. a decoder layer of an encoder-decoder model) is counted over all
+positions and reported with ``unmasked_calls > 0``. Setting ``monitor.token_mask`` overrides this: it
+must have one entry per position of every monitored activation (shape = output shape without the
+units dim), or the forward fails with an error. It applies to every forward pass until it is changed, set to ``None``
 (back to the captured mask) or the monitor is detached.
 """
 
@@ -33,6 +36,7 @@ import contextlib
 import inspect
 import io
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,11 +223,21 @@ class ActivationStats:
 class _Site:
     """One monitored activation module and its on-device counters."""
 
-    def __init__(self, name: str, module: nn.Module, layer_index: int | None, alpha: float | None):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        layer_index: int | None,
+        alpha: float | None,
+        channels_first: bool = False,
+        conv_depth: int | None = None,
+    ):
         self.name = name
         self.module = module
         self.layer_index = layer_index
         self.alpha = alpha
+        self.channels_first = channels_first  # units along dim 1 (the activation of a conv block)
+        self.conv_depth = conv_depth  # feature-encoder conv layers applied before it (frames per layer)
         self.fired: torch.Tensor | None = None  # bool [units]: output > 0 seen at an unmasked position
         self.counts: torch.Tensor | None = None  # int64 [_NUM_COUNTS]
 
@@ -232,6 +246,23 @@ def _site_alpha(module: nn.Module, alpha: float | None) -> float | None:
     if alpha is not None:
         return alpha
     return module.alpha if isinstance(module, HeLU) else None
+
+
+_FEATURE_ENCODER_LAYER = re.compile(r"(?:^|\.)conv_layers\.(\d+)\.[^.]+$")
+
+
+def _layout(model: nn.Module | None, module: nn.Module) -> tuple[bool, int | None]:
+    """(channels_first, conv_depth) of an activation module: channels-first when its parent block holds a
+    convolution (its input is (batch, channels, time...)); conv_depth for layer i of a speech feature encoder."""
+    if model is None:
+        return False, None
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    if name is None:
+        return False, None
+    parent = model.get_submodule(name.rpartition(".")[0])
+    channels_first = any(isinstance(child, nn.modules.conv._ConvNd) for child in parent.children())
+    match = _FEATURE_ENCODER_LAYER.search(name)
+    return channels_first, int(match.group(1)) + 1 if channels_first and match else None
 
 
 def _resolve_sites(
@@ -316,13 +347,13 @@ class ActivationMonitor:
             alpha = validate_alpha(alpha)
         self.model = model
         self._sites = [
-            _Site(name, module, layer_index, _site_alpha(module, alpha))
+            _Site(name, module, layer_index, _site_alpha(module, alpha), *_layout(model, module))
             for name, module, layer_index in _resolve_sites(model, sites, scope)
         ]
         self.capture_attention_mask = capture_attention_mask and model is not None
         self.token_mask: torch.Tensor | None = None
         self._captured_mask: torch.Tensor | None = None
-        self._frame_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._frame_masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._forward_signature = None
 
@@ -391,7 +422,7 @@ class ActivationMonitor:
             if tuple(self.token_mask.shape) != tuple(positions):
                 raise ValueError(
                     f"monitor.token_mask has shape {tuple(self.token_mask.shape)} but activation {site.name!r} "
-                    f"has positions of shape {tuple(positions)} (its output shape without the last dim); "
+                    f"has positions of shape {tuple(positions)} (its output shape without the units dim); "
                     "set token_mask to a mask with one entry per position, or to None"
                 )
             return self.token_mask.to(device=device, dtype=torch.bool), False
@@ -402,12 +433,23 @@ class ActivationMonitor:
             return mask.to(device=device, dtype=torch.bool), False
         to_frames = getattr(self.model, "_get_feature_vector_attention_mask", None)
         if to_frames is not None and mask.dim() == 2 and len(positions) == 2 and mask.shape[0] == positions[0]:
-            key = (int(positions[1]), device)
+            key = (site.conv_depth or 0, int(positions[1]), device)
             if key not in self._frame_masks:
-                frames = to_frames(int(positions[1]), mask)
+                if site.conv_depth is None:
+                    frames = to_frames(int(positions[1]), mask)
+                else:
+                    frames = self._conv_frames(site.conv_depth, int(positions[1]), mask)
                 self._frame_masks[key] = frames.to(device=device, dtype=torch.bool)
             return self._frame_masks[key], False
         return None, True
+
+    def _conv_frames(self, depth: int, frames: int, mask: torch.Tensor) -> torch.Tensor:
+        """Frame mask after the first ``depth`` feature-encoder conv layers (no padding in those convs)."""
+        config = self.model.config
+        lengths = mask.sum(-1)
+        for kernel, stride in zip(config.conv_kernel[:depth], config.conv_stride[:depth], strict=True):
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        return torch.arange(frames, device=mask.device)[None, :] < lengths[:, None]
 
     def _make_hook(self, site: _Site):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -419,6 +461,9 @@ class ActivationMonitor:
         return hook
 
     def _count(self, site: _Site, inputs: Any, output: torch.Tensor) -> None:
+        if site.channels_first and output.dim() >= 3:  # (batch, channels, time...) -> channels last
+            output = output.movedim(1, -1)
+            inputs = inputs.movedim(1, -1) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 3 else inputs
         units = output.shape[-1]
         if site.alpha is not None and (not isinstance(inputs, torch.Tensor) or inputs.shape != output.shape):
             raise ValueError(

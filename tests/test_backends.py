@@ -251,7 +251,7 @@ def test_auto_prefers_fused_c_kernels_on_cpu(monkeypatch):
 def test_c_kernels_split_across_threads_match_one_thread(dtype):
     """Large inputs run in chunks on several threads; chunk edges (odd sizes) must not change a bit."""
     _skip_unsupported("c", dtype)
-    n = 4 * cpu_kernels._MIN_ELEMENTS_PER_THREAD + 13  # not a multiple of 8: the last chunk ends mid-byte
+    n = 4 * cpu_kernels.GRAIN + 13  # not a multiple of 8: the last chunk ends mid-byte
     x = _sample((n,), dtype, seed=7).requires_grad_(True)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(dtype)
     threads = torch.get_num_threads()
@@ -267,3 +267,48 @@ def test_c_kernels_split_across_threads_match_one_thread(dtype):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert torch.equal(results[1][0], _bits(torch.relu(x.detach())))
     assert torch.equal(dx, grad * (x.detach() > -ALPHA))
+
+
+def test_c_kernels_split_by_grain_and_thread_count():
+    """Each thread gets at least GRAIN elements; never more threads than torch allows."""
+    _skip_unsupported("c", torch.float32)
+    if not cpu_kernels.parallel():
+        assert cpu_kernels.team_size(100 * cpu_kernels.GRAIN, 4) == 1  # built without OpenMP: one thread
+        pytest.skip("C kernels built without OpenMP")
+    grain = cpu_kernels.GRAIN
+    assert cpu_kernels.team_size(2 * grain - 1, 8) == 1
+    assert cpu_kernels.team_size(2 * grain, 8) == 2
+    assert cpu_kernels.team_size(4 * grain + 13, 3) == 3
+    assert cpu_kernels.team_size(100 * grain, 1) == 1
+
+
+def test_c_kernels_without_openmp_fall_back_to_one_thread(monkeypatch, tmp_path):
+    """A compiler without OpenMP support still gives working (single-threaded) kernels."""
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    monkeypatch.setattr(cpu_kernels, "_failure", None)
+    monkeypatch.setattr(cpu_kernels, "_parallel", cpu_kernels._parallel)
+    monkeypatch.setattr(cpu_kernels, "_VARIANTS", (("-fno-such-flag-for-helu",), ()))
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV_VAR, str(tmp_path))
+    assert cpu_kernels.available() and not cpu_kernels.parallel()
+    assert cpu_kernels.team_size(100 * cpu_kernels.GRAIN, 4) == 1
+    x = torch.randn(3 * cpu_kernels.GRAIN + 5, requires_grad=True)
+    grad = torch.randn_like(x)
+    (dx,) = torch.autograd.grad(helu(x, ALPHA, backend="c"), x, grad)
+    assert torch.equal(dx, grad * (x.detach() > -ALPHA))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_c_16bit_forward_matches_relu_on_every_bit_pattern(dtype):
+    """The C kernels compute 16-bit relu on raw bits; check all 65536 patterns (NaN-free, then with NaNs)."""
+    _skip_unsupported("c", dtype)
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    no_nan = every[~every.isnan()]
+    for x in (no_nan, no_nan[:-3], every):  # the vector loop, a scalar tail, the NaN fallback
+        x = x.clone().requires_grad_(True)
+        grad = torch.ones_like(x)
+        y = helu(x, ALPHA, backend="c")
+        (dx,) = torch.autograd.grad(y, x, grad)
+        assert torch.equal(_bits(y), _bits(torch.relu(x.detach())))
+        assert torch.equal(dx, (~(x.detach().float() <= float(torch.tensor(-ALPHA, dtype=dtype)))).to(dtype))

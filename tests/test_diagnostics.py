@@ -13,7 +13,7 @@ from torch import nn
 from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2Model
 
 import hf_helu
-from hf_helu.diagnostics import ActivationMonitor, plot_dead_fraction, read_texts
+from hf_helu.diagnostics import ActivationMonitor, ActivationStats, plot_dead_fraction, read_texts
 
 TESTS_DIR = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("HF_HELU_DATA_DIR", TESTS_DIR.parent.parent / "shared" / "data"))
@@ -330,6 +330,74 @@ def test_wav2vec2_frames_are_masked_from_the_sample_mask():
     stats = monitor.stats()
     assert all(layer.tokens == int(frames.sum()) < frame_mask.numel() for layer in stats.layers)
     assert_matches_reference(stats, reference_stats(records, [frame_mask]))
+
+
+def test_wav2vec2_conv_activations_count_channels_over_each_layers_frames():
+    """scope="all": the feature encoder's and positional conv's activations see (batch, channels, frames).
+    Units are the channels, and each conv layer's padded frames (found by running every clip unpadded) are
+    masked out; batches of different lengths must not change the unit count."""
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_act="relu",
+        feat_extract_activation="relu",
+        conv_dim=(16, 24),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        apply_spec_augment=False,
+        layerdrop=0.0,
+    )
+    model = Wav2Vec2Model(config).eval()
+    conv_sites = {
+        f"feature_extractor.conv_layers.{i}.activation": layer.activation
+        for i, layer in enumerate(model.feature_extractor.conv_layers)
+    }
+    conv_sites["encoder.pos_conv_embed.activation"] = model.encoder.pos_conv_embed.activation
+    batches = [torch.tensor([400, 260, 333]), torch.tensor([150, 290])]
+    records, handles = capture_outputs(conv_sites)
+    with ActivationMonitor(model, scope="all") as monitor, torch.no_grad():
+        for lengths in batches:
+            width = int(lengths.max())
+            keep = torch.arange(width)[None, :] < lengths[:, None]
+            model(torch.randn(len(lengths), width) * keep, attention_mask=keep.long())
+    for handle in handles:
+        handle.remove()
+    # Reference frames per clip and site: run each clip alone, unpadded, and count the frames it produces.
+    frame_counts = {name: [] for name in conv_sites}
+    counting, handles = capture_outputs(conv_sites)
+    with torch.no_grad():
+        for lengths in batches:
+            for length in lengths.tolist():
+                model(torch.randn(1, length))
+                for name in conv_sites:
+                    frame_counts[name].append(counting[name].pop()[1].shape[-1])
+    for handle in handles:
+        handle.remove()
+    channels_last, masks = {}, {}
+    for name, calls in records.items():
+        channels_last[name] = [(z.movedim(1, -1), y.movedim(1, -1)) for z, y in calls]
+        counts = iter(frame_counts[name])
+        masks[name] = []
+        for (_, y), lengths in zip(calls, batches, strict=True):
+            frames = torch.tensor([next(counts) for _ in lengths])
+            masks[name].append(torch.arange(y.shape[-1])[None, :] < frames[:, None])
+    stats = monitor.stats()
+    by_name = {layer.name: layer for layer in stats.layers}
+    assert [by_name[name].units for name in conv_sites] == [16, 24, 32]  # channels, not frames
+    for name in conv_sites:
+        reference = reference_stats({name: channels_last[name]}, masks[name])
+        assert_matches_reference(ActivationStats((by_name[name],)), reference)
+        assert by_name[name].unmasked_calls == 0
+    assert (
+        by_name["feature_extractor.conv_layers.0.activation"].tokens
+        > by_name["encoder.pos_conv_embed.activation"].tokens
+    )
 
 
 # -- multi-process ---------------------------------------------------------------------------
