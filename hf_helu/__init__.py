@@ -8,9 +8,9 @@ from hf_helu.conversion import (
     ActivationAnnealer,
     CalibrationReport,
     ConversionResult,
+    FFNDistiller,
     calibrate_ffn,
     convert_model,
-    distillation_loss,
 )
 from hf_helu.diagnostics import ActivationMonitor, ActivationStats, LayerActivationStats, plot_dead_fraction
 from hf_helu.families import ActivationSite, find_activation_sites
@@ -34,6 +34,7 @@ __all__ = [
     "ActivationStats",
     "CalibrationReport",
     "ConversionResult",
+    "FFNDistiller",
     "HeLU",
     "LayerActivationStats",
     "PatchReport",
@@ -41,7 +42,6 @@ __all__ = [
     "activation_name",
     "calibrate_ffn",
     "convert_model",
-    "distillation_loss",
     "export_for_inference",
     "find_activation_sites",
     "helu",

@@ -14,8 +14,8 @@ ReLU once exported):
   steps (a forward hook on each HeLU module); at ``l == 1`` the hook is removed and the module is
   the HeLU itself again.
 
-:func:`convert_model` runs patching plus either or both; :func:`distillation_loss` is an optional
-extra for the fine-tuning loss.
+:func:`convert_model` runs patching plus either or both; :class:`FFNDistiller` adds an optional
+distillation term (every FFN block's output pulled toward the frozen original's) to the fine-tuning loss.
 """
 
 from __future__ import annotations
@@ -484,7 +484,7 @@ def dataset_batches(
 
 
 def add_conversion_args(parser) -> None:
-    """``--conversion``, ``--anneal_fraction``, ``--calibration_samples``, ``--calibration_ridge`` for a recipe."""
+    """The conversion flags of a recipe: ``--conversion``, the calibration and annealing knobs, ``--distill_weight``."""
     group = parser.add_argument_group("conversion of the pretrained activation (hf_helu.conversion)")
     group.add_argument(
         "--conversion",
@@ -503,11 +503,23 @@ def add_conversion_args(parser) -> None:
         "--calibration_samples", type=int, default=800, help="Unlabeled training examples for calibration."
     )
     group.add_argument("--calibration_ridge", type=float, default=DEFAULT_RIDGE, help="Ridge lambda (x tokens).")
+    group.add_argument(
+        "--distill_weight",
+        type=float,
+        default=0.0,
+        help="> 0: add this times the FFN-output distillation term from a frozen copy of the original model "
+        "(hf_helu.conversion.FFNDistiller) to the training loss. 0 (default): off.",
+    )
 
 
 def check_conversion_args(args) -> None:
-    """Reject a ``--conversion`` the run cannot honour, before anything is loaded."""
+    """Reject a ``--conversion`` / ``--distill_weight`` the run cannot honour, before anything is loaded."""
     check_conversion_method(args.conversion)
+    distill = getattr(args, "distill_weight", 0.0)
+    if not 0 <= distill < math.inf:
+        raise ValueError(f"--distill_weight must be a finite number >= 0, got {distill}")
+    if distill and getattr(args, "eval_only", False):
+        raise ValueError("--distill_weight applies to training; it cannot be combined with --eval_only")
     if args.conversion == "none":
         return
     if getattr(args, "activation", None) not in ("relu", "helu"):
@@ -715,31 +727,83 @@ def __getattr__(name: str):
 # --------------------------------------------------------------------------------------------------
 
 
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    kind: str = "kl",
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Loss pulling the student's logits to a frozen teacher's (the original GELU model).
+class FFNDistiller:
+    """Feature distillation from a frozen copy of the original model, as an extra fine-tuning loss.
 
-    ``"kl"``: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch
-    (classification). ``"mse"``: mean squared error (regression heads such as STS-B).
+    The original checkpoint has no trained task head, so its logits carry nothing to distil; its FFN
+    blocks do. On each batch the teacher (the unpatched model, frozen, in eval mode) runs first, then
+    the student; forward hooks on every FFN output projection of both collect their outputs, and::
+
+        loss = student_loss + weight * mean over FFN blocks of  sum ||s - t||^2 / sum ||t||^2
+
+    with the sums over the non-padding tokens (a relative squared error, so every layer counts alike).
+    Use it as the training loss, ``loss = distiller(model, batch)``; ``fit(compute_loss=distiller)``
+    does. ``teacher_context`` wraps the teacher's forward (e.g. ``accelerator.autocast``). The hooks
+    stay until :meth:`remove`.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
-        )
-    teacher_logits = teacher_logits.detach()
-    if kind == "mse":
-        return nn.functional.mse_loss(student_logits, teacher_logits)
-    if kind != "kl":
-        raise ValueError(f"unknown distillation kind {kind!r}: expected 'kl' or 'mse'")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    student = nn.functional.log_softmax(student_logits / temperature, dim=-1)
-    teacher = nn.functional.log_softmax(teacher_logits / temperature, dim=-1)
-    return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        weight: float = 1.0,
+        *,
+        teacher_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight < math.inf:
+            raise ValueError(f"distillation weight must be a finite number > 0, got {weight!r}")
+        self.weight = float(weight)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_context = teacher_context
+        student_sites = ffn_sites(student)
+        self.projections = [site.output_projection for site in student_sites]
+        teacher_projections = [site.output_projection for site in ffn_sites(teacher)]
+        if teacher_projections != self.projections:
+            raise ValueError(
+                f"student and teacher have different FFN blocks: {self.projections} vs {teacher_projections}"
+            )
+        self._outputs: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self._handles = []
+        for role, model in (("student", unwrap_model(student)), ("teacher", unwrap_model(teacher))):
+            for name in self.projections:
+                hook = functools.partial(self._record, self._outputs[role], name)
+                self._handles.append(model.get_submodule(name).register_forward_hook(hook))
+        self.last_distillation: torch.Tensor | None = None  # the unweighted term of the last call
+
+    @staticmethod
+    def _record(store: dict[str, torch.Tensor], name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        store[name] = output
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The student's loss on ``batch`` plus ``weight`` times the distillation term."""
+        for store in self._outputs.values():
+            store.clear()
+        teacher_inputs = {key: value for key, value in batch.items() if key not in ("labels", "label")}
+        with torch.no_grad(), self.teacher_context():
+            self.teacher(**teacher_inputs)
+        outputs = model(**batch)
+        mask = batch.get("attention_mask")
+        terms = []
+        for name in self.projections:
+            student, teacher = self._outputs["student"].get(name), self._outputs["teacher"].get(name)
+            if student is None or teacher is None:
+                missing = "student" if student is None else "teacher"
+                raise RuntimeError(f"FFN output projection {name!r} did not run in the {missing}'s forward")
+            student, teacher = student.float(), teacher.float()
+            if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(student.shape[:-1]):
+                keep = mask.to(device=student.device, dtype=torch.bool)
+                student, teacher = student[keep], teacher[keep]
+            terms.append((student - teacher).pow(2).sum() / teacher.pow(2).sum().clamp_min(1e-12))
+        for store in self._outputs.values():
+            store.clear()
+        distillation = torch.stack(terms).mean()
+        self.last_distillation = distillation.detach()
+        return outputs.loss + self.weight * distillation
+
+    def remove(self) -> None:
+        """Remove the hooks from student and teacher."""
+        while self._handles:
+            self._handles.pop().remove()
 
 
 # --------------------------------------------------------------------------------------------------

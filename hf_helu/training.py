@@ -484,6 +484,7 @@ def fit(
     optimizer_fn: Callable[..., tuple[torch.optim.Optimizer, Any]] | None = None,
     track_dead_units: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    compute_loss: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (unless ``args.eval_only``), evaluate, checkpoint, and write OUTPUT_DIR/results.json.
 
@@ -491,7 +492,9 @@ def fit(
     be None with --eval_only. ``optimizer_fn(model, args, num_training_steps) -> (optimizer, lr_scheduler)``
     defaults to :func:`create_optimizer_and_scheduler`; ``config`` (default: :func:`run_config` of ``args``) and
     ``model_info`` (from :func:`prepare_model`) are recorded as they are. ``on_step(completed_steps, total_steps)``
-    runs before the first step and after every optimizer step. Returns the results dict.
+    runs before the first step and after every optimizer step. ``compute_loss(model, batch)`` replaces the
+    training loss ``model(**batch).loss`` (e.g. :class:`hf_helu.conversion.FFNDistiller`; ``train_loss`` then
+    reports it). Returns the results dict.
 
     After a resume, the history comes from the checkpoint, and the resumed epoch's ``train_loss`` averages the
     batches run after the resume only; ``wall_time_s`` counts the time up to the checkpoint plus the resumed part.
@@ -601,7 +604,7 @@ def fit(
         loss_count = 0
         for batch in batches:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -12,6 +12,7 @@ without hf_helu). Without --data_dir, GLUE comes from the hub (``nyu-mll/glue``)
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     conversion.check_conversion_args(args)
     args.task = glue.get_task(args.task).name  # unknown task: clear error before anything is loaded
     args.model = args.model or glue.default_model()
-    method = "" if args.conversion == "none" else f"_{args.conversion}"
+    method = ("" if args.conversion == "none" else f"_{args.conversion}") + (
+        f"_distill{args.distill_weight:g}" if args.distill_weight else ""
+    )
     args.output_dir = args.output_dir or f"runs/glue_{args.task}_{args.activation}{method}_s{args.seed}"
     return args
 
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = glue.load_glue_model(args.model, task, init=args.init, eval_only=args.eval_only)
     originals = conversion.original_activations(model) if args.conversion != "none" else None  # before patching
+    teacher = copy.deepcopy(model) if args.distill_weight else None  # the frozen original, for --distill_weight
     model, model_info = training.prepare_model(model, args, lora_task_type="SEQ_CLS")
     if model_info["activation"] != "keep":
         changed = len(model_info["patch_report"]["changed"])
@@ -97,6 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
         if converted.calibration is not None and accelerator.is_main_process:
             accelerator.print(converted.calibration)
 
+    distiller = None
+    if teacher is not None:
+        teacher.to(accelerator.device)
+        distiller = conversion.FFNDistiller(model, teacher, args.distill_weight, teacher_context=accelerator.autocast)
+        model_info["distill_weight"] = args.distill_weight
+
     # Train, evaluate every epoch, checkpoint, save: all in the shared Accelerate loop.
     results = training.fit(
         accelerator,
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         processor=tokenizer,
         model_info=model_info,
         on_step=converted.annealer.on_step if converted is not None and converted.annealer else None,
+        compute_loss=distiller,
     )
     for split, metrics in results["final"].items():
         accelerator.print(f"{task.name} {split}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -515,26 +515,84 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
-def test_distillation_loss_matches_formula():
-    generator = torch.Generator().manual_seed(0)
-    student = torch.randn(5, 3, generator=generator, requires_grad=True)
-    teacher = torch.randn(5, 3, generator=generator)
-    temperature = 2.0
-    p = np.exp(teacher.numpy() / temperature)
-    p /= p.sum(1, keepdims=True)
-    q = np.exp(student.detach().numpy() / temperature)
-    q /= q.sum(1, keepdims=True)
-    expected = (p * (np.log(p) - np.log(q))).sum(1).mean() * temperature**2
-    loss = conversion.distillation_loss(student, teacher, "kl", temperature)
-    np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+def tiny_classifier() -> nn.Module:
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = tiny_bert().config
+    config.num_labels = 3
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    return BertForSequenceClassification(config)
+
+
+def ffn_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Each layer's FFN output projection output, by plain hooks (independent of the distiller)."""
+    found, handles = [], []
+    for layer in model.bert.encoder.layer:
+        handles.append(layer.output.dense.register_forward_hook(lambda m, a, out: found.append(out.detach())))
+    with torch.no_grad():
+        model(**batch)
+    for handle in handles:
+        handle.remove()
+    return [out.numpy().astype(np.float64) for out in found]
+
+
+def test_distiller_adds_the_relative_ffn_error_to_the_loss():
+    student = tiny_classifier()
+    teacher = copy.deepcopy(student)
+    batch = {**random_batches(1)[0], "labels": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])}
+    same = conversion.FFNDistiller(student, teacher, weight=3.0)
+    loss = same(student, batch)
+    assert same.last_distillation.item() == 0.0  # the unpatched student is the teacher
+    assert torch.equal(loss, student(**batch).loss)
+    same.remove()
+
+    patch_model(student)
+    distiller = conversion.FFNDistiller(student, teacher, weight=3.0)
+    loss = distiller(student, batch)
+    keep = batch["attention_mask"].bool().numpy()
+    terms = [
+        ((s[keep] - t[keep]) ** 2).sum() / (t[keep] ** 2).sum()
+        for s, t in zip(ffn_outputs(student, batch), ffn_outputs(teacher, batch), strict=True)
+    ]
+    assert terms[0] > 0
+    np.testing.assert_allclose(distiller.last_distillation.item(), np.mean(terms), rtol=1e-5)
+    np.testing.assert_allclose(loss.item(), student(**batch).loss.item() + 3.0 * np.mean(terms), rtol=1e-5)
     loss.backward()
-    assert student.grad is not None and teacher.grad is None
-    np.testing.assert_allclose(
-        conversion.distillation_loss(student, teacher, "mse").item(),
-        ((student.detach().numpy() - teacher.numpy()) ** 2).mean(),
-        rtol=1e-6,
-    )
-    with pytest.raises(ValueError, match="differ"):
-        conversion.distillation_loss(student, teacher[:2])
-    with pytest.raises(ValueError, match="unknown distillation kind"):
-        conversion.distillation_loss(student, teacher, "l1")
+    assert all(p.grad is None for p in teacher.parameters())  # frozen
+    assert student.bert.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0
+    distiller.remove()
+    assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])
+
+
+def test_distillation_pulls_ffn_outputs_toward_the_teacher():
+    """Fine-tuning moves the FFN outputs away from the original's; the distillation term holds them closer."""
+    batch = {**random_batches(1)[0], "labels": torch.zeros(8, dtype=torch.long)}
+    errors = {}
+    for weight in (None, 1.0):
+        student = tiny_classifier()
+        teacher = copy.deepcopy(student)
+        patch_model(student)
+        distiller = conversion.FFNDistiller(student, teacher, weight=weight or 1.0)
+        optimizer = torch.optim.Adam(student.bert.parameters(), lr=3e-3)
+        history = []
+        for _ in range(6):
+            loss = distiller(student, batch)
+            history.append(distiller.last_distillation.item())
+            (loss if weight else student(**batch).loss).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        errors[weight] = history
+    assert errors[1.0][0] == errors[None][0] > 0  # same start
+    assert errors[1.0][-1] < 0.5 * errors[None][-1]
+
+
+def test_distiller_errors():
+    student = tiny_classifier()
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="distillation weight must be a finite number > 0"):
+            conversion.FFNDistiller(student, copy.deepcopy(student), weight=bad)
+    shallow = copy.deepcopy(student)
+    del shallow.bert.encoder.layer[1]
+    with pytest.raises(ValueError, match="different FFN blocks"):
+        conversion.FFNDistiller(student, shallow)

@@ -500,6 +500,23 @@ def test_minilm_with_helu_trains_and_exports_relu(tmp_path):
     torch.testing.assert_close(helu_out, relu_out, rtol=0, atol=0)
 
 
+@needs_data
+def test_recipe_converts_and_distils(tmp_path, tiny_bert):
+    """--conversion calibrate+anneal with --distill_weight: calibrated at patch time, annealed, distilled, exported."""
+    out = tmp_path / "converted"
+    argv = tiny_args(tiny_bert, out, activation="helu", conversion="calibrate+anneal", distill_weight=2.0)
+    results = run_recipe(*argv, "--calibration_samples", "40")
+    info = results["model"]
+    assert info["distill_weight"] == 2.0 and results["config"]["distill_weight"] == 2.0
+    assert info["conversion"]["method"] == "calibrate+anneal" and info["conversion"]["anneal"]["mode"] == "gradient"
+    layers = info["conversion"]["calibration"]["layers"]
+    assert len(layers) == 2 and all(layer["error_after"] < layer["error_before"] for layer in layers)
+    assert json.loads((out / "model_relu" / "config.json").read_text())["hidden_act"] == "relu"
+    for bad, message in (({"distill_weight": -1.0}, "--distill_weight must be"), ({"eval_only": True}, "eval_only")):
+        with pytest.raises(ValueError, match=message):
+            run_recipe(*tiny_args(tiny_bert, tmp_path / "bad", **{"activation": "helu", "distill_weight": 1.0, **bad}))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Activations and the comparison
 # ----------------------------------------------------------------------------------------------------------------
