@@ -294,24 +294,29 @@ def test_default_sites_on_gelu_and_patched_bert():
     assert_matches_reference(stats, reference_stats(records, [b["attention_mask"] for b in batches], alpha=0.1))
 
 
-def test_wav2vec2_frames_are_masked_from_the_sample_mask():
+def tiny_wav2vec2(**overrides) -> Wav2Vec2Model:
+    """A 2-conv-layer Wav2Vec2 whose convs see only valid samples (layer-norm feature encoder)."""
     torch.manual_seed(0)
-    config = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        hidden_act="relu",
-        conv_dim=(16, 16),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer",
-        apply_spec_augment=False,
-        layerdrop=0.0,
-    )
-    model = Wav2Vec2Model(config).eval()
+    config = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "hidden_act": "relu",
+        "conv_dim": (16, 16),
+        "conv_stride": (5, 2),
+        "conv_kernel": (10, 3),
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 2,
+        "feat_extract_norm": "layer",
+        "apply_spec_augment": False,
+        "layerdrop": 0.0,
+    }
+    return Wav2Vec2Model(Wav2Vec2Config(**{**config, **overrides})).eval()
+
+
+def test_wav2vec2_frames_are_masked_from_the_sample_mask():
+    model = tiny_wav2vec2()
     lengths = torch.tensor([400, 260, 333])
     audio = torch.randn(3, 400) * (torch.arange(400)[None, :] < lengths[:, None])
     sample_mask = (torch.arange(400)[None, :] < lengths[:, None]).long()
@@ -336,24 +341,7 @@ def test_wav2vec2_conv_activations_count_channels_over_each_layers_frames():
     """scope="all": the feature encoder's and positional conv's activations see (batch, channels, frames).
     Units are the channels, and each conv layer's padded frames (found by running every clip unpadded) are
     masked out; batches of different lengths must not change the unit count."""
-    torch.manual_seed(0)
-    config = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        hidden_act="relu",
-        feat_extract_activation="relu",
-        conv_dim=(16, 24),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer",
-        apply_spec_augment=False,
-        layerdrop=0.0,
-    )
-    model = Wav2Vec2Model(config).eval()
+    model = tiny_wav2vec2(num_hidden_layers=1, feat_extract_activation="relu", conv_dim=(16, 24))
     conv_sites = {
         f"feature_extractor.conv_layers.{i}.activation": layer.activation
         for i, layer in enumerate(model.feature_extractor.conv_layers)
