@@ -763,6 +763,7 @@ class FFNDistiller:
                 f"student and teacher have different FFN blocks: {self.projections} vs {teacher_projections}"
             )
         self._outputs: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+        self._recording = False  # only inside __call__: evaluation forwards store nothing
         self._handles = []
         for role, model in (("student", unwrap_model(student)), ("teacher", unwrap_model(teacher))):
             for name in self.projections:
@@ -770,18 +771,20 @@ class FFNDistiller:
                 self._handles.append(model.get_submodule(name).register_forward_hook(hook))
         self.last_distillation: torch.Tensor | None = None  # the unweighted term of the last call
 
-    @staticmethod
-    def _record(store: dict[str, torch.Tensor], name: str, module: nn.Module, args: tuple, output: Any) -> None:
-        store[name] = output
+    def _record(self, store: dict[str, torch.Tensor], name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._recording:
+            store[name] = output
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         """The student's loss on ``batch`` plus ``weight`` times the distillation term."""
-        for store in self._outputs.values():
-            store.clear()
         teacher_inputs = {key: value for key, value in batch.items() if key not in ("labels", "label")}
-        with torch.no_grad(), self.teacher_context():
-            self.teacher(**teacher_inputs)
-        outputs = model(**batch)
+        self._recording = True
+        try:
+            with torch.no_grad(), self.teacher_context():
+                self.teacher(**teacher_inputs)
+            outputs = model(**batch)
+        finally:
+            self._recording = False
         mask = batch.get("attention_mask")
         terms = []
         for name in self.projections:
@@ -795,7 +798,7 @@ class FFNDistiller:
                 student, teacher = student[keep], teacher[keep]
             terms.append((student - teacher).pow(2).sum() / teacher.pow(2).sum().clamp_min(1e-12))
         for store in self._outputs.values():
-            store.clear()
+            store.clear()  # a projection that does not run next time must not find this batch's output
         distillation = torch.stack(terms).mean()
         self.last_distillation = distillation.detach()
         return outputs.loss + self.weight * distillation

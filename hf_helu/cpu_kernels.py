@@ -307,7 +307,7 @@ def _compiler() -> str | None:
     return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
 
 
-def library_path(compiler: str, extra_flags: tuple[str, ...] = _VARIANTS[0]) -> Path:
+def library_path(compiler: str, extra_flags: tuple[str, ...]) -> Path:
     """Where the library built from this source by ``compiler`` (with ``extra_flags``) is cached."""
     root = os.environ.get(CACHE_ENV_VAR) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf_helu"
     key = "\0".join((SOURCE, *_CFLAGS, *extra_flags, compiler, platform.system(), platform.machine()))

@@ -251,13 +251,10 @@ def _site_alpha(module: nn.Module, alpha: float | None) -> float | None:
 _FEATURE_ENCODER_LAYER = re.compile(r"(?:^|\.)conv_layers\.(\d+)\.[^.]+$")
 
 
-def _layout(model: nn.Module | None, module: nn.Module) -> tuple[bool, int | None]:
-    """(channels_first, conv_depth) of an activation module: channels-first when its parent block holds a
-    convolution (its input is (batch, channels, time...)); conv_depth for layer i of a speech feature encoder."""
-    if model is None:
-        return False, None
-    name = next((n for n, m in model.named_modules() if m is module), None)
-    if name is None:
+def _layout(model: nn.Module | None, name: str | None) -> tuple[bool, int | None]:
+    """(channels_first, conv_depth) of the activation ``model.<name>``: channels-first when its parent block holds
+    a convolution (its input is (batch, channels, time...)); conv_depth for layer i of a speech feature encoder."""
+    if model is None or name is None:
         return False, None
     parent = model.get_submodule(name.rpartition(".")[0])
     channels_first = any(isinstance(child, nn.modules.conv._ConvNd) for child in parent.children())
@@ -346,8 +343,9 @@ class ActivationMonitor:
         if alpha is not None:
             alpha = validate_alpha(alpha)
         self.model = model
+        qualified = {id(m): n for n, m in model.named_modules()} if model is not None else {}
         self._sites = [
-            _Site(name, module, layer_index, _site_alpha(module, alpha), *_layout(model, module))
+            _Site(name, module, layer_index, _site_alpha(module, alpha), *_layout(model, qualified.get(id(module))))
             for name, module, layer_index in _resolve_sites(model, sites, scope)
         ]
         self.capture_attention_mask = capture_attention_mask and model is not None

@@ -560,6 +560,9 @@ def test_distiller_adds_the_relative_ffn_error_to_the_loss():
     np.testing.assert_allclose(loss.item(), student(**batch).loss.item() + 3.0 * np.mean(terms), rtol=1e-5)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())  # frozen
+    with torch.no_grad():
+        student(**batch)  # an evaluation forward outside the loss keeps no FFN outputs alive
+    assert not any(distiller._outputs.values())
     assert student.bert.encoder.layer[0].intermediate.dense.weight.grad.abs().sum() > 0
     distiller.remove()
     assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])
