@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hf_helu import backends, helu
+from hf_helu import helu, ops
 
 ALPHA = 0.05
 
@@ -42,8 +42,8 @@ def activations(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[
     """Every activation to time on ``device``: the baselines, then each hf_helu backend that runs there."""
     acts = {"relu": torch.relu, "gelu": F.gelu, "helu_saves_input": InputSavingHeLU.apply}
     probe = torch.empty(8, device=device, dtype=dtype)
-    for name, (_, _, supports) in backends.BACKENDS.items():
-        if supports(probe):
+    for name, backend in ops.BACKENDS.items():
+        if backend.supports(probe):
             acts[f"hf_helu[{name}]"] = lambda x, name=name: helu(x, ALPHA, backend=name)
     return acts
 

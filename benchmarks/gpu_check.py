@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import act_micro  # the activation timing shared with benchmarks/act_micro.py
 
 import hf_helu
-from hf_helu import backends
+from hf_helu import ops
 
 ALPHA = act_micro.ALPHA
 
@@ -55,9 +55,9 @@ def check_kernels(device: torch.device) -> list[str]:
             for name, t in (("contiguous", x), ("transposed", x.t() if x.dim() == 2 else x[..., ::2])):
                 t = t.to(device)
                 grad = torch.randn(t.shape, generator=gen).to(device=device, dtype=dtype)
-                chosen = backends.resolve(t)
-                y, mask = backends.forward(chosen, t, ALPHA)
-                _, ref_keep = backends.forward("torch", t, ALPHA)
+                chosen = ops.resolve(t)
+                y, mask = ops.forward(chosen, t, ALPHA)
+                _, ref_keep = ops.forward("torch", t, ALPHA)
                 label = f"{chosen} {dtype} {tuple(t.shape)} {name}"
                 if not torch.equal(_int_view(y), _int_view(torch.relu(t))):
                     failures.append(f"{label}: forward differs from torch.relu bit for bit")
@@ -65,7 +65,7 @@ def check_kernels(device: torch.device) -> list[str]:
                     expected = np.packbits(ref_keep.cpu().numpy().ravel(), bitorder="little")
                     if not np.array_equal(mask.cpu().numpy(), expected):
                         failures.append(f"{label}: mask bits differ from the reference")
-                grad_in = backends.backward(chosen, grad, mask, t.shape)
+                grad_in = ops.backward(chosen, grad, mask, t.shape)
                 expected_grad = torch.where(ref_keep, grad, torch.zeros((), dtype=dtype, device=device))
                 if not torch.equal(_int_view(grad_in), _int_view(expected_grad)):
                     failures.append(f"{label}: gradient differs from the reference")
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         device, shape, reps, batch, seqs = torch.device("cuda"), (32768, 3072), 100, 32, [128, 512]
         steps, warmup = 20, 5
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"backend chosen on {device.type}: {backends.resolve(torch.empty(8, device=device, dtype=torch.bfloat16))}")
+    print(f"backend chosen on {device.type}: {ops.resolve(torch.empty(8, device=device, dtype=torch.bfloat16))}")
 
     failures = check_kernels(device)
     print("kernel correctness:", "OK (bit for bit)" if not failures else f"{len(failures)} FAILURES")

@@ -33,10 +33,11 @@ from transformers import AutoModel, AutoTokenizer
 
 import hf_helu
 from hf_helu.atomic import atomic_write_text
-from hf_helu.diagnostics import ActivationMonitor, iter_text_batches, read_texts
+from hf_helu.cli.texts import iter_text_batches, read_texts
+from hf_helu.diagnostics import ActivationMonitor
+from hf_helu.training.paths import data_root
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("HF_HELU_DATA_DIR", REPO.parent / "shared" / "data"))
+DATA_DIR = data_root()
 
 
 def default_model() -> str:

@@ -4,7 +4,8 @@
     backward:  dz = dy  where z > -alpha,  else 0
 
 The backward needs to know where ``z > -alpha``, which ReLU's output cannot tell, so the autograd
-node saves a mask (1 bit or 1 byte per element) and never the float input. Without autograd
+node saves a mask (1 bit or 1 byte per element, from the kernels in :mod:`hf_helu.ops`) and never the
+float input. Without autograd
 (``torch.no_grad()``, an input that does not require grad, a module in eval mode) HeLU is plain
 ``torch.relu``: no node, no mask.
 """
@@ -17,7 +18,7 @@ import numbers
 import torch
 from torch import nn
 
-from hf_helu import backends
+from hf_helu import ops
 
 DEFAULT_ALPHA = 0.05
 ACTIVATION_NAME = "helu"
@@ -48,7 +49,7 @@ class HeLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: float, backend: str) -> torch.Tensor:
-        y, mask = backends.forward(backend, x, alpha)
+        y, mask = ops.forward(backend, x, alpha)
         ctx.save_for_backward(mask)
         ctx.backend = backend
         ctx.input_shape = x.shape
@@ -57,20 +58,20 @@ class HeLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return backends.backward(ctx.backend, grad, mask, ctx.input_shape), None, None
+        return ops.backward(ctx.backend, grad, mask, ctx.input_shape), None, None
 
 
 def helu(x: torch.Tensor, alpha: float = DEFAULT_ALPHA, backend: str | None = None) -> torch.Tensor:
     """HeLU of ``x``: ``torch.relu(x)`` forward, gradient passed where ``x > -alpha``.
 
-    ``backend`` forces a kernel ("torch", "numpy", "triton"); by default the fastest one for the
-    input is chosen (see :mod:`hf_helu.backends`, or set ``HF_HELU_BACKEND``).
+    ``backend`` forces a kernel ("triton", "c" or "torch"); by default ("auto", or ``HF_HELU_BACKEND``
+    when set) the fastest one that supports the input is chosen (see :mod:`hf_helu.ops`).
     """
     alpha = validate_alpha(alpha)
     _check_input(x)
     if not (x.requires_grad and torch.is_grad_enabled()):
         return torch.relu(x)
-    return HeLUFunction.apply(x, alpha, backends.resolve(x, backend))
+    return HeLUFunction.apply(x, alpha, ops.resolve(x, backend))
 
 
 class HeLU(nn.Module):
@@ -83,7 +84,7 @@ class HeLU(nn.Module):
         super().__init__()
         self.alpha = validate_alpha(alpha)
         if backend is not None:
-            backends.check_name(backend)
+            ops.check_name(backend)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ Two questions are answered separately, each by one generic mechanism:
   sits in a block named like mlp/ffn/intermediate/feed_forward/DenseReluDense, or directly in the layer
   beside a known output projection (``fc2``, ``ffn_output``, ...).
 
-Notes per family (all checked by ``tests/test_patching.py``):
+Notes per family (all checked by ``tests/test_families.py`` and ``tests/test_patching.py``):
 
 * ALBERT shares one layer module across all ``num_hidden_layers``: it has ``num_hidden_groups *
   inner_group_num`` FFN sites (1 by default), whose hooks fire once per application.
@@ -48,7 +48,10 @@ SCOPES = ("ffn", "all")
 
 @dataclass(frozen=True)
 class ActivationSite:
-    """One activation module of a model, and what it feeds."""
+    """One place in a model where an activation sits: its module, and what it feeds.
+
+    The one site type of hf_helu: patching, conversion and the diagnostics all work on these.
+    """
 
     name: str  # qualified module name, e.g. "bert.encoder.layer.3.intermediate.intermediate_act_fn"
     module: nn.Module  # the activation module itself (stale after a patch: find the sites again)
@@ -65,12 +68,12 @@ class Family:
 
     config_attr: str  # the config attribute that names the FFN activation
     stack: str  # regex of the layer stack (a ModuleList) relative to its parent, e.g. r"encoder\.layer"
-    activation: str  # regex of the FFN activation inside one layer
-    output_projection: str  # path inside the layer; may use the named groups of ``activation``
+    module: str  # regex of the FFN activation module's path inside one layer
+    output_projection: str  # path inside the layer; may use the named groups of ``module``
     gated: bool | Callable[[object], bool] = False
 
     def pattern(self) -> re.Pattern[str]:
-        return re.compile(rf"(?:^|\.)(?P<layer>{self.stack}\.(?P<index>\d+))\.{self.activation}$")
+        return re.compile(rf"(?:^|\.)(?P<layer>{self.stack}\.(?P<index>\d+))\.{self.module}$")
 
 
 _BERT_LIKE = Family("hidden_act", r"layer", r"intermediate\.intermediate_act_fn", "output.dense")
@@ -312,6 +315,32 @@ def all_activation_sites(model: nn.Module, use_table: bool = True) -> list[Activ
     return sites
 
 
+def _select_by_predicate(sites: list[ActivationSite], scope: Callable[[str], bool]) -> list[ActivationSite]:
+    chosen = []
+    for site in sites:
+        verdict = scope(site.name)
+        if not isinstance(verdict, bool):
+            raise TypeError(f"scope predicate must return a bool, got {verdict!r} for {site.name!r}")
+        if verdict:
+            chosen.append(site)
+    return chosen
+
+
+def _select_by_layers(sites: list[ActivationSite], scope: Sequence[int]) -> list[ActivationSite]:
+    indices = list(scope)
+    if not indices:
+        raise ValueError("scope is an empty list of layer indices; expected at least one index")
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"scope layer indices must be ints, got {index!r} in {scope!r}")
+    ffn = [s for s in sites if s.kind == "ffn"]
+    available = sorted({s.layer_index for s in ffn})
+    missing = sorted(set(indices) - set(available))
+    if missing and ffn:
+        raise ValueError(f"scope names layer(s) {missing} but the FFN layers are {available}")
+    return [s for s in ffn if s.layer_index in set(indices)]
+
+
 def select_sites(sites: list[ActivationSite], scope: Scope) -> list[ActivationSite]:
     """The sites ``scope`` names: "ffn", "all", a sequence of layer indices (FFN sites), or a predicate."""
     if isinstance(scope, str):
@@ -321,27 +350,9 @@ def select_sites(sites: list[ActivationSite], scope: Scope) -> list[ActivationSi
             return list(sites)
         raise ValueError(f"scope must be one of {SCOPES}, a sequence of layer indices or a predicate, got {scope!r}")
     if callable(scope):
-        chosen = []
-        for site in sites:
-            verdict = scope(site.name)
-            if not isinstance(verdict, bool):
-                raise TypeError(f"scope predicate must return a bool, got {verdict!r} for {site.name!r}")
-            if verdict:
-                chosen.append(site)
-        return chosen
+        return _select_by_predicate(sites, scope)
     if isinstance(scope, Sequence):
-        indices = list(scope)
-        if not indices:
-            raise ValueError("scope is an empty list of layer indices; expected at least one index")
-        for index in indices:
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise TypeError(f"scope layer indices must be ints, got {index!r} in {scope!r}")
-        ffn = [s for s in sites if s.kind == "ffn"]
-        available = sorted({s.layer_index for s in ffn})
-        missing = sorted(set(indices) - set(available))
-        if missing and ffn:
-            raise ValueError(f"scope names layer(s) {missing} but the FFN layers are {available}")
-        return [s for s in ffn if s.layer_index in set(indices)]
+        return _select_by_layers(sites, scope)
     raise TypeError(
         f"scope must be 'ffn', 'all', a sequence of layer indices or a callable on module names, "
         f"got {type(scope).__name__}"

@@ -25,7 +25,10 @@ for ``nn.ReLU`` and write ``"relu"`` into the config without changing any output
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import activations
@@ -80,6 +83,11 @@ class PatchReport:
     def needs_reapply(self) -> bool:
         """True when ``from_pretrained`` alone does not rebuild this model: use :func:`reapply_patch`."""
         return bool(self.overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (what the recipes store in results.json): every field, tuples as lists, each change as
+        a dict; a config value JSON cannot hold is written as its ``str``."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
     def __str__(self) -> str:
         lines = [

@@ -1,9 +1,9 @@
 """Registration of HeLU in transformers' activation table, so ``hidden_act="helu"`` just works.
 
 transformers builds activations with ``ACT2FN[config.hidden_act]``. ``register()`` adds ``"helu"``
-(alpha 0.05) and teaches the table the parametrised names ``"helu_<alpha>"`` (``"helu_0.1"``), so a
-config carries its alpha in the activation string itself and survives ``save_pretrained`` /
-``from_pretrained`` with no extra attribute.
+(alpha ``DEFAULT_ALPHA``, 0.05) and teaches the table the parametrised names ``"helu_<alpha>"``
+(``"helu_0.1"``), so a config carries its alpha in the activation string itself and survives
+``save_pretrained`` / ``from_pretrained`` with no extra attribute.
 """
 
 from __future__ import annotations

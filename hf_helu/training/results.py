@@ -1,0 +1,104 @@
+"""What a run leaves behind: OUTPUT_DIR/results.json (rewritten atomically after every epoch), the final model in
+OUTPUT_DIR/model and, when the model holds HeLU, its stock-ReLU export in OUTPUT_DIR/model_relu.
+
+results.json holds ``config``, ``model`` (activation, LoRA), ``epochs`` (per-epoch train loss, eval metrics,
+dead-unit stats), ``final``, ``dead_units``, ``wall_time_s``, ``train_samples_per_s``, ``num_processes`` and
+``status`` ("running" until the end, then "complete").
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from hf_helu.atomic import atomic_directory, atomic_write_json
+
+RESULTS_FILE = "results.json"
+MODEL_DIR = "model"
+RELU_SUFFIX = "_relu"
+
+
+def new_results(accelerator: Any, config: dict[str, Any], model_info: dict[str, Any] | None) -> dict[str, Any]:
+    """The results of a run that has just started (``status`` "running", no epoch yet)."""
+    return {
+        "status": "running",
+        "config": config,
+        "model": model_info or {},
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "epochs": [],
+    }
+
+
+def write_results(accelerator: Any, output_dir: Path, results: dict[str, Any]) -> None:
+    """OUTPUT_DIR/results.json, atomically, from the main process."""
+    if accelerator.is_main_process:
+        atomic_write_json(output_dir / RESULTS_FILE, results)
+
+
+def log_metrics(accelerator: Any, label: str, metrics: dict[str, dict[str, float]]) -> None:
+    """One line per eval split: ``[label] split: key=value ...``."""
+    for split, values in metrics.items():
+        text = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        accelerator.print(f"[{label}] {split}: {text}")
+
+
+def has_helu(model: nn.Module) -> bool:
+    from hf_helu.activation import HeLU
+
+    return any(isinstance(m, HeLU) for m in model.modules())
+
+
+def relu_export_dir(path: Path) -> Path:
+    """Where :func:`save_model` puts the stock-ReLU export of a model saved to ``path``."""
+    return path.with_name(path.name + RELU_SUFFIX)
+
+
+def save_model(accelerator: Any, model: nn.Module, path: Path, processor: Any = None) -> Path | None:
+    """Save the final model with ``save_pretrained`` (LoRA merged) to ``path`` atomically.
+
+    When the model holds HeLU, also save a stock-ReLU export (``hf_helu.patching.export_for_inference``) beside it
+    as ``<path>_relu``, loadable without hf_helu. Returns that export's path, if any.
+    """
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "merge_and_unload"):  # PEFT: ship a plain transformers model
+        unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
+        state_dict = None
+    _save(path, unwrapped, processor, state_dict)
+    exported = None
+    if has_helu(unwrapped):
+        from hf_helu.patching import export_for_inference
+
+        relu_model = copy.deepcopy(unwrapped).cpu()
+        export_for_inference(relu_model)
+        exported = _save(relu_export_dir(path), relu_model, processor)
+    accelerator.wait_for_everyone()
+    return exported
+
+
+def _save(path: Path, model: nn.Module, processor: Any, state_dict: dict | None = None) -> Path:
+    with atomic_directory(path, overwrite=True) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+    return path
+
+
+__all__ = [
+    "MODEL_DIR",
+    "RESULTS_FILE",
+    "has_helu",
+    "log_metrics",
+    "new_results",
+    "relu_export_dir",
+    "save_model",
+    "write_results",
+]

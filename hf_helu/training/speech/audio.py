@@ -1,0 +1,87 @@
+"""Audio for the speech recipe: decode with soundfile (no FFmpeg, no torchcodec), resample to the model's rate with a
+polyphase filter (``scipy.signal.resample_poly``), cap the length, normalise per clip to zero mean and unit variance
+exactly as ``Wav2Vec2FeatureExtractor`` does.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLING_RATE = 16_000
+
+
+class AudioDecodeError(ValueError):
+    """An audio file (named in the message) could not be decoded."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One example: where its audio is, and its class label and/or transcript.
+
+    ``source`` is a file path, or a display name (``"superb/ks:train[12]"``) when the audio comes as
+    encoded ``data`` bytes from a hub dataset.
+    """
+
+    source: str
+    label: str | None = None
+    transcript: str | None = None
+    data: bytes | None = None
+
+
+def read_audio(clip: Clip | str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Decode a clip to a mono float32 waveform and its sampling rate; raise naming the file on failure."""
+    import soundfile as sf
+
+    if not isinstance(clip, Clip):
+        clip = Clip(source=os.fspath(clip))
+    source = io.BytesIO(clip.data) if clip.data is not None else clip.source
+    try:
+        waveform, rate = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError, OSError...
+        raise AudioDecodeError(f"cannot decode audio {clip.source!r}: {error}") from error
+    if waveform.shape[0] == 0:
+        raise AudioDecodeError(f"audio {clip.source!r} has no samples")
+    return waveform.mean(axis=1, dtype=np.float32), int(rate)
+
+
+def resample(waveform: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """Resample with a polyphase anti-aliasing filter (``scipy.signal.resample_poly``)."""
+    from scipy.signal import resample_poly
+
+    if orig_rate <= 0 or target_rate <= 0:
+        raise ValueError(f"sampling rates must be positive, got {orig_rate} -> {target_rate}")
+    if orig_rate == target_rate:
+        return np.asarray(waveform, dtype=np.float32)
+    common = math.gcd(orig_rate, target_rate)
+    return resample_poly(waveform, target_rate // common, orig_rate // common).astype(np.float32)
+
+
+def normalize(waveform: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance over the clip, as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does."""
+    waveform = np.asarray(waveform, dtype=np.float32)
+    return (waveform - waveform.mean()) / np.sqrt(waveform.var() + 1e-7)
+
+
+def load_waveform(
+    clip: Clip,
+    sampling_rate: int = SAMPLING_RATE,
+    max_seconds: float | None = None,
+    do_normalize: bool = True,
+) -> np.ndarray:
+    """The model input of one clip: decoded, mono, resampled, cut to ``max_seconds``, normalised."""
+    waveform, rate = read_audio(clip)
+    waveform = resample(waveform, rate, sampling_rate)
+    if max_seconds is not None:
+        waveform = waveform[: max_samples(max_seconds, sampling_rate)]
+    return normalize(waveform) if do_normalize else waveform
+
+
+def max_samples(max_seconds: float, sampling_rate: int = SAMPLING_RATE) -> int:
+    if not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
+    return round(max_seconds * sampling_rate)

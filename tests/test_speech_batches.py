@@ -1,0 +1,36 @@
+"""Speech batches (hf_helu.training.speech.batches): normalisation, padding and attention mask as Wav2Vec2's feature
+extractor; token labels padded with -100."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from speech_helpers import fsdd_files, needs_fsdd
+
+from hf_helu.training import speech
+
+
+@needs_fsdd
+def test_normalisation_padding_and_mask_match_wav2vec2_feature_extractor():
+    from transformers import Wav2Vec2FeatureExtractor
+
+    clips = [speech.Clip(str(p)) for p in fsdd_files(["3_theo_7.wav", "0_george_0.wav", "9_lucas_20.wav"])]
+    raw = [speech.resample(*speech.read_audio(c)) for c in clips]
+    assert len({len(w) for w in raw}) == 3
+    extractor = Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True)
+    expected = extractor(raw, sampling_rate=16000, padding=True, return_tensors="pt")
+    batch = speech.SpeechCollator(return_attention_mask=True)(
+        [{"input_values": speech.load_waveform(c), "labels": 0} for c in clips]
+    )
+    torch.testing.assert_close(batch["input_values"], expected["input_values"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(batch["attention_mask"], expected["attention_mask"].long())
+    no_mask = speech.SpeechCollator(return_attention_mask=False)([{"input_values": np.ones(3), "labels": 1}])
+    assert set(no_mask) == {"input_values", "labels"}
+
+
+def test_token_labels_pad_with_minus_100():
+    batch = speech.SpeechCollator()(
+        [{"input_values": np.zeros(5), "labels": [3, 4]}, {"input_values": np.zeros(2), "labels": [5, 6, 7]}]
+    )
+    assert batch["labels"].tolist() == [[3, 4, -100], [5, 6, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]

@@ -1,0 +1,98 @@
+"""Speech datasets (hf_helu.training.speech.data): FSDD, audiofolders (label folders, splits, metadata.csv), hub-style
+datasets decoded by soundfile, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from speech_helpers import FSDD, fsdd_files, needs_fsdd, write_audiofolder
+
+from hf_helu.training import speech
+
+pytestmark = needs_fsdd
+
+
+def test_fsdd_split_labels_and_transcripts():
+    splits = speech.load_splits(FSDD)
+    assert {name: len(clips) for name, clips in splits.items()} == {"train": 2700, "test": 300}
+    for split, clips in splits.items():
+        for clip in clips:
+            digit, _speaker, index = Path(clip.source).stem.split("_")
+            assert (int(index) < 5) == (split == "test")
+            assert clip.label == digit
+            assert (
+                clip.transcript
+                == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][int(digit)]
+            )
+    assert speech.label_names(splits["train"]) == [str(d) for d in range(10)]
+
+
+def test_audiofolder_with_label_subfolders(tmp_path):
+    write_audiofolder(tmp_path, {"yes": ["1_theo_5.wav", "1_theo_6.wav"], "no": ["0_theo_5.wav"]})
+    splits = speech.load_splits(tmp_path)
+    assert list(splits) == ["train"]
+    assert sorted((Path(c.source).name, c.label) for c in splits["train"]) == [
+        ("0_theo_5.wav", "no"),
+        ("1_theo_5.wav", "yes"),
+        ("1_theo_6.wav", "yes"),
+    ]
+    assert speech.label_names(splits["train"]) == ["no", "yes"]
+
+
+def test_audiofolder_with_splits_and_metadata(tmp_path):
+    write_audiofolder(tmp_path, {"train/clips": ["2_jackson_5.wav"], "test": ["2_jackson_0.wav"]})
+    for split, file_name in (("train", "clips/2_jackson_5.wav"), ("test", "2_jackson_0.wav")):
+        with (tmp_path / split / "metadata.csv").open("w", newline="") as handle:
+            csv.writer(handle).writerows([["file_name", "label", "transcript"], [file_name, "two", "two  "]])
+    splits = speech.load_splits(tmp_path)
+    assert sorted(splits) == ["test", "train"]
+    assert speech.pick_eval_split(splits) == "test"
+    clip = splits["train"][0]
+    assert (clip.source, clip.label, clip.transcript) == (str(tmp_path / "train/clips/2_jackson_5.wav"), "two", "two  ")
+    assert speech.read_audio(clip)[1] == 8000
+
+
+def test_hub_style_dataset_is_decoded_by_soundfile_not_torchcodec():
+    from datasets import Audio, ClassLabel, Dataset, DatasetDict
+
+    paths = fsdd_files(["4_nicolas_9.wav", "7_yweweler_3.wav"])
+    as_bytes = [{"bytes": p.read_bytes(), "path": None} for p in paths]  # as parquet-backed hub datasets store audio
+    dataset = Dataset.from_dict({"audio": as_bytes, "label": [0, 1], "text": ["four", "seven"]})
+    dataset = dataset.cast_column("audio", Audio()).cast_column("label", ClassLabel(names=["four", "seven"]))
+    unlabelled = Dataset.from_dict({"audio": [str(paths[0])], "label": [-1], "text": ["four"]})
+    unlabelled = unlabelled.cast_column("audio", Audio()).cast_column("label", dataset.features["label"])
+    splits = speech.clips_from_datasets(DatasetDict(train=dataset, test=unlabelled), "local/fake")
+    assert [(c.source, c.label) for c in splits["test"]] == [(str(paths[0]), None)]  # a local file, read from disk
+    clips = splits["train"]
+    assert [(c.label, c.transcript, c.source) for c in clips] == [
+        ("four", "four", "local/fake:train[0]"),
+        ("seven", "seven", "local/fake:train[1]"),
+    ]
+    for clip, path in zip(clips, paths, strict=True):
+        decoded, rate = speech.read_audio(clip)
+        expected, expected_rate = sf.read(path, dtype="float32")
+        assert rate == expected_rate == 8000
+        np.testing.assert_array_equal(decoded, expected)
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    (tmp_path / "train" / "label").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no audio clips"):
+        speech.load_splits(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a hub id"):
+        speech.load_splits(tmp_path / "missing" / "folder")
+
+
+def test_subset_in_order_is_fixed_by_its_seed_and_keeps_the_order():
+    clips = [speech.Clip(f"clip{i}.wav") for i in range(30)]
+    chosen = speech.subset_in_order(clips, 8, seed=1)
+    assert chosen == speech.subset_in_order(clips, 8, seed=1) and len(set(chosen)) == 8
+    assert [clips.index(c) for c in chosen] == sorted(clips.index(c) for c in chosen)  # original order
+    assert chosen != clips[:8]  # drawn at random, not the first ones
+    assert speech.subset_in_order(clips, None) == clips == speech.subset_in_order(clips, 30)
+    with pytest.raises(ValueError, match="sample limit must be > 0"):
+        speech.subset_in_order(clips, 0)

@@ -1,0 +1,67 @@
+"""The recipes' flags (hf_helu.training.args) and the settings objects they become."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from hf_helu.activation import DEFAULT_ALPHA
+from hf_helu.training import args as flags
+
+
+def parse(*argv: str, **defaults) -> argparse.Namespace:
+    parser = flags.add_conversion_args(flags.add_training_args(argparse.ArgumentParser(), **defaults))
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_overrides_and_the_fit_config():
+    args = parse("--output_dir", "out", "--epochs", "2", "--no_progress", "--scope", "0,1", lr=1e-3)
+    assert args.lr == 1e-3 and args.alpha == DEFAULT_ALPHA and args.activation == "keep"
+    assert flags.ACTIVATION_CHOICES == ("keep", "relu", "helu")
+    config = flags.fit_config(args)
+    assert config == flags.FitConfig(output_dir=Path("out"), epochs=2, lr=1e-3, progress=False, monitor_scope="0,1")
+    recorded = flags.run_config(args)
+    assert recorded == vars(args) and list(recorded) == sorted(vars(args))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--epochs", "0"], ["--batch_size", "-1"], ["--warmup_ratio", "1"], ["--alpha", "-0.1"], ["--activation", "gelu"]],
+)
+def test_bad_values_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_lora_settings():
+    assert flags.lora_settings(parse()) is None
+    args = parse("--lora", "--lora_r", "4", "--lora_target_modules", "query", "value")
+    assert flags.lora_settings(args, task_type="SEQ_CLS") == flags.LoraSettings(
+        r=4, alpha=16.0, dropout=0.1, target_modules=["query", "value"], task_type="SEQ_CLS"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--distill_weight", "-1"], "--distill_weight must be"),
+        (["--distill_weight", "1", "--eval_only"], "--distill_weight applies to training"),
+        (["--conversion", "calibrate"], "needs --activation relu or helu"),
+        (["--conversion", "anneal", "--activation", "helu", "--eval_only"], "--conversion applies to training"),
+        (["--conversion", "anneal", "--activation", "helu", "--anneal_fraction", "0"], "--anneal_fraction must be"),
+        (["--conversion", "calibrate", "--activation", "relu", "--calibration_samples", "0"], "calibration_samples"),
+        (["--conversion", "calibrate", "--activation", "relu", "--calibration_ridge", "-1"], "ridge must be"),
+    ],
+)
+def test_conversion_flags_the_run_cannot_honour(argv, message):
+    with pytest.raises(ValueError, match=message):
+        flags.check_conversion_args(parse(*argv))
+
+
+def test_conversion_flags_that_fit():
+    flags.check_conversion_args(parse())
+    converting = ("--conversion", "calibrate+anneal", "--activation", "helu", "--distill_weight", "2")
+    flags.check_conversion_args(parse(*converting))
