@@ -8,20 +8,32 @@ node saves a mask (1 bit or 1 byte per element, from the kernels in :mod:`hf_hel
 float input. Without autograd
 (``torch.no_grad()``, an input that does not require grad, a module in eval mode) HeLU is plain
 ``torch.relu``: no node, no mask.
+
+Every autograd mode gets HeLU's derivative: backward (``grad`` where the mask is set), double backward
+and ``create_graph=True`` (the backward is itself a node applying the same mask, as ReLU's is), forward
+mode (``forward_ad``, ``torch.func.jvp``/``jacfwd``: tangent where the mask is set) and the torch.func
+transforms (``grad``, ``vjp``, ``jacrev``, ``hessian``, ``vmap``). The first-order path is unchanged: the
+same kernels, the same 1-bit mask, one extra Python-level node call in backward (:mod:`hf_helu.ops.nodes`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from hf_helu import ops
+from hf_helu.ops import nodes
 
 DEFAULT_ALPHA = 0.05
 ACTIVATION_NAME = "helu"
+# What repr(float) writes for a finite alpha >= 0 (``0.05``, ``10.0``, ``1e-05``, ``1e+16``), and nothing else:
+# float() would also take "1_0", " 0.1", "+0.1", "nan".
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", re.ASCII)
 
 
 def validate_alpha(alpha: object) -> float:
@@ -44,21 +56,18 @@ def _check_input(x: object) -> torch.Tensor:
     return x
 
 
-class HeLUFunction(torch.autograd.Function):
-    """Autograd node of HeLU: saves only the backend's mask (never the float input)."""
+# torch.func.vmap hides requires_grad: a batched tensor says False even under torch.func.grad. There is no
+# public test for one; without it, every batched input takes the autograd node (correct, only slower).
+_is_batched = getattr(torch._C._functorch, "is_batchedtensor", lambda x: True)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: float, backend: str) -> torch.Tensor:
-        y, mask = ops.forward(backend, x, alpha)
-        ctx.save_for_backward(mask)
-        ctx.backend = backend
-        ctx.input_shape = x.shape
-        return y
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return ops.backward(ctx.backend, grad, mask, ctx.input_shape), None, None
+def _needs_node(x: torch.Tensor) -> bool:
+    """True when a derivative of HeLU may be taken: reverse mode, forward mode (a tangent), or under vmap."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return forward_ad.unpack_dual(x).tangent is not None or _is_batched(x)
 
 
 def helu(x: torch.Tensor, alpha: float = DEFAULT_ALPHA, backend: str | None = None) -> torch.Tensor:
@@ -69,15 +78,17 @@ def helu(x: torch.Tensor, alpha: float = DEFAULT_ALPHA, backend: str | None = No
     """
     alpha = validate_alpha(alpha)
     _check_input(x)
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return torch.relu(x)
-    return HeLUFunction.apply(x, alpha, ops.resolve(x, backend))
+    if _needs_node(x):
+        return nodes.helu_node(x, alpha, ops.resolve(x, backend))
+    return torch.relu(x)
 
 
 class HeLU(nn.Module):
     """HeLU as a module, the way ``transformers.activations`` builds ``ACT2FN["helu"]``.
 
-    In eval mode it is exactly ``nn.ReLU`` (no mask is saved even if gradients flow).
+    In eval mode it is exactly ``nn.ReLU`` (no mask is saved even if gradients flow). Under
+    ``torch.jit.script`` it compiles to ``torch.relu`` for eval mode; a scripted module in training
+    mode raises (TorchScript cannot run the autograd Function).
     """
 
     def __init__(self, alpha: float = DEFAULT_ALPHA, backend: str | None = None):
@@ -85,11 +96,25 @@ class HeLU(nn.Module):
         self.alpha = validate_alpha(alpha)
         if backend is not None:
             ops.check_name(backend)
+        else:
+            ops.check_env()
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return torch.relu(_check_input(x))
+            if not x.is_floating_point():
+                raise TypeError(f"helu expects a floating-point tensor, got dtype {x.dtype}")
+            return torch.relu(x)
+        if torch.jit.is_scripting():
+            raise RuntimeError(
+                "a TorchScript HeLU runs in eval mode only, where it is torch.relu: TorchScript cannot run HeLU's "
+                "autograd node, so train the eager module and call .eval() on the scripted one"
+            )
+        return self._train_forward(x)
+
+    @torch.jit.unused
+    def _train_forward(self, x):  # no annotations: TorchScript cannot read this module's postponed ones
+        """HeLU with its mask-saving autograd node; TorchScript compiles this to a raise."""
         return helu(x, self.alpha, self.backend)
 
     def extra_repr(self) -> str:
@@ -105,7 +130,8 @@ def activation_name(alpha: float = DEFAULT_ALPHA) -> str:
 def parse_activation_name(name: object) -> float | None:
     """Alpha encoded in an activation name (``"helu"`` -> 0.05, ``"helu_0.1"`` -> 0.1), else None.
 
-    Raises ``ValueError`` for a HeLU name whose alpha is not a valid number (``"helu_abc"``).
+    The alpha must be a plain decimal as :func:`activation_name` writes it (``0.1``, ``1e-05``): no sign,
+    spaces, underscores, ``nan`` or ``inf``. Raises ``ValueError`` for a HeLU name that does not hold one.
     """
     if not isinstance(name, str):
         return None
@@ -115,10 +141,9 @@ def parse_activation_name(name: object) -> float | None:
     if not name.startswith(prefix):
         return None
     text = name[len(prefix) :]
-    try:
-        value = float(text)
-    except ValueError:
+    if _PLAIN_DECIMAL.fullmatch(text) is None:
         raise ValueError(
-            f"activation name {name!r} is not a HeLU name: expected 'helu' or 'helu_<alpha>' such as 'helu_0.1'"
-        ) from None
-    return validate_alpha(value)
+            f"activation name {name!r} is not a HeLU name: expected 'helu' or 'helu_<alpha>' with alpha a plain "
+            "decimal >= 0 such as 'helu_0.1' or 'helu_1e-05'"
+        )
+    return validate_alpha(float(text))

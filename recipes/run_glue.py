@@ -6,15 +6,22 @@
 
 Writes OUTPUT_DIR/results.json (per-epoch and final dev metrics, config, wall time, samples/s, dead FFN units),
 OUTPUT_DIR/model (save_pretrained) and, with --activation helu, OUTPUT_DIR/model_relu (stock ReLU, loads
-without hf_helu). Without --data_dir, GLUE comes from the hub (``nyu-mll/glue``).
+without hf_helu); --eval_only writes OUTPUT_DIR/eval_results.json. OUTPUT_DIR must be new, empty or an earlier
+run's (then --resume_from_checkpoint latest or --overwrite_output_dir); one run at a time holds it. Without
+--data_dir, GLUE comes from the hub (``nyu-mll/glue``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
+import os
+import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import datasets
 import transformers
@@ -24,6 +31,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 import hf_helu  # noqa: F401  (registers "helu" so patched checkpoints load)
 from hf_helu import conversion
+from hf_helu.inputs import positive_int
 from hf_helu.training import glue
 from hf_helu.training.args import (
     add_conversion_args,
@@ -33,15 +41,18 @@ from hf_helu.training.args import (
     lora_settings,
     run_config,
 )
+from hf_helu.training.errors import exit_on_user_error
 from hf_helu.training.loop import FitHooks, fit, make_accelerator
-from hf_helu.training.models import prepare_model
+from hf_helu.training.models import check_stock_export, prepare_model
+from hf_helu.training.output_dir import claim_output_dir
+from hf_helu.training.results import RESULTS_FILE, results_file, write_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, help=f"One of: {', '.join(glue.GLUE_TASKS)}.")
     parser.add_argument("--data_dir", default=None, help="Folder with <TASK>/{train,dev}.tsv; default: the hub.")
-    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--max_length", type=positive_int, default=128, help="Truncate to this many tokens.")
     parser.add_argument(
         "--metric_backend",
         choices=("local", "evaluate"),
@@ -50,11 +61,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_training_args(parser, output_dir=None, lr=5e-5, batch_size=32, epochs=3)
     add_conversion_args(parser)
+    report = parser.add_argument_group("judging the result")
+    report.add_argument(
+        "--compare_keep",
+        action="store_true",
+        help="Then fine-tune the unpatched checkpoint (--activation keep) with the same data, budget and seed, into "
+        "OUTPUT_DIR_keep, and print its dev score beside this run's (one process only).",
+    )
+    report.add_argument(
+        "--check_export",
+        action="store_true",
+        help="Load OUTPUT_DIR/model_relu in a Python process that never imports hf_helu and compare its dev "
+        "predictions with the trained model's (recorded in results.json as export_check).",
+    )
     args = parser.parse_args(argv)
     check_conversion_args(args)
+    if args.compare_keep and (args.eval_only or args.activation == "keep"):
+        raise ValueError("--compare_keep compares a relu/helu training run with keep; drop it for this run")
+    if args.compare_keep and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--compare_keep runs in one process; launch without accelerate/torchrun")
     args.task = glue.get_task(args.task).name  # unknown task: clear error before anything is loaded
     args.model = args.model or glue.default_model()
-    method = ("" if args.conversion == "none" else f"_{args.conversion}") + (
+    method = ("" if args.conversion == "auto" else f"_{args.conversion}") + (
         f"_distill{args.distill_weight:g}" if args.distill_weight else ""
     )
     args.output_dir = args.output_dir or f"runs/glue_{args.task}_{args.activation}{method}_s{args.seed}"
@@ -67,6 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     accelerator = make_accelerator(args.mixed_precision, args.gradient_accumulation_steps, args.seed)
+    # The output folder (writable, locked, no other run's files) is checked before any data or model is loaded.
+    with claim_output_dir(accelerator, fit_config(args), inputs=[args.model]):
+        results = _run(args, accelerator)
+    baseline = _run_keep_baseline(args, sys.argv[1:] if argv is None else argv) if args.compare_keep else None
+    if accelerator.is_main_process:
+        _print_summary(args, results, baseline)
+    return results
+
+
+def _run(args: argparse.Namespace, accelerator) -> dict:
     set_seed(args.seed)
     task = glue.get_task(args.task)
 
@@ -78,7 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     # Model: the pretrained encoder (or its config, --init scratch) with a head for the task, then HeLU / LoRA.
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = glue.load_glue_model(args.model, task, init=args.init, eval_only=args.eval_only)
-    originals = conversion.original_activations(model) if args.conversion != "none" else None  # before patching
+    # --conversion auto: calibrate+anneal for a pretrained non-ReLU checkpoint patched to relu/helu, else none.
+    choice = conversion.resolve_conversion(
+        args.conversion, activation=args.activation, model=model, init=args.init, training=not args.eval_only
+    )
+    originals = conversion.original_activations(model) if choice.method != "none" else None  # before patching
     teacher = copy.deepcopy(model) if args.distill_weight else None  # the frozen original, for --distill_weight
     model, model_info = prepare_model(
         model, args.activation, args.alpha, args.scope, lora=lora_settings(args, task_type="SEQ_CLS")
@@ -98,21 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
     # Conversion of the pretrained activation: calibration now, annealing driven by the loop's steps.
-    converted = None
-    if args.conversion != "none":
-        converted = conversion.apply_conversion(
-            model.to(accelerator.device),
-            args.conversion,
-            originals,
-            calibration_batches=conversion.dataset_batches(
-                train_set, collator, args.calibration_samples, eval_batch_size
-            ),
-            ridge=args.calibration_ridge,
-            anneal_fraction=args.anneal_fraction,
-        )
-        model_info["conversion"] = converted.to_dict()
-        if converted.calibration is not None and accelerator.is_main_process:
-            accelerator.print(converted.calibration)
+    calibration_set = None
+    if "calibrate" in choice.method:
+        calibration_set = conversion.dataset_batches(train_set, collator, args.calibration_samples, eval_batch_size)
+    converted = _convert(args, accelerator, model, choice, originals, calibration_set, model_info)
 
     distiller = None
     if teacher is not None:
@@ -136,9 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
         run_config=run_config(args),
         model_info=model_info,
     )
+    _add_baselines(args, accelerator, task, model, results, train_set, eval_sets, eval_dataloaders)
+    write_results(accelerator, Path(args.output_dir), results, results_file(args.eval_only))
     for split, metrics in results["final"].items():
         accelerator.print(f"{task.name} {split}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    accelerator.print(f"results: {args.output_dir}/results.json")
+    accelerator.print(f"results: {args.output_dir}/{results_file(args.eval_only)}")
     if not args.eval_only:
         accelerator.print(
             f"model: {results['model_dir']}"
@@ -148,9 +181,84 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def _convert(args, accelerator, model, choice, originals, calibration_set, model_info: dict):
+    """Apply the resolved conversion method (calibrate now; the returned result's annealer follows the steps)."""
+    model_info["conversion"] = choice.to_dict()
+    accelerator.print(f"conversion: {choice.method} ({choice.reason})")
+    if choice.method == "none":
+        return None
+    converted = conversion.apply_conversion(
+        model.to(accelerator.device),
+        choice.method,
+        originals,
+        calibration_batches=calibration_set,
+        ridge=args.calibration_ridge,
+        anneal_fraction=args.anneal_fraction,
+    )
+    converted.choice = choice
+    model_info["conversion"] = converted.to_dict()
+    if converted.calibration is not None and accelerator.is_main_process:
+        accelerator.print(converted.calibration)
+    return converted
+
+
+def _add_baselines(args, accelerator, task, model, results: dict, train_set, eval_sets, eval_dataloaders) -> None:
+    """results.json's majority-class scores and, with --check_export, the stock-transformers check of model_relu."""
+    if not args.eval_only and not task.is_regression:
+        results["majority_class"] = {
+            split: majority_class_score(task, train_set["labels"], ds["labels"]) for split, ds in eval_sets.items()
+        }
+    if args.check_export and results.get("relu_export_dir") and accelerator.is_main_process:
+        results["export_check"] = check_stock_export(
+            results["relu_export_dir"],
+            accelerator.unwrap_model(model),
+            next(iter(eval_dataloaders.values())),
+            regression=task.is_regression,
+        )
+
+
+def majority_class_score(task: glue.GlueTask, train_labels, eval_labels) -> dict:
+    """The GLUE score of always predicting the training set's most frequent class on ``eval_labels``."""
+    label = Counter(int(y) for y in train_labels).most_common(1)[0][0]
+    metrics = glue.glue_metrics(task, [label] * len(eval_labels), [int(y) for y in eval_labels])
+    return {"label": task.label_names[label], "score": glue.glue_score(task, metrics)}
+
+
+def _run_keep_baseline(args: argparse.Namespace, argv: list[str]) -> dict:
+    """This run's command with ``--activation keep`` into OUTPUT_DIR_keep, in a child process; its results."""
+    out = f"{str(args.output_dir).rstrip('/')}_keep"
+    own = {"--compare_keep", "--check_export"}
+    command = [sys.executable, str(Path(__file__).resolve()), *(a for a in argv if a not in own)]
+    command += ["--activation", "keep", "--conversion", "auto", "--output_dir", out, "--overwrite_output_dir"]
+    print(f"\n--compare_keep: the same fine-tuning with the checkpoint's own activation, into {out}", flush=True)
+    done = subprocess.run(command, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the --compare_keep run failed (exit status {done.returncode})")
+    return json.loads((Path(out) / RESULTS_FILE).read_text())
+
+
+def _print_summary(args: argparse.Namespace, results: dict, baseline: dict | None) -> None:
+    """One line per dev split a newcomer can judge: this score, the kept activation's, the majority class's."""
+    if args.eval_only:
+        return
+    method = results["model"]["conversion"]["method"]
+    print(f"\n== {args.task}: {args.activation} (conversion {method}), {results['completed_steps']} steps ==")
+    for split, metrics in results["final"].items():
+        parts = [f"{args.activation} {metrics['score']:.1f}"]
+        if baseline is not None:
+            parts.append(f"keep (the checkpoint's activation, same budget) {baseline['final'][split]['score']:.1f}")
+        if split in results.get("majority_class", {}):
+            majority = results["majority_class"][split]
+            parts.append(f"majority class ({majority['label']}) {majority['score']:.1f}")
+        print(f"{split} score x100: " + " | ".join(parts))
+    check = results.get("export_check")
+    if check is not None:
+        print(
+            f"{results['relu_export_dir']}: stock transformers, no hf_helu: same prediction on "
+            f"{check['same_predictions']}/{check['examples']} dev examples (max |logit diff| "
+            f"{check['max_abs_logit_diff']:.2g})"
+        )
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (glue.GlueDataError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(main)

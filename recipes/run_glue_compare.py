@@ -12,7 +12,10 @@ x100, and the average over tasks; plus the dead FFN units), OUTPUT_DIR/compare.j
 chart) and OUTPUT_DIR/dead_units_<task>.png (dead FFN units per layer at each evaluation, one panel per variant) are
 written atomically. ``--alphas 0.05 0.5`` sweeps HeLU's margin (one column per alpha); ``--conversions none
 calibrate anneal calibrate+anneal`` adds one column per conversion method for relu and helu (``keep`` is never
-converted).
+converted). The default, ``auto``, is run_glue.py's: calibrate+anneal for a pretrained GELU checkpoint, none for
+``--init scratch``. ``auto`` (or ``none`` without ``auto``) labels its columns ``relu``/``helu``; with both, the
+naive swap's are ``relu+none``/``helu+none``. A run folder holding a complete run made with another conversion is
+refused, not read back.
 
 Runs go one after another. ``--launcher "accelerate launch --num_processes 4"`` (or ``"torchrun --nproc_per_node
 4"``) starts each of them on several processes; the comparison itself is one plain ``python`` process.
@@ -35,7 +38,7 @@ import numpy as np
 
 from hf_helu.activation import DEFAULT_ALPHA
 from hf_helu.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from hf_helu.conversion import CONVERSION_METHODS
+from hf_helu.conversion import AUTO, CONVERSION_CHOICES
 from hf_helu.diagnostics import plot_dead_fraction
 from hf_helu.training import glue
 from hf_helu.training.args import ACTIVATION_CHOICES
@@ -53,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--activations", nargs="+", choices=ACTIVATION_CHOICES, default=list(ACTIVATION_CHOICES))
     parser.add_argument("--alphas", nargs="+", type=float, default=[DEFAULT_ALPHA], help="HeLU margins to sweep.")
     parser.add_argument(
-        "--conversions", nargs="+", choices=CONVERSION_METHODS, default=["none"], help="Conversion methods to compare."
+        "--conversions",
+        nargs="+",
+        choices=CONVERSION_CHOICES,
+        default=[AUTO],
+        help="Conversion methods to compare (default: auto, run_glue.py's default).",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output_dir", default="runs/glue_compare")
@@ -82,9 +89,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def variants(
-    activations: list[str], alphas: list[float], conversions: tuple[str, ...] | list[str] = ("none",)
+    activations: list[str], alphas: list[float], conversions: tuple[str, ...] | list[str] = (AUTO,)
 ) -> list[tuple[str, str, float | None, str]]:
     """(label, activation, alpha, conversion) for each column of the table, e.g. "helu_0.5+calibrate"."""
+    # auto (the default) or none alone is unlabelled ("helu"); asked together, none is "helu+none".
+    unlabelled = {AUTO} if AUTO in conversions else {"none"}
     out = []
     for activation in activations:
         if activation == "keep":
@@ -95,7 +104,7 @@ def variants(
         else:
             named = [(activation, None)]
         for conversion in conversions:
-            suffix = "" if conversion == "none" else f"+{conversion}"
+            suffix = "" if conversion in unlabelled else f"+{conversion}"
             out.extend((name + suffix, activation, alpha, conversion) for name, alpha in named)
     return out
 
@@ -104,12 +113,21 @@ def run_dir(root: Path, task: str, label: str, seed: int) -> Path:
     return root / task / label / f"seed{seed}"
 
 
-def load_complete(path: Path) -> dict | None:
+def load_complete(path: Path, conversion: str | None = None) -> dict | None:
+    """The complete run in ``path``, or None; a ValueError if it was made with another ``conversion`` than asked."""
     try:
         results = json.loads((path / RESULTS_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return results if results.get("status") == "complete" else None
+    if results.get("status") != "complete":
+        return None
+    made_with = results.get("config", {}).get("conversion", "none")  # runs from before auto existed: none
+    if conversion is not None and made_with != conversion:
+        raise ValueError(
+            f"{path} holds a complete run made with --conversion {made_with}, but this column asks for {conversion}; "
+            "use another --output_dir (or delete that folder)"
+        )
+    return results
 
 
 def run_argv(
@@ -118,7 +136,7 @@ def run_argv(
     """The run_glue.py options of one run: resumed from its last checkpoint if it has one, else started afresh."""
     argv = ["--task", task, "--activation", activation, "--seed", str(seed), "--output_dir", str(out)]
     argv += ["--alpha", str(alpha)] if alpha is not None else []
-    argv += ["--conversion", conversion] if conversion != "none" else []
+    argv += ["--conversion", conversion]
     argv += ["--resume_from_checkpoint", "latest"] if checkpoint_names(out) else ["--overwrite_output_dir"]
     return [*argv, "--save_total_limit", "1", *passthrough]
 
@@ -130,11 +148,11 @@ def run_one(
     seed: int,
     out: Path,
     passthrough: list[str],
-    conversion: str = "none",
+    conversion: str = AUTO,
     launcher: str = shlex.quote(sys.executable),
 ) -> dict:
     """One recipes/run_glue.py run in its own process (a finished one is read back, an interrupted one resumed)."""
-    done = load_complete(out)
+    done = load_complete(out, conversion)
     if done is not None:
         return done
     command = [
@@ -143,7 +161,7 @@ def run_one(
         *run_argv(task, activation, alpha, seed, out, passthrough, conversion),
     ]
     completed = subprocess.run(command, check=False)
-    results = load_complete(out)
+    results = load_complete(out, conversion)
     if completed.returncode != 0 or results is None:
         raise RuntimeError(f"run failed (exit status {completed.returncode}): {shlex.join(command)}")
     return results

@@ -1,5 +1,9 @@
 """HeLU itself (hf_helu.activation): the functional, the module, argument checks and "helu_<alpha>" names."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,3 +119,52 @@ def test_inside_autocast_keeps_the_autocast_dtype():
     grad = torch.randn_like(y)
     y.backward(grad)
     assert torch.equal(z.grad, reference_grad(z.detach(), grad, 0.05))
+
+
+@pytest.mark.parametrize("name", ["helu_1_0", "helu_ 0.1", "helu_0.1 ", "helu_+0.1", "helu_nan", "helu_inf", "helu_.5"])
+def test_activation_name_must_hold_a_plain_decimal(name):
+    with pytest.raises(ValueError, match="plain decimal") as info:
+        parse_activation_name(name)
+    assert repr(name) in str(info.value)
+
+
+def test_activation_name_round_trips_every_alpha_repr_writes():
+    gen = torch.Generator().manual_seed(0)
+    small = [0.0001, 1e-05, 1e-07, 5e-324, 0.3 + 1e-17, 1e16, 1e300, 7.0, 10.0]
+    drawn = (10.0 ** torch.empty(200, dtype=torch.float64).uniform_(-12, 3, generator=gen)).tolist()
+    for alpha in small + drawn:
+        name = activation_name(alpha)
+        assert name == "helu" or name == f"helu_{alpha!r}"
+        assert parse_activation_name(name) == alpha, name
+    assert activation_name(1e-05) == "helu_1e-05" and activation_name(0.0001) == "helu_0.0001"
+
+
+def test_unknown_backend_variable_is_reported_when_a_module_is_built(monkeypatch):
+    monkeypatch.setenv("HF_HELU_BACKEND", "cuda")
+    with pytest.raises(
+        ValueError, match=r"HF_HELU_BACKEND='cuda' .* expected one of \['auto', 'triton', 'c', 'torch'\]"
+    ):
+        HeLU()  # an eval-only run builds its modules, so it sees the typo too
+    assert HeLU(backend="torch").backend == "torch"  # an explicit backend does not read the variable
+
+
+def test_unknown_backend_variable_is_reported_at_import():
+    env = {**os.environ, "HF_HELU_BACKEND": "cuda"}
+    done = subprocess.run([sys.executable, "-c", "import hf_helu"], env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "HF_HELU_BACKEND='cuda' is not a HeLU backend" in done.stderr and "'auto'" in done.stderr
+
+
+def test_torch_jit_script_gives_relu_in_eval_and_a_clear_error_in_training(tmp_path):
+    x = torch.randn(4, 33)
+    x[0, :3] = torch.tensor([-0.0, 0.0, -0.01])
+    scripted = torch.jit.script(HeLU(0.1).eval())
+    assert torch.equal(scripted(x).view(torch.int32), torch.relu(x).view(torch.int32))  # bit for bit, -0.0 too
+    torch.jit.save(scripted, tmp_path / "helu.pt")
+    reloaded = torch.jit.load(tmp_path / "helu.pt")
+    assert torch.equal(reloaded(x).view(torch.int32), torch.relu(x).view(torch.int32))
+    reloaded.train()
+    with pytest.raises(torch.jit.Error, match="TorchScript HeLU runs in eval mode only"):
+        reloaded(x)
+    with pytest.raises(torch.jit.Error, match="floating-point"):
+        scripted(torch.zeros(3, dtype=torch.int64))

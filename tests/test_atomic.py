@@ -1,10 +1,15 @@
-"""Atomic writes leave either the old content or the new one, never a partial file or folder."""
+"""Atomic writes leave either the old content or the new one, never a partial file or folder; they honour the umask,
+and the temp entries of killed writers are removed (or, for a replaced folder, restored)."""
 
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 
-from hf_helu.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from hf_helu.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_temps
 
 
 def test_write_json_replaces_and_leaves_no_temp(tmp_path):
@@ -40,4 +45,60 @@ def test_directory_is_all_or_nothing(tmp_path):
     with atomic_directory(dst, overwrite=True) as tmp:
         (tmp / "other.bin").write_text("new")
     assert [p.name for p in dst.iterdir()] == ["other.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (a stand-in for a writer killed mid-save)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_modes_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "results.json", "{}")
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+        # What open() and mkdir() give under this umask (save_pretrained's 0644 / 0755 under 022).
+        (tmp_path / "plain.txt").write_text("")
+        (tmp_path / "plain_dir").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "results.json") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
+    assert mode(tmp_path / "model") == mode(tmp_path / "plain_dir") == 0o777 & ~umask
+
+
+def test_temps_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    gone, alive = dead_pid(), os.getppid()  # the pytest process's parent outlives this test
+    stale = tmp_path / f".model.{gone}.x1y2.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    (tmp_path / f".results.json.{gone}.abcd.tmp").write_text("half")
+    live = tmp_path / f".model.{alive}.q9w8.tmp"
+    live.mkdir()
+    legacy = tmp_path / ".model.k3j4h5.tmp"  # an older version's temp folder: no pid, so not known to be stale
+    legacy.mkdir()
+    mine = tmp_path / ".notes.tmp"
+    mine.write_text("not ours")
+    with atomic_directory(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    names = {p.name for p in tmp_path.iterdir()}
+    assert stale.name not in names and live.name in names and legacy.name in names and mine.name in names
+    atomic_write_json(tmp_path / "results.json", {})
+    assert not (tmp_path / f".results.json.{gone}.abcd.tmp").exists()
+    # In a folder no other writer uses (a locked run folder): every temp entry of the named targets goes.
+    removed = remove_stale_temps(tmp_path, ["model"], any_pid=True)
+    assert sorted(p.name for p in removed) == sorted([live.name, legacy.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "model", "results.json"]
+
+
+def test_a_folder_killed_between_the_renames_is_restored(tmp_path):
+    old = tmp_path / f".model.old-{dead_pid()}"  # the previous model, moved aside; the new one never arrived
+    old.mkdir()
+    (old / "config.json").write_text('{"old": true}')
+    assert remove_stale_temps(tmp_path) == []
+    assert json.loads((tmp_path / "model" / "config.json").read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -46,3 +46,20 @@ def test_bad_options_exit_with_usage_before_loading_anything(option, value, mess
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "usage: hf-helu inspect-activations" in err and message in err
+
+
+def test_unwritable_json_path_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import hf_helu.cli.inspect_activations as command
+
+    loads = []
+    monkeypatch.setattr(command, "load_checkpoint", lambda folder: loads.append(folder))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    data = tmp_path / "texts.txt"
+    data.write_text("one text\n")
+    for json_path, message in ((blocker / "stats.json", "is a file, not a folder"), (tmp_path, "is a folder")):
+        argv = ["inspect-activations", str(MINILM), "--data", str(data), "--json", str(json_path), "--device", "cpu"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("hf-helu inspect-activations: error: ") and message in err and str(json_path) in err
+    assert loads == []  # refused before the checkpoint was loaded

@@ -48,3 +48,29 @@ def test_existing_destination_needs_overwrite(tmp_path, capsys):
     assert main(["patch", str(bert_folder), str(dst), "--overwrite", "--scope", "all"]) == 0
     assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
     assert not leftovers(tmp_path, "dst")
+
+
+def test_destination_inside_the_source_or_holding_it_is_refused(tmp_path, capsys):
+    src = save_bert_checkpoint(tmp_path / "src")
+    before = sorted(p.name for p in src.iterdir())
+    assert main(["patch", str(src), str(src / "sub")]) == 2
+    assert f"DST {str(src / 'sub')!r} is inside SRC" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == before  # no sub/, no temp folder copied into anything
+    assert main(["patch", str(src), str(tmp_path), "--overwrite"]) == 2
+    assert "writing DST would replace SRC" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_an_architecture_that_is_no_model_class_is_refused(tmp_path, capsys, monkeypatch):
+    src = save_bert_checkpoint(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    calls = []
+    monkeypatch.setattr(transformers, "pipeline", lambda *args, **kwargs: calls.append(args))
+    for name in ("pipeline", "AutoTokenizer"):
+        (src / "config.json").write_text(json.dumps({**config, "architectures": [name]}))
+        for argv in (["patch", str(src), str(tmp_path / "dst")], ["inspect", str(src)]):
+            assert main(argv) == 2
+            assert f"config.architectures names {name!r}, which is not a transformers model class" in (
+                capsys.readouterr().err
+            )
+    assert calls == [] and not (tmp_path / "dst").exists()

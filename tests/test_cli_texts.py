@@ -53,3 +53,10 @@ def test_iter_text_batches_chunks_singles_and_pairs():
     pairs = [("a", "b"), ("c", "d"), ("e", "f")]
     batches = list(iter_text_batches(_RecordingTokenizer(), pairs, batch_size=3, max_length=4))
     assert len(batches) == 1 and batches[0]["first"] == ["a", "c", "e"] and batches[0]["second"] == ["b", "d", "f"]
+
+
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_bytes("one\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{path}: not UTF-8 text \(byte 0xe9 at offset 7\)"):
+        read_texts(path)

@@ -87,6 +87,17 @@ def test_malformed_row_names_file_and_line(tmp_path):
         glue.read_tsv(glue.get_task("rte"), path)
 
 
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    path = tmp_path / "RTE" / "train.tsv"
+    path.parent.mkdir()
+    rows = ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment", "1\tcaf\xe9\td\tentailment"]
+    path.write_bytes("\n".join(rows).encode("latin-1"))  # é as the single byte 0xe9
+    with pytest.raises(glue.GlueDataError, match=rf"^{path}:3: not UTF-8 text \(byte 0xe9\)"):
+        glue.read_tsv(glue.get_task("rte"), path)
+    path.write_bytes("\n".join(rows).encode("utf-8"))
+    assert glue.read_tsv(glue.get_task("rte"), path)["sentence1"] == ["a", "café"]
+
+
 @pytest.mark.parametrize(
     ("task", "text", "match"),
     [

@@ -184,7 +184,7 @@ def test_env_var_selects_backend(monkeypatch):
         monkeypatch.setenv(ops.ENV_VAR, "c")
         assert helu(x).grad_fn.saved_tensors[0].shape == (2,)  # 15 bits packed in 2 bytes
     monkeypatch.setenv(ops.ENV_VAR, "bogus")
-    with pytest.raises(ValueError, match="unknown HeLU backend 'bogus'"):
+    with pytest.raises(ValueError, match=r"HF_HELU_BACKEND='bogus' is not a HeLU backend: expected one of \['auto', "):
         helu(x)
 
 
@@ -193,3 +193,26 @@ def test_auto_prefers_fused_c_kernels_on_cpu(monkeypatch):
     expected = "c" if cpu.available() else "torch"
     assert ops.resolve(torch.randn(2, requires_grad=True)) == expected
     assert ops.resolve(torch.randn(2, dtype=torch.bfloat16)) == expected
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.channels_last_3d], ids=["2d", "3d"])
+def test_channels_last_is_kept_like_relu(backend, memory_format):
+    """Output and input gradient keep the input's memory format (as torch.relu's do), values bit for bit."""
+    skip_if_unavailable(backend)
+    shape = (2, 5, 3, 7) if memory_format == torch.channels_last else (2, 5, 3, 4, 3)
+    base = sample(shape, torch.float32, 11)
+    x = base.to(memory_format=memory_format).requires_grad_(True)
+    relu_in = base.to(memory_format=memory_format).requires_grad_(True)
+    y = helu(x, ALPHA, backend=backend)
+    expected_y = torch.relu(relu_in)
+    assert expected_y.is_contiguous(memory_format=memory_format)
+    assert y.is_contiguous(memory_format=memory_format) and torch.equal(bits_of(y), bits_of(expected_y))
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(12))
+    for grad_layout in (grad, grad.to(memory_format=memory_format)):  # the incoming gradient in either layout
+        (dx,) = torch.autograd.grad(y, x, grad_layout, retain_graph=True)
+        assert dx.is_contiguous(memory_format=memory_format)
+        assert torch.equal(dx, grad * (base > -ALPHA))
+    (dx,) = torch.autograd.grad(helu(x, 0.0, backend=backend), x, grad)
+    (relu_dx,) = torch.autograd.grad(expected_y, relu_in, grad)
+    assert torch.equal(bits_of(dx), bits_of(relu_dx))

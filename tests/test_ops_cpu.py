@@ -3,7 +3,13 @@ when there is no compiler or no OpenMP, the thread split, and the kernels' bits 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +57,9 @@ def test_c_kernels_build_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu.CACHE_ENV_VAR, str(tmp_path))
     cpu.load()
     built = list(tmp_path.iterdir())
-    assert [p.suffix for p in built] == [".so"]  # the library only: no source or temp folder left
+    assert sorted(p.suffix for p in built) == [".sha256", ".so"]  # the library and its checksum: no temp folder
+    built = [p for p in built if p.suffix == ".so"]
+    assert cpu.verify(built[0]) is None
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(cpu, "_library", None)
     cpu.load()
@@ -123,3 +131,99 @@ def test_c_16bit_forward_matches_relu_on_every_bit_pattern(dtype):
         (dx,) = torch.autograd.grad(y, x, grad)
         assert torch.equal(bits_of(y), bits_of(torch.relu(x.detach())))
         assert torch.equal(dx, (~(x.detach().float() <= float(torch.tensor(-ALPHA, dtype=dtype)))).to(dtype))
+
+
+# --- a damaged or unwritable kernel cache never kills a process nor silently slows it ----------------------------
+
+_RUN_HELU = """
+import torch, hf_helu
+from hf_helu import ops
+from hf_helu.ops import cpu
+x = torch.randn(4099, requires_grad=True)
+hf_helu.helu(x, 0.05).sum().backward()
+assert torch.equal(x.grad, (x.detach() > -0.05).float())
+print("BACKEND", ops.resolve(x), "PARALLEL", cpu.parallel())
+"""
+
+
+def _run_helu(cache: Path, tmp: Path) -> subprocess.CompletedProcess:
+    """One grad-enabled HeLU call in a fresh process using the kernel cache ``cache`` (temp files under ``tmp``)."""
+    env = {k: v for k, v in os.environ.items() if k not in (ops.ENV_VAR, "CC")}
+    env.update({cpu.CACHE_ENV_VAR: str(cache), "TMPDIR": str(tmp), "PYTHONWARNINGS": "default"})
+    tmp.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-c", _RUN_HELU], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _warnings(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stderr.splitlines() if "RuntimeWarning: HeLU CPU kernels" in line]
+
+
+@pytest.fixture(scope="module")
+def clean_cache(tmp_path_factory) -> tuple[Path, str]:
+    """A kernel cache built by a fresh process, and what that process printed (the backend, whether parallel)."""
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler")
+    root = tmp_path_factory.mktemp("kernel_cache")
+    done = _run_helu(root / "cache", root / "tmp")
+    assert done.returncode == 0 and not _warnings(done), done.stderr[-3000:]
+    assert "BACKEND c" in done.stdout
+    return root / "cache", done.stdout.strip()
+
+
+def _foreign_library(path: Path) -> None:
+    source = path.with_suffix(".foreign.c")
+    source.write_text("int not_helu(void) { return 1; }\n")
+    subprocess.run([cpu._compiler(), "-shared", "-fPIC", "-o", str(path), str(source)], check=True)
+    source.unlink()
+
+
+DAMAGE = {
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),  # SIGBUS before
+    "foreign": _foreign_library,  # AttributeError: undefined symbol before
+    "random_bytes": lambda path: path.write_bytes(os.urandom(path.stat().st_size)),  # silent downgrade before
+    "no_checksum": lambda path: cpu.checksum_path(path).unlink(),  # a library of unknown origin
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_cached_library_is_rebuilt_with_one_warning(damage, clean_cache, tmp_path):
+    source_cache, clean_output = clean_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(source_cache, cache)
+    libraries = sorted(cache.glob("*.so"))
+    assert libraries, list(cache.iterdir())
+    for library in libraries:
+        DAMAGE[damage](library)
+    done = _run_helu(cache, tmp_path / "tmp")
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    assert done.stdout.strip() == clean_output  # the same fused, parallel kernels as a clean cache gives
+    warned = _warnings(done)
+    assert len(warned) == 1, done.stderr[-3000:]
+    assert str(libraries[0]) in warned[0] and "failed verification" in warned[0]
+    assert all(cpu.verify(library) is None for library in libraries)  # rebuilt in place, checksum beside it
+    again = _run_helu(cache, tmp_path / "tmp")
+    assert again.returncode == 0 and not _warnings(again), again.stderr[-3000:]  # repaired for good
+
+
+@pytest.mark.slow
+def test_unwritable_cache_builds_privately_with_one_warning(clean_cache, tmp_path):
+    _, clean_output = clean_cache
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder's parent should be\n")
+    done = _run_helu(blocker / "cache", tmp_path / "tmp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == clean_output  # not the slower torch backend
+    warned = _warnings(done)
+    assert len(warned) == 1 and str(blocker / "cache") in warned[0] and "temporary folder" in warned[0], done.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []  # the private build folder is gone
+
+
+def test_verify_names_what_is_wrong(tmp_path):
+    library = tmp_path / "lib.so"
+    assert "no checksum file lib.so.sha256" in cpu.verify(library)
+    library.write_bytes(b"abc")
+    cpu.checksum_path(library).write_text(hashlib.sha256(b"abc").hexdigest() + "\n")
+    assert cpu.verify(library) is None
+    library.write_bytes(b"abd")
+    assert "do not match the checksum" in cpu.verify(library)

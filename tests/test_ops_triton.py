@@ -111,3 +111,62 @@ else:
         y, bits = triton_kernels.helu_forward(torch.empty(0, 3), -ALPHA)
         assert y.shape == (0, 3) and bits.numel() == 0
         assert triton_kernels.helu_backward(torch.empty(0, 3), bits, torch.Size([0, 3])).shape == (0, 3)
+
+    # --- the autograd node on the triton backend: every autograd mode, and channels_last -------------------------
+
+    from torch import func
+
+    from hf_helu.ops import nodes
+
+    def _helu_triton(x):
+        return nodes.helu_node(x, ALPHA, "triton")  # forced past resolve(), which wants a CUDA tensor
+
+    def _reference(x):
+        keep = ~(x.detach() <= ops.threshold(ALPHA, x.dtype))
+        return torch.relu(x.detach()) + (x - x.detach()) * keep
+
+    def _band():
+        x = (torch.linspace(-0.12, 0.2, 24) + 0.0031).reshape(6, 4).t().contiguous()
+        assert ((x > -ALPHA) & (x <= 0)).any(dim=1).all()
+        return x
+
+    def _loss(act, x, w):
+        return (act(x) @ w).square().sum()
+
+    def test_every_autograd_mode_matches_reference():
+        x, w = _band(), torch.randn(6, 6, generator=torch.Generator().manual_seed(0)) * 0.3
+        runs = {
+            "grad": lambda act: func.grad(lambda t: _loss(act, t, w))(x),
+            "jacrev": lambda act: func.jacrev(act)(x),
+            "jacfwd": lambda act: func.jacfwd(act)(x),
+            "jvp": lambda act: func.jvp(act, (x,), (torch.ones_like(x),))[1],
+            "vmap_of_grad": lambda act: func.vmap(func.grad(lambda t: _loss(act, t, w)))(x),
+            "hessian": lambda act: func.hessian(lambda t: _loss(act, t, w))(x),
+        }
+        for name, run in runs.items():
+            ours, expected = run(_helu_triton), run(_reference)
+            torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6, msg=name)
+            assert not torch.allclose(ours, run(torch.relu)), name  # HeLU's derivative, not ReLU's
+
+    def test_double_backward_and_gradgradcheck():
+        x, w = _band(), torch.randn(6, 6, generator=torch.Generator().manual_seed(1)) * 0.3
+        results = []
+        for act in (_helu_triton, _reference):
+            inputs, weights = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(_loss(act, inputs, weights), inputs, create_graph=True)
+            results.append(torch.autograd.grad(g.square().sum(), weights)[0])
+        torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+        away = torch.tensor([[-0.5, -0.2], [-0.03, 0.3], [0.7, -0.01]], requires_grad=True)
+        assert torch.autograd.gradgradcheck(_helu_triton, (away,), eps=1e-3, atol=1e-3, rtol=1e-3)
+
+    def test_channels_last_is_kept():
+        base = _sample((2, 5, 3, 7), torch.float32, 11)
+        x = base.to(memory_format=torch.channels_last).requires_grad_(True)
+        y = _helu_triton(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(torch.nan_to_num(y.detach()), torch.nan_to_num(torch.relu(base)))
+        grad = torch.randn(base.shape, generator=torch.Generator().manual_seed(12))
+        (dx,) = torch.autograd.grad(y, x, grad)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+        keep = ~(base <= ops.threshold(ALPHA, torch.float32))
+        assert torch.equal(dx, torch.where(keep, grad, 0.0))

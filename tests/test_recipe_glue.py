@@ -20,6 +20,7 @@ import torch
 from helpers import GLUE_DIR, MINILM, REPO, load_script
 
 from hf_helu.training.checkpoints import checkpoint_names
+from hf_helu.training.output_dir import OutputDirError
 
 DATA = GLUE_DIR
 RECIPE = REPO / "recipes" / "run_glue.py"
@@ -63,8 +64,8 @@ def tiny_args(model: Path, out: Path, task: str = "rte", **extra) -> list[str]:
     return out
 
 
-def read_results(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())
+def read_results(out: Path, name: str = "results.json") -> dict:
+    return json.loads((out / name).read_text())
 
 
 def test_unknown_task_from_cli():
@@ -73,6 +74,54 @@ def test_unknown_task_from_cli():
     )
     assert proc.returncode == 2
     assert "unknown GLUE task 'mnli2'" in proc.stderr
+
+
+def test_output_dir_is_checked_before_any_data_is_read(tmp_path):
+    """A folder the recipe did not make, an unwritable one, one in use: refused at once (here --data_dir does not even
+    exist, so any later check would name it instead), each as ``error: ...`` and exit status 2."""
+    foreign = tmp_path / "mine"
+    (foreign / "model").mkdir(parents=True)
+    (foreign / "model" / "mine.txt").write_text("mine")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    busy = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(busy)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        cases = [
+            (foreign, f"--output_dir {foreign} is not empty and no hf_helu run made it"),
+            (blocker / "out", f"--output_dir {blocker / 'out'} is not a writable folder"),
+            (busy, f"--output_dir {busy} is in use by another run (pid {holder.pid})"),
+        ]
+        for out, message in cases:
+            argv = ["--task", "rte", "--data_dir", tmp_path / "no_such_data", "--output_dir", out]
+            proc = subprocess.run(
+                [sys.executable, RECIPE, *map(str, argv)], capture_output=True, text=True, cwd=REPO, timeout=120
+            )
+            assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (foreign / "model" / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in foreign.iterdir()) == ["model"]  # untouched: no marker, no lock file
+
+
+# Holds OUTPUT_DIR (argv[1]) the way a running recipe does, until killed.
+HOLD = """
+import sys, time
+from accelerate import Accelerator
+from hf_helu.training.args import FitConfig
+from hf_helu.training.output_dir import claim_output_dir
+with claim_output_dir(Accelerator(cpu=True), FitConfig(output_dir=sys.argv[1])):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_max_length_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe().parse_args(["--task", "rte", "--max_length", "0"])
+    assert exit_info.value.code == 2 and "--max_length" in capsys.readouterr().err
 
 
 @needs_data
@@ -92,16 +141,20 @@ def test_train_then_eval_only_reproduces(tmp_path, tiny_bert_dir):
 
     again = tmp_path / "eval"
     run_recipe(*tiny_args(out / "model", again, task="sst2", eval_only=True, max_train_samples=64))
-    evaluated = read_results(again)
+    evaluated = read_results(again, "eval_results.json")
     assert evaluated["final"]["dev"] == pytest.approx(final)
     assert evaluated["status"] == "complete" and "epochs" in evaluated and evaluated["epochs"] == []
+    trained = (out / "results.json").read_bytes()
+    run_recipe(*tiny_args(out / "model", out, task="sst2", eval_only=True, max_train_samples=64))
+    assert (out / "results.json").read_bytes() == trained  # the training run's results stay
+    assert read_results(out, "eval_results.json")["final"]["dev"] == pytest.approx(final)
 
 
 @needs_data
 def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, tiny_bert_dir):
     out = tmp_path / "run"
     run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32))
-    with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest"):
+    with pytest.raises(OutputDirError, match="--resume_from_checkpoint latest"):
         run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32))
     run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32, overwrite_output_dir=True))
     assert read_results(out)["status"] == "complete"
@@ -156,7 +209,7 @@ def test_two_processes_give_the_same_dev_metrics(tmp_path, tiny_bert_dir):
 
     one = tmp_path / "one"
     run_recipe(*tiny_args(out / "model", one, task="stsb", eval_only=True, eval_batch_size=8))
-    single = read_results(one)
+    single = read_results(one, "eval_results.json")
     assert single["num_processes"] == 1
     assert single["final"]["dev"] == pytest.approx(two["final"]["dev"], abs=1e-6)
 

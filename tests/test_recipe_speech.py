@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from helpers import REPO, load_script
 from speech_helpers import FSDD, needs_fsdd, write_audiofolder
@@ -31,7 +33,8 @@ def recipe():
 def run(recipe, tmp_path: Path, name: str, *argv: str) -> dict:
     output_dir = tmp_path / name
     results = recipe.main([*TINY, "--output_dir", str(output_dir), *argv])
-    assert json.loads((output_dir / "results.json").read_text())["final"] == results["final"]
+    saved = "eval_results.json" if "--eval_only" in argv else "results.json"  # an eval-only run's own file
+    assert json.loads((output_dir / saved).read_text())["final"] == results["final"]
     return results
 
 
@@ -57,6 +60,63 @@ def test_transcript_characters_missing_from_vocabulary(recipe, tmp_path):
 def test_asr_refuses_to_cut_a_clip(recipe, tmp_path):
     with pytest.raises(ValueError, match=r"lasts .* over --max_seconds 0.2"):
         run(recipe, tmp_path, "cut", "--task", "asr", "--max_seconds", "0.2", "--max_train_samples", "4")
+
+
+def write_tone(path: Path, seconds: float, rate: int = 8000) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = np.sin(np.arange(round(seconds * rate)) * 0.3).astype(np.float32) * 0.1
+    sf.write(path, samples, rate, subtype="PCM_16")
+    return path
+
+
+def test_clip_too_short_for_the_feature_encoder_is_rejected_before_training(recipe, tmp_path):
+    data = tmp_path / "data"
+    write_audiofolder(data, {"train/1": ["1_theo_5.wav"], "train/2": ["2_theo_5.wav"], "test/1": ["1_theo_0.wav"]})
+    short = write_tone(data / "train" / "2" / "blip.wav", 0.005)  # 40 samples at 8 kHz, 80 after resampling
+    from transformers import Wav2Vec2Model
+
+    # The fewest samples that give one frame, found from the model's own length formula: 690 for the tiny stack.
+    lengths = Wav2Vec2Model(speech.scratch_config("tiny"))._get_feat_extract_output_lengths(torch.arange(1, 2000))
+    needed = int((lengths >= 1).nonzero()[0]) + 1
+    pattern = rf"clip '{short}' has 80 samples at 16000 Hz .* needs at least {needed} samples"
+    with pytest.raises(ValueError, match=pattern):
+        recipe.main([*TINY, "--dataset", str(data), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "results.json").exists()  # nothing trained, nothing written
+
+
+def test_dataset_with_one_class_is_rejected(recipe, tmp_path):
+    data = tmp_path / "data"
+    write_audiofolder(data, {"train/4": ["4_theo_5.wav", "4_theo_6.wav"], "test/4": ["4_theo_0.wav"]})
+    with pytest.raises(ValueError, match=r"has 1 class\(es\) \['4'\] .*needs at least 2"):
+        recipe.main([*TINY, "--dataset", str(data), "--output_dir", str(tmp_path / "out")])
+
+
+def test_undecodable_clip_is_a_one_line_error_with_exit_status_2(tmp_path):
+    data = tmp_path / "data"
+    write_audiofolder(data, {"train/1": ["1_theo_5.wav"], "train/2": ["2_theo_5.wav"], "test/1": ["1_theo_0.wav"]})
+    broken = data / "test" / "1" / "broken.wav"
+    broken.write_bytes(b"RIFF not really a wave file")
+    command = [sys.executable, str(RECIPE), *TINY, "--dataset", str(data), "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot decode audio '{broken}'") and "Traceback" not in done.stderr
+
+
+def test_plain_audio_folder_gets_a_reproducible_stratified_split(recipe, tmp_path):
+    data = tmp_path / "data"
+    write_audiofolder(data, {str(d): [f"{d}_jackson_{i}.wav" for i in range(5)] for d in (3, 8)})
+    argv = [*TINY, "--dataset", str(data), "--eval_fraction", "0.4", "--split_seed", "7", "--max_steps", "1"]
+    results = recipe.main([*argv, "--output_dir", str(tmp_path / "out")])
+    held_out = results["config"]["data"]["held_out_split"]
+    assert held_out == {
+        "from": "train", "eval_fraction": 0.4, "split_seed": 7, "stratified_by": "label",
+        "train_clips": 6, "eval_clips": 4,
+    }  # fmt: skip
+    assert results["config"]["data"]["eval_split"] == speech.HELD_OUT_SPLIT
+    assert results["final"][speech.HELD_OUT_SPLIT]["num_samples"] == 4  # 2 of each digit's 5 clips
+    clips = speech.audiofolder_splits(data)["train"]
+    assert results["config"]["data"]["train_clips"] == len(speech.stratified_split(clips, 0.4, 7)[0]) == 6
 
 
 # --- training runs -------------------------------------------------------------------------------

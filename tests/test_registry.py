@@ -114,3 +114,11 @@ def test_loading_helu_checkpoint_without_plugin_fails_with_key_error(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert "KEYERROR" in out and "helu" in out
+
+
+def test_malformed_alpha_names_are_not_in_the_table():
+    for name in ("helu_1_0", "helu_ 0.1", "helu_nan"):
+        assert name not in ACT2FN
+        with pytest.raises(ValueError, match="plain decimal"):
+            ACT2FN[name]
+    assert ACT2FN["helu_1e-05"].alpha == 1e-05

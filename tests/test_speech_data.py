@@ -96,3 +96,25 @@ def test_subset_in_order_is_fixed_by_its_seed_and_keeps_the_order():
     assert speech.subset_in_order(clips, None) == clips == speech.subset_in_order(clips, 30)
     with pytest.raises(ValueError, match="sample limit must be > 0"):
         speech.subset_in_order(clips, 0)
+
+
+def test_stratified_split_is_reproducible_per_class_and_recorded():
+    clips = [speech.Clip(f"{label}_{i}.wav", label=label) for label in "abc" for i in range(10 if label != "c" else 3)]
+    train, held, description = speech.stratified_split(clips, 0.3, seed=5)
+    again = speech.stratified_split(clips, 0.3, seed=5)
+    assert (train, held) == again[:2]
+    assert speech.stratified_split(clips, 0.3, seed=6)[1] != held
+    assert sorted(c.source for c in train + held) == sorted(c.source for c in clips)
+    per_class = {label: sum(c.label == label for c in held) for label in "abc"}
+    assert per_class == {"a": 3, "b": 3, "c": 1}  # round(0.3 * 10), round(0.3 * 3)
+    assert description == {
+        "from": "train", "eval_fraction": 0.3, "split_seed": 5, "stratified_by": "label",
+        "train_clips": 16, "eval_clips": 7,
+    }  # fmt: skip
+    assert held == [c for c in clips if c in held]  # original order kept
+
+
+def test_stratified_split_refuses_a_class_of_one_clip():
+    clips = [speech.Clip("a_0.wav", label="a"), speech.Clip("a_1.wav", label="a"), speech.Clip("b_0.wav", label="b")]
+    with pytest.raises(ValueError, match=r"class 'b' has 1 clip \('b_0.wav'\)"):
+        speech.stratified_split(clips, 0.5)

@@ -65,3 +65,17 @@ def test_conversion_flags_that_fit():
     flags.check_conversion_args(parse())
     converting = ("--conversion", "calibrate+anneal", "--activation", "helu", "--distill_weight", "2")
     flags.check_conversion_args(parse(*converting))
+
+
+def test_conversion_defaults_to_auto_which_every_run_accepts():
+    from hf_helu.conversion import CONVERSION_CHOICES
+
+    assert parse().conversion == "auto"
+    flags.check_conversion_args(parse())  # keep + auto: resolves to none later, no error here
+    flags.check_conversion_args(parse("--eval_only"))
+    flags.check_conversion_args(parse("--activation", "helu", "--init", "scratch"))
+    assert "auto" in CONVERSION_CHOICES and parse("--conversion", "none").conversion == "none"
+    with pytest.raises(ValueError, match="--anneal_fraction must be"):  # auto may anneal: its knobs are checked
+        flags.check_conversion_args(parse("--activation", "helu", "--anneal_fraction", "2"))
+    with pytest.raises(SystemExit):
+        parse("--conversion", "automatic")

@@ -1,4 +1,5 @@
-"""Checkpoint folders (hf_helu.training.checkpoints): ordering, "latest", refusing to start over a run, pruning."""
+"""Checkpoint folders (hf_helu.training.checkpoints): ordering, "latest", pruning. (Refusing to start over a run:
+test_training_output_dir.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from hf_helu.training.checkpoints import (
     STATE_FILE,
     checkpoint_names,
     find_checkpoint,
-    prepare_output_dir,
     prune_checkpoints,
 )
 
@@ -51,14 +51,3 @@ def test_no_checkpoint_yet(tmp_path):
     assert checkpoint_names(tmp_path) == []
     with pytest.raises(FileNotFoundError, match="latest: no checkpoint in"):
         find_checkpoint(tmp_path, "latest")
-    prepare_output_dir(OneProcess(), tmp_path, resume=None, overwrite=False)  # nothing to protect
-
-
-def test_a_fresh_start_over_checkpoints_needs_overwrite(tmp_path):
-    fake_checkpoint(tmp_path, "epoch_1", 5)
-    with pytest.raises(FileExistsError, match=r"--resume_from_checkpoint latest .* --overwrite_output_dir"):
-        prepare_output_dir(OneProcess(), tmp_path, resume=None, overwrite=False)
-    prepare_output_dir(OneProcess(), tmp_path, resume="latest", overwrite=False)
-    assert checkpoint_names(tmp_path) == ["epoch_1"]
-    prepare_output_dir(OneProcess(), tmp_path, resume=None, overwrite=True)
-    assert checkpoint_names(tmp_path) == []

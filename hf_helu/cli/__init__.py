@@ -1,7 +1,8 @@
 """``hf-helu``: patch a checkpoint with HeLU, export it back to stock ReLU, or inspect its activations.
 
     hf-helu patch SRC DST [--alpha A] [--scope ffn|all] [--overwrite]
-    hf-helu export SRC DST [--overwrite]
+    hf-helu convert SRC DST --data PATH [--alpha A] [--samples N] [--overwrite]   # patch + calibration
+    hf-helu export SRC DST [--overwrite] [--onnx [--quantize int8]]
     hf-helu inspect SRC [--json]
     hf-helu inspect-activations SRC --data PATH [--max-samples N] [--alpha A] [--json FILE]
 
@@ -21,6 +22,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hf_helu.cli.common import CLIError
+from hf_helu.cli.convert import HELP as CONVERT_HELP
+from hf_helu.cli.convert import add_convert_arguments, run_convert
 from hf_helu.cli.export import add_export_arguments, run_export
 from hf_helu.cli.inspect import add_inspect_arguments, run_inspect
 from hf_helu.cli.inspect_activations import add_inspect_activations_arguments, run_inspect_activations
@@ -30,6 +33,7 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[a
 
 COMMANDS: list[Command] = [
     ("patch", "replace the FFN activations of a checkpoint with HeLU", add_patch_arguments, run_patch),
+    ("convert", CONVERT_HELP, add_convert_arguments, run_convert),
     ("export", "turn HeLU back into ReLU so stock transformers loads the model", add_export_arguments, run_export),
     ("inspect", "print the architecture, FFN activations, activation and alpha", add_inspect_arguments, run_inspect),
     (

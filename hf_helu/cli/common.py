@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -53,11 +54,23 @@ def resolve_source(src: str) -> Path:
 
 
 def model_class(config: transformers.PretrainedConfig) -> type:
-    """The class named in ``config.architectures`` (keeps the task head), else ``AutoModel``."""
+    """The model class named in ``config.architectures`` (keeps the task head), else ``AutoModel``.
+
+    Only a subclass of ``transformers.PreTrainedModel`` is used: a config is data, and naming e.g. ``pipeline``
+    must not make the CLI call it.
+    """
     for name in getattr(config, "architectures", None) or []:
+        if not isinstance(name, str):
+            raise CLIError(f"config.architectures holds {name!r}, expected the name of a transformers model class")
         cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise CLIError(
+                f"config.architectures names {name!r}, which is not a transformers model class "
+                "(a subclass of transformers.PreTrainedModel)"
+            )
+        return cls
     return transformers.AutoModel
 
 
@@ -90,11 +103,17 @@ def load_checkpoint(folder: Path) -> nn.Module:
 
 
 def copy_extras(src: Path, dst: Path) -> list[str]:
-    """Copy what ``save_pretrained`` did not write (tokenizer, processor, ...) from ``src`` to ``dst``."""
+    """Copy what ``save_pretrained`` did not write (tokenizer, processor, ...) from ``src`` to ``dst``.
+
+    Never the folder being written (``dst`` inside ``src``) nor another writer's hidden temp entries.
+    """
     copied = []
+    inside = dst.resolve()
     for entry in sorted(src.iterdir()):
         target = dst / entry.name
-        if target.exists() or entry.name in _SKIPPED_DIRS:
+        if target.exists() or entry.name in _SKIPPED_DIRS or entry.name.endswith(".tmp"):
+            continue
+        if entry.resolve() == inside or entry.resolve() in inside.parents:
             continue
         if entry.is_dir():
             shutil.copytree(entry, target)
@@ -115,6 +134,34 @@ def check_destination(dst: str, overwrite: bool) -> None:
         raise CLIError(f"DST {dst!r} exists and is not empty; pass --overwrite to replace it")
 
 
+def check_not_nested(src: Path, dst: str) -> None:
+    """Refuse a DST inside SRC (it would be copied into itself as an extra) or holding SRC (replacing it deletes it)."""
+    source, target = src.resolve(), Path(dst).expanduser().resolve()
+    if source in target.parents:
+        raise CLIError(f"DST {dst!r} is inside SRC {str(src)!r}: choose a folder outside it")
+    if target in source.parents:
+        raise CLIError(f"DST {dst!r} holds SRC {str(src)!r}: writing DST would replace SRC; choose another folder")
+
+
+def check_writable_file(path: str) -> None:
+    """Fail before any work when ``path`` could not be written at the end: its folder (or the first existing one
+    above it) must be a writable folder (a probe file is created and removed), and ``path`` no folder."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise CLIError(f"{path!r} is a folder, expected a file path")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CLIError(f"cannot write {path!r}: {str(folder)!r} is a file, not a folder")
+    probe = folder / f".hf_helu_probe.{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise CLIError(f"cannot write {path!r}: folder {str(folder)!r} is not writable ({error.strerror})") from None
+
+
 def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> None:
     """``model.save_pretrained`` plus the extras of ``src``, written to a temp folder renamed to ``dst`` at the end."""
     try:
@@ -129,6 +176,7 @@ def transform_and_save(args: argparse.Namespace, transform: Callable[[nn.Module]
     """Load SRC, apply ``transform`` (a ValueError is the user's error), save to DST atomically, print the report."""
     check_destination(args.dst, args.overwrite)
     src = resolve_source(args.src)
+    check_not_nested(src, args.dst)
     model = load_checkpoint(src)
     try:
         report = transform(model)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_helu.atomic import atomic_write_json
-from hf_helu.cli.common import CLIError, load_checkpoint, resolve_source
+from hf_helu.cli.common import CLIError, check_writable_file, load_checkpoint, resolve_source
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.diagnostics import ActivationMonitor
 from hf_helu.families import SCOPES
@@ -34,6 +34,8 @@ def add_inspect_activations_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_inspect_activations(args: argparse.Namespace) -> int:
     """``hf-helu inspect-activations``: print the per-layer table of a checkpoint on a dataset."""
+    if args.json_path:
+        check_writable_file(args.json_path)  # before the (slow) load and forwards
     try:
         texts = read_texts(args.data)[: args.max_samples]
     except (OSError, ValueError) as error:

@@ -50,7 +50,12 @@ def read_texts(path: str | os.PathLike) -> list[tuple[str, str | None]]:
         raise FileNotFoundError(f"no data file at {path}")
     if path.is_dir() or path.suffix.lower() == ".tsv":
         return _read_glue_texts(path)
-    texts = [(line.strip(), None) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise ValueError(f"{path}: not UTF-8 text (byte {byte:#04x} at offset {error.start})") from None
+    texts = [(line.strip(), None) for line in lines if line.strip()]
     if not texts:
         raise ValueError(f"{path} has no non-empty lines")
     return texts

@@ -11,13 +11,24 @@ ReLU once exported):
 * **Annealing** during fine-tuning (:class:`ActivationAnnealer`, ``anneal.py``): every FFN activation
   becomes ``(1 - l) act(z) + l helu(z)`` with ``l`` rising linearly from 0 to 1 over a fraction of the steps.
 
-:func:`convert_model` (``convert.py``) runs patching plus either or both; :class:`FFNDistiller`
+:func:`convert_model` (``convert.py``) runs patching plus either or both (``"auto"``, its default, picks the
+recommended method: :func:`resolve_conversion` in ``auto.py``, shared with the recipes); :class:`FFNDistiller`
 (``distill.py``) adds an optional distillation term (every FFN block's output pulled toward the frozen
 original's) to the fine-tuning loss. The FFN sites are :class:`hf_helu.families.ActivationSite` objects
 (``sites.py``: :func:`ffn_sites`, :func:`original_activations`).
 """
 
 from hf_helu.conversion.anneal import ANNEAL_MODES, DEFAULT_ANNEAL_FRACTION, ActivationAnnealer
+from hf_helu.conversion.auto import (
+    AUTO,
+    CONVERSION_CHOICES,
+    CONVERSION_METHODS,
+    RECOMMENDED_METHOD,
+    ConversionChoice,
+    check_conversion_method,
+    relu_like_ffn,
+    resolve_conversion,
+)
 from hf_helu.conversion.batches import calibration_batches, dataset_batches
 from hf_helu.conversion.calibrate import (
     DEFAULT_RIDGE,
@@ -27,26 +38,23 @@ from hf_helu.conversion.calibrate import (
     check_ridge,
     ffn_output_errors,
 )
-from hf_helu.conversion.convert import (
-    CONVERSION_METHODS,
-    ConversionResult,
-    apply_conversion,
-    check_conversion_method,
-    convert_model,
-    patch_activation,
-)
+from hf_helu.conversion.convert import ConversionResult, apply_conversion, convert_model, patch_activation
 from hf_helu.conversion.distill import FFNDistiller
 from hf_helu.conversion.sites import ActivationSpec, ffn_sites, original_activations
 
 __all__ = [
     "ANNEAL_MODES",
+    "AUTO",
+    "CONVERSION_CHOICES",
     "CONVERSION_METHODS",
     "DEFAULT_ANNEAL_FRACTION",
     "DEFAULT_RIDGE",
+    "RECOMMENDED_METHOD",
     "ActivationAnnealer",
     "ActivationSpec",
     "AnnealingCallback",
     "CalibrationReport",
+    "ConversionChoice",
     "ConversionResult",
     "FFNDistiller",
     "LayerCalibration",
@@ -61,6 +69,8 @@ __all__ = [
     "ffn_sites",
     "original_activations",
     "patch_activation",
+    "relu_like_ffn",
+    "resolve_conversion",
 ]
 
 

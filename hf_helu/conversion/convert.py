@@ -1,4 +1,8 @@
-"""One call: patch the FFN blocks, then calibrate and/or set up annealing (:func:`convert_model`)."""
+"""One call: patch the FFN blocks, then calibrate and/or set up annealing (:func:`convert_model`).
+
+result = convert_model(model, "auto", calibration_batches=batches)   # patch + the recommended method
+# ... fine-tune, calling result.annealer.step() once per optimizer step (or use result.annealer.callback()) ...
+"""
 
 from __future__ import annotations
 
@@ -10,39 +14,36 @@ from torch import nn
 
 from hf_helu.activation import DEFAULT_ALPHA, HeLU
 from hf_helu.conversion.anneal import DEFAULT_ANNEAL_FRACTION, ActivationAnnealer
+from hf_helu.conversion.auto import ConversionChoice, check_conversion_method, resolve_conversion
 from hf_helu.conversion.calibrate import DEFAULT_RIDGE, CalibrationReport, calibrate_ffn
 from hf_helu.conversion.sites import ActivationSpec, ffn_sites, original_activations
 from hf_helu.families import Scope, unwrap_model
 from hf_helu.patching import PatchReport, patch_model, unpatch_model
 
-CONVERSION_METHODS = ("none", "calibrate", "anneal", "calibrate+anneal")
 PATCH_TARGETS = ("helu", "relu")
 
 
 @dataclass
 class ConversionResult:
-    """What a conversion did: the patch (if done here), the calibration, the annealer to drive."""
+    """What a conversion did: the method, why it was chosen, the patch (if done here), the calibration, the annealer
+    to drive (None unless the method anneals)."""
 
     method: str
     patch_report: PatchReport | None = None
     calibration: CalibrationReport | None = None
     annealer: ActivationAnnealer | None = None
+    choice: ConversionChoice | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (for results.json)."""
         summary: dict[str, Any] = {"method": self.method}
+        if self.choice is not None:
+            summary.update(requested=self.choice.requested, reason=self.choice.reason)
         if self.calibration is not None:
             summary["calibration"] = self.calibration.to_dict()
         if self.annealer is not None:
             summary["anneal"] = {"anneal_fraction": self.annealer.anneal_fraction, "mode": self.annealer.mode}
         return summary
-
-
-def check_conversion_method(method: object) -> str:
-    """``method`` if it is one of :data:`CONVERSION_METHODS`, else a ValueError naming it."""
-    if method not in CONVERSION_METHODS:
-        raise ValueError(f"unknown conversion method {method!r}: expected one of {', '.join(CONVERSION_METHODS)}")
-    return method
 
 
 def patch_activation(model: nn.Module, to: str, alpha: float = DEFAULT_ALPHA, scope: Scope = "ffn") -> PatchReport:
@@ -100,7 +101,7 @@ def apply_conversion(
 
 def convert_model(
     model: nn.Module,
-    method: str = "calibrate",
+    method: str = "auto",
     *,
     activation: str = "helu",
     alpha: float = DEFAULT_ALPHA,
@@ -110,16 +111,21 @@ def convert_model(
     total_steps: int | None = None,
     anneal_fraction: float = DEFAULT_ANNEAL_FRACTION,
 ) -> ConversionResult:
-    """Patch ``model``'s FFN blocks with HeLU (``activation="helu"``, ``alpha``) or ReLU, then apply ``method``.
+    """Patch a pretrained ``model``'s FFN blocks with HeLU (``activation="helu"``, ``alpha``) or ReLU, then apply
+    ``method`` to keep the checkpoint's quality.
 
-    ``method``: ``"none"`` (plain swap), ``"calibrate"`` (refit the output projections on
-    ``calibration_batches``, unlabeled model inputs), ``"anneal"`` (the result's ``annealer`` must be
-    stepped once per optimizer step over ``total_steps``), or ``"calibrate+anneal"`` (calibrate, then
-    anneal the gradient only: the forward stays the calibrated ReLU model).
+    ``method``: ``"auto"`` (default: :func:`hf_helu.conversion.resolve_conversion` picks ``"calibrate+anneal"``,
+    or ``"none"`` when the FFN activation is already ReLU/HeLU), ``"none"`` (plain swap), ``"calibrate"`` (refit
+    the output projections on ``calibration_batches``, unlabeled model inputs), ``"anneal"`` (the result's
+    ``annealer`` must be stepped once per optimizer step over ``total_steps``, or driven by
+    ``result.annealer.callback()`` in the HF Trainer, which supplies the total), or ``"calibrate+anneal"``
+    (calibrate, then anneal the gradient only: the forward stays the calibrated ReLU model).
+    ``result.choice`` says which method ran and why.
     """
-    check_conversion_method(method)
     if activation not in PATCH_TARGETS:
         raise ValueError(f"activation must be 'helu' or 'relu', got {activation!r}")
+    choice = resolve_conversion(method, activation=activation, model=model)
+    method = choice.method
     originals = original_activations(model) if method != "none" else {}
     patch_report = patch_activation(model, activation, alpha=alpha, scope=scope)
     result = apply_conversion(
@@ -131,5 +137,5 @@ def convert_model(
         total_steps=total_steps,
         anneal_fraction=anneal_fraction,
     )
-    result.patch_report = patch_report
+    result.patch_report, result.choice = patch_report, choice
     return result

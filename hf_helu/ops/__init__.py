@@ -1,7 +1,7 @@
 """Kernels behind HeLU's autograd node: a registry of backends, and one lookup that picks one per input.
 
 Each :class:`Backend` has ``forward(x, threshold) -> (relu(x), mask)`` and
-``backward(grad, mask, shape) -> grad_in``. The mask records ``not (x <= threshold)`` with
+``backward(grad, mask, shape, memory_format) -> grad_in``. The mask records ``not (x <= threshold)`` with
 ``threshold = -alpha`` rounded to x's dtype (:func:`threshold`): the elements whose gradient passes
 (written that way round so that a NaN input passes its gradient, as ReLU's does). Every backend gives
 the same bits: ``y`` is ``torch.relu(x)`` and ``grad_in`` is ``grad`` where the mask is set, else
@@ -15,7 +15,11 @@ the same bits: ``y`` is ``torch.relu(x)`` and ``grad_in`` is ``grad`` where the 
   (:mod:`hf_helu.ops.torch_ref`).
 
 ``"auto"`` takes the first of those (in that order) that supports the input. ``HF_HELU_BACKEND``
-(or the ``backend`` argument of :func:`hf_helu.helu`) forces one.
+(or the ``backend`` argument of :func:`hf_helu.helu`) forces one; an unknown value of the variable is an
+error at import. Inside ``torch.compile`` and for a forward under ``torch.func.vmap`` the torch backend
+runs (its bool mask carries a batch dimension; a packed one cannot); every other autograd mode keeps the
+chosen one. The fused backends keep a row-major or channels-last input's memory format
+(:mod:`hf_helu.ops.layout`).
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_helu.ops import cpu, torch_ref
+from hf_helu.ops import cpu, layout, torch_ref
 
 ENV_VAR = "HF_HELU_BACKEND"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 Forward = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-Backward = Callable[[torch.Tensor, torch.Tensor, torch.Size], torch.Tensor]
+Backward = Callable[..., torch.Tensor]  # (grad, mask, shape[, memory_format]) -> grad_in
 
 
 def _no_reason(x: torch.Tensor) -> str:
@@ -44,8 +48,11 @@ def _no_reason(x: torch.Tensor) -> str:
 class Backend:
     """One kernel pair and the inputs it runs on.
 
-    ``forward(x, threshold)`` gets the threshold already rounded to x's dtype; ``why_unsupported(x)``
-    adds detail (e.g. the compiler error) to the message raised when a forced backend cannot run ``x``.
+    ``forward(x, threshold)`` gets the threshold already rounded to x's dtype; ``backward(grad, mask, shape[,
+    memory_format])`` gets the shape and, when it is not row-major, the memory format of the forward's output.
+    ``why_unsupported(x)`` adds detail (e.g. the compiler error) to the message raised when a forced backend
+    cannot run ``x``. ``packed``: the mask is 8 bits per byte in the output's memory order (:func:`unpack`
+    turns it into a bool tensor).
     """
 
     name: str
@@ -53,6 +60,7 @@ class Backend:
     backward: Backward
     supports: Callable[[torch.Tensor], bool]
     why_unsupported: Callable[[torch.Tensor], str] = _no_reason
+    packed: bool = False
 
 
 _thresholds: dict[tuple[float, torch.dtype], float] = {}
@@ -102,10 +110,15 @@ def _triton_forward(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, to
     return triton_kernels.helu_forward(x, threshold)
 
 
-def _triton_backward(grad: torch.Tensor, bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def _triton_backward(
+    grad: torch.Tensor,
+    bits: torch.Tensor,
+    shape: torch.Size,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
     from hf_helu.ops import triton_kernels
 
-    return triton_kernels.helu_backward(grad, bits, shape)
+    return triton_kernels.helu_backward(grad, bits, shape, memory_format)
 
 
 def _triton_supports(x: torch.Tensor) -> bool:
@@ -121,8 +134,8 @@ def _triton_why_unsupported(x: torch.Tensor) -> str:
 BACKENDS: dict[str, Backend] = {
     backend.name: backend
     for backend in (  # in the order "auto" tries them
-        Backend("triton", _triton_forward, _triton_backward, _triton_supports, _triton_why_unsupported),
-        Backend("c", cpu.helu_forward, cpu.helu_backward, _c_supports, _c_why_unsupported),
+        Backend("triton", _triton_forward, _triton_backward, _triton_supports, _triton_why_unsupported, True),
+        Backend("c", cpu.helu_forward, cpu.helu_backward, _c_supports, _c_why_unsupported, True),
         Backend("torch", torch_ref.helu_forward, torch_ref.helu_backward, lambda x: True),
     )
 }
@@ -135,9 +148,24 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_env() -> str:
+    """The backend ``HF_HELU_BACKEND`` asks for (``"auto"`` when unset), or a ValueError naming it and the choices.
+
+    Called when hf_helu is imported and when a HeLU module is built, so a typo is reported before any work
+    starts, also in a run that never trains (which would never reach :func:`resolve`).
+    """
+    value = os.environ.get(ENV_VAR) or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(
+            f"environment variable {ENV_VAR}={value!r} is not a HeLU backend: expected one of "
+            f"{['auto', *BACKENDS]}, or leave it unset"
+        )
+    return value
+
+
 def resolve(x: torch.Tensor, requested: str | None = None) -> str:
     """Name of the backend that will run ``x``: the requested one, else the fastest that supports it."""
-    name = check_name(requested or os.environ.get(ENV_VAR) or "auto")
+    name = check_name(requested) if requested else check_env()
     if torch.compiler.is_compiling():
         return "torch"  # plain torch ops trace into the graph (no break) and Inductor fuses them
     if name == "auto":
@@ -156,6 +184,34 @@ def forward(name: str, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, tor
     return BACKENDS[name].forward(x, threshold(alpha, x.dtype))
 
 
-def backward(name: str, grad: torch.Tensor, mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The input gradient from backend ``name``: ``grad`` where ``mask`` is set, else +0.0."""
-    return BACKENDS[name].backward(grad, mask, shape)
+def backward(
+    name: str,
+    grad: torch.Tensor,
+    mask: torch.Tensor,
+    shape: torch.Size,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """The input gradient from backend ``name``: ``grad`` where ``mask`` is set, else +0.0.
+
+    ``shape`` and ``memory_format`` are the forward output's (:func:`output_format`); the result has them.
+    """
+    if memory_format == torch.contiguous_format:  # the common case, and the 3-argument form of older backends
+        return BACKENDS[name].backward(grad, mask, shape)
+    return BACKENDS[name].backward(grad, mask, shape, memory_format)
+
+
+def output_format(y: torch.Tensor) -> torch.memory_format:
+    """The memory format a backend's forward output ``y`` is in, to hand back to :func:`backward`."""
+    return layout.memory_format(y) or torch.contiguous_format
+
+
+def unpack(
+    name: str, mask: torch.Tensor, shape: torch.Size, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
+    """Backend ``name``'s mask as a bool tensor shaped like the forward's output (the torch backend's own form)."""
+    if not BACKENDS[name].packed:
+        return mask
+    return layout.unpack_bits(mask, shape, memory_format)
+
+
+check_env()

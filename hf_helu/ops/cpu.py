@@ -21,6 +21,11 @@ The library is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``
 ``$HF_HELU_CACHE_DIR`` (default ``~/.cache/hf_helu``) once per source version (the file name hashes the
 C text, the flags and the compiler), in about a second; with OpenMP if the compiler can, else without (one
 thread). Without a compiler :func:`available` is False and HeLU uses the torch backend.
+
+A cached library is loaded only after its bytes match the SHA-256 written beside it (``<name>.so.sha256``)
+when it was built; one that does not (truncated, replaced, corrupted) is rebuilt, with one RuntimeWarning
+naming the file. An unwritable cache folder gets the library built in a private temp folder, also with
+one warning.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+
+from hf_helu.ops import layout
 
 CACHE_ENV_VAR = "HF_HELU_CACHE_DIR"
 _HALF_INF_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
@@ -87,53 +95,132 @@ def library_path(compiler: str, extra_flags: tuple[str, ...]) -> Path:
     return Path(root) / f"helu_cpu_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
+def checksum_path(path: Path) -> Path:
+    """The file beside a cached library that holds the SHA-256 of the bytes built there."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verify(path: Path) -> str | None:
+    """None when ``path`` holds exactly the bytes whose checksum was written beside it at build time, else why not.
+
+    A library is never loaded unverified: a truncated one dies with SIGBUS when the loader touches a
+    missing page, and a foreign one lacks our symbols or runs other code.
+    """
+    try:
+        expected = checksum_path(path).read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return f"no checksum file {checksum_path(path).name} beside it"
+    except (OSError, UnicodeDecodeError) as error:
+        return f"its checksum file cannot be read ({error})"
+    try:
+        actual = _digest(path)
+    except OSError as error:
+        return f"it cannot be read ({error})"
+    if actual != expected:
+        return "its bytes do not match the checksum written when it was built (truncated, replaced or corrupted)"
+    return None
+
+
 def _build(compiler: str, extra_flags: tuple[str, ...], path: Path) -> None:
-    """Compile into a temp folder beside ``path`` and rename into place: never a half-written library."""
+    """Compile in a temp folder beside ``path``, then rename the library and its checksum into place.
+
+    Each rename is atomic, so a reader never sees a half-written file; the build is deterministic (same
+    source, flags and compiler give the same bytes, checked on gcc), so two processes building at once agree.
+    Raises RuntimeError when the compiler fails, OSError when the folder cannot be written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
         code, target = Path(tmp) / SOURCE_FILE, Path(tmp) / path.name
         code.write_text(source(), encoding="utf-8")
         done = subprocess.run(
-            [compiler, *_CFLAGS, *extra_flags, "-o", str(target), str(code)],
+            [compiler, *_CFLAGS, *extra_flags, "-o", target.name, code.name],
             capture_output=True,
             text=True,
             timeout=300,
+            cwd=tmp,
         )
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed to build the HeLU CPU kernels:\n{done.stderr[-2000:]}")
+        checksum = Path(tmp) / checksum_path(path).name
+        checksum.write_text(_digest(target) + "\n", encoding="ascii")
+        # Checksum first: a process that looks in between sees no library yet (and builds the same bytes), never
+        # a fresh library without its checksum.
+        os.replace(checksum, checksum_path(path))
         os.replace(target, path)
 
 
-def _load_variant(compiler: str, extra_flags: tuple[str, ...]) -> ctypes.CDLL:
-    path = library_path(compiler, extra_flags)
-    if not path.exists():
-        _build(compiler, extra_flags, path)
+def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, (argtypes, restype) in _SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = restype
+        try:
+            function = getattr(lib, name)
+        except AttributeError:
+            raise RuntimeError(f"{path} does not export {name}: not a HeLU kernel library") from None
+        function.argtypes, function.restype = argtypes, restype
     return lib
 
 
+def _load_variant(compiler: str, extra_flags: tuple[str, ...], notes: list[str]) -> ctypes.CDLL:
+    """Load the verified cached library, (re)building it first when it is missing or fails verification.
+
+    A cache folder that cannot be written gets the library built in a private temp folder, loaded, and
+    deleted (the loaded copy stays mapped): slower to start, never a silent fall back to the torch backend.
+    ``notes`` collects what went wrong, for the one warning :func:`load` gives.
+    """
+    path = library_path(compiler, extra_flags)
+    if path.exists():
+        problem = verify(path)
+        if problem is None:
+            return _open(path)
+        notes.append(f"{path} failed verification ({problem}), so it was not loaded and is rebuilt")
+    try:
+        _build(compiler, extra_flags, path)
+    except OSError as error:
+        notes.append(
+            f"cannot write the kernel cache {path.parent} ({error}); the kernels were built in a temporary folder "
+            f"for this process only (set {CACHE_ENV_VAR} to a writable folder to keep them)"
+        )
+        with tempfile.TemporaryDirectory(prefix="hf_helu-") as tmp:
+            private = Path(tmp) / path.name
+            _build(compiler, extra_flags, private)
+            return _open(private)
+    return _open(path)
+
+
 def load() -> ctypes.CDLL:
-    """The compiled kernels (built and cached on first call); raises RuntimeError saying why not."""
+    """The compiled kernels (built and cached on first call); raises RuntimeError saying why not.
+
+    Anything unusual on the way (a damaged cache, an unwritable cache folder, no kernels at all despite a
+    compiler) is told in one RuntimeWarning naming the file.
+    """
     global _library, _failure, _parallel
     if _library is not None:
         return _library
     if _failure is not None:
         raise RuntimeError(_failure)
-    errors = []
+    errors: list[str] = []
+    notes: list[str] = []
     compiler = _compiler()
     if compiler is None:
         errors.append("no C compiler found (set CC, or install cc/gcc/clang)")
     for extra_flags in _VARIANTS if compiler else ():
         try:
-            _library, _parallel = _load_variant(compiler, extra_flags), bool(extra_flags)
-            return _library
+            _library, _parallel = _load_variant(compiler, extra_flags, notes), bool(extra_flags)
+            break
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             errors.append(f"[{' '.join(extra_flags) or 'plain'}] {error}")
-    _failure = "HeLU CPU kernels unavailable: " + "; ".join(errors)
-    raise RuntimeError(_failure)
+    if _library is None:
+        _failure = "HeLU CPU kernels unavailable: " + "; ".join(errors)
+    if notes or (_library is None and compiler is not None):
+        fallback = "" if _library is not None else f" The torch backend is used instead. {_failure}"
+        warnings.warn("HeLU CPU kernels: " + "; ".join(notes) + fallback, RuntimeWarning, stacklevel=2)
+    if _library is None:
+        raise RuntimeError(_failure)
+    return _library
 
 
 def why_unavailable() -> str | None:
@@ -168,7 +255,7 @@ def _half_key(value: int) -> int:
 def helu_forward(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(relu(x), bits)`` for a CPU tensor; bits hold ``not (x <= threshold)``, 8 per byte."""
     lib = load()
-    x = x.detach().contiguous()
+    x = layout.dense(x.detach())
     n, threads = x.numel(), torch.get_num_threads()
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8)
     if x.dtype in _HALF_INF_BITS:
@@ -184,10 +271,15 @@ def helu_forward(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     return y, bits
 
 
-def helu_backward(grad: torch.Tensor, bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``grad`` where the mask bit is set, else +0.0, shaped ``shape``."""
-    grad = grad.contiguous()
-    out = torch.empty(shape, dtype=grad.dtype)
+def helu_backward(
+    grad: torch.Tensor,
+    bits: torch.Tensor,
+    shape: torch.Size,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """``grad`` where the mask bit is set, else +0.0: shaped ``shape``, in the forward's ``memory_format``."""
+    grad = grad.contiguous(memory_format=memory_format)
+    out = torch.empty(shape, dtype=grad.dtype, memory_format=memory_format)
     backward = getattr(load(), _BACKWARD_BY_SIZE[grad.element_size()])
     backward(grad.data_ptr(), bits.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads())
     return out

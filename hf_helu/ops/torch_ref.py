@@ -23,11 +23,17 @@ def helu_forward(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     return torch.relu(x), keep
 
 
-def helu_backward(grad: torch.Tensor, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``grad`` where ``keep`` is set, else +0.0."""
+def helu_backward(
+    grad: torch.Tensor, keep: torch.Tensor, shape: torch.Size, memory_format: torch.memory_format | None = None
+) -> torch.Tensor:
+    """``grad`` where ``keep`` is set, else +0.0 (elementwise: ``shape`` and ``memory_format`` are not needed).
+
+    ``grad`` and ``keep`` may differ in leading (batch) dimensions: they broadcast, as under ``torch.func.vmap``.
+    """
     if grad.device.type == "cpu" and not torch.compiler.is_compiling():
         # torch.where is ~10x slower than a multiply on CPU; AND-ing the bits with an all-ones or
         # all-zeros word per element selects exactly as fast.
         ints = _SAME_SIZE_INT[grad.dtype]
-        return (grad.view(ints) & keep.view(torch.int8).neg().to(ints)).view(grad.dtype)
+        # The mask first: the result takes its memory format (the forward input's), as ReLU's backward does.
+        return (keep.view(torch.int8).neg().to(ints) & grad.view(ints)).view(grad.dtype)
     return torch.where(keep, grad, 0)

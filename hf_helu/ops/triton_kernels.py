@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_helu.ops import layout
+
 BLOCK_BYTES = 256
 NUM_WARPS = 4
 
@@ -58,7 +60,7 @@ def _grid(n: int) -> tuple[int]:
 
 def helu_forward(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(relu(x), bits)``: bits is uint8 of ``ceil(n / 8)`` bytes holding ``not (x <= threshold)``."""
-    x = x.detach().contiguous()
+    x = layout.dense(x.detach())
     n = x.numel()
     y = torch.empty_like(x)
     bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
@@ -67,10 +69,15 @@ def helu_forward(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     return y, bits
 
 
-def helu_backward(grad: torch.Tensor, bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``grad`` where the mask bit is set, else +0.0, shaped ``shape``."""
-    grad = grad.contiguous()
-    out = torch.empty(shape, dtype=grad.dtype, device=grad.device)
+def helu_backward(
+    grad: torch.Tensor,
+    bits: torch.Tensor,
+    shape: torch.Size,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """``grad`` where the mask bit is set, else +0.0: shaped ``shape``, in the forward's ``memory_format``."""
+    grad = grad.contiguous(memory_format=memory_format)
+    out = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=memory_format)
     n = out.numel()
     if n:
         _backward_kernel[_grid(n)](grad, bits, out, n, BLOCK_BYTES=BLOCK_BYTES, num_warps=NUM_WARPS)

@@ -23,7 +23,7 @@ import importlib
 from typing import Any
 
 # Searched in this order for a name asked of the package (glue and speech are reached as submodules).
-_MODULES = ("args", "models", "loop", "evaluation", "checkpoints", "results", "paths")
+_MODULES = ("args", "models", "loop", "evaluation", "checkpoints", "results", "paths", "output_dir", "errors")
 
 
 def __getattr__(name: str) -> Any:

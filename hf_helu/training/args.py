@@ -72,8 +72,18 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     """Add the knobs every recipe shares to ``parser``; ``defaults`` overrides their default values."""
     g = parser.add_argument_group("training (hf_helu.training)")
     g.add_argument("--model", default=None, help="Local folder or hub id.")
-    g.add_argument("--output_dir", default="runs/out", help="Where checkpoints, results.json and the model go.")
-    g.add_argument("--overwrite_output_dir", action="store_true", help="Start afresh even if checkpoints exist.")
+    g.add_argument(
+        "--output_dir",
+        default="runs/out",
+        help="Where checkpoints, results.json and the model go: a new or empty folder, or an earlier run's. One run "
+        "at a time holds it.",
+    )
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start afresh: remove an earlier run's files (checkpoints, model, model_relu, results) from OUTPUT_DIR; "
+        "also use a non-empty folder no run made (its other files are kept).",
+    )
     g.add_argument("--epochs", type=positive_int, default=3)
     g.add_argument("--max_steps", type=positive_int, default=None, help="Stop after this many optimizer steps.")
     g.add_argument("--lr", type=float, default=5e-5)
@@ -86,7 +96,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--max_train_samples", type=positive_int, default=None)
     g.add_argument("--max_eval_samples", type=positive_int, default=None)
-    g.add_argument("--eval_only", action="store_true", help="Evaluate --model and write results.json; no training.")
+    g.add_argument(
+        "--eval_only", action="store_true", help="Evaluate --model and write eval_results.json; no training."
+    )
     g.add_argument(
         "--resume_from_checkpoint",
         default=None,
@@ -117,15 +129,18 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
 
 def add_conversion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The conversion flags of a recipe: ``--conversion``, the calibration and annealing knobs, ``--distill_weight``."""
-    from hf_helu.conversion import CONVERSION_METHODS, DEFAULT_ANNEAL_FRACTION, DEFAULT_RIDGE
+    from hf_helu.conversion import CONVERSION_CHOICES, DEFAULT_ANNEAL_FRACTION, DEFAULT_RIDGE, RECOMMENDED_METHOD
 
     group = parser.add_argument_group("conversion of the pretrained activation (hf_helu.conversion)")
     group.add_argument(
         "--conversion",
-        choices=CONVERSION_METHODS,
-        default="none",
-        help="With --activation relu|helu: refit the FFN output projections at patch time (calibrate), blend the "
-        "original activation into the new one over the first steps (anneal), or both.",
+        choices=CONVERSION_CHOICES,
+        default="auto",
+        help=f"With --activation relu|helu: refit the FFN output projections at patch time (calibrate), blend the "
+        f"original activation into the new one over the first steps (anneal), or both. auto (default): "
+        f"{RECOMMENDED_METHOD} for a pretrained checkpoint whose FFN activation is not ReLU-like, else none "
+        "(--init scratch, --activation keep, a ReLU/HeLU checkpoint, --eval_only); results.json records the choice "
+        "and why. none: the naive swap.",
     )
     group.add_argument(
         "--anneal_fraction",
@@ -154,22 +169,27 @@ def check_conversion_args(args: argparse.Namespace) -> None:
     """
     from hf_helu.conversion import check_conversion_method, check_ridge
 
-    check_conversion_method(args.conversion)
+    check_conversion_method(args.conversion, allow_auto=True)
     if not 0 <= args.distill_weight < math.inf:
         raise ValueError(f"--distill_weight must be a finite number >= 0, got {args.distill_weight}")
     if args.distill_weight and args.eval_only:
         raise ValueError("--distill_weight applies to training; it cannot be combined with --eval_only")
     if args.conversion == "none":
         return
-    if args.activation not in ("relu", "helu"):
-        raise ValueError(f"--conversion {args.conversion} needs --activation relu or helu, got {args.activation!r}")
-    if args.eval_only:
-        raise ValueError("--conversion applies to training; it cannot be combined with --eval_only")
+    if args.conversion != "auto":  # auto resolves to none where an explicit method would be refused here
+        _check_explicit_conversion(args)
     if not 0 < args.anneal_fraction <= 1:
         raise ValueError(f"--anneal_fraction must be in (0, 1], got {args.anneal_fraction}")
     if args.calibration_samples < 1:
         raise ValueError(f"--calibration_samples must be >= 1, got {args.calibration_samples}")
     check_ridge(args.calibration_ridge)
+
+
+def _check_explicit_conversion(args: argparse.Namespace) -> None:
+    if args.activation not in ("relu", "helu"):
+        raise ValueError(f"--conversion {args.conversion} needs --activation relu or helu, got {args.activation!r}")
+    if args.eval_only:
+        raise ValueError("--conversion applies to training; it cannot be combined with --eval_only")
 
 
 # ----------------------------------------------------------------------------------------------------------------

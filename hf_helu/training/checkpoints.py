@@ -60,18 +60,6 @@ def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
     return max(candidates, key=_age)
 
 
-def prepare_output_dir(accelerator: Any, output_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to start afresh over another run's checkpoints, unless ``overwrite`` (then remove them)."""
-    if not resume and not overwrite and has_checkpoints(output_dir):
-        raise FileExistsError(
-            f"{output_dir / CHECKPOINTS_DIR} already holds checkpoints: pass --resume_from_checkpoint latest to "
-            "continue that run, or --overwrite_output_dir to start afresh"
-        )
-    if overwrite and accelerator.is_main_process:
-        shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 def save_checkpoint(accelerator: Any, output_dir: Path, name: str, state: dict[str, Any]) -> Path:
     """``accelerator.save_state`` into a temp folder, then rename: a checkpoint folder is complete or absent."""
     root = output_dir / CHECKPOINTS_DIR
@@ -114,7 +102,6 @@ __all__ = [
     "find_checkpoint",
     "has_checkpoints",
     "load_checkpoint",
-    "prepare_output_dir",
     "prune_checkpoints",
     "save_checkpoint",
 ]

@@ -155,6 +155,17 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
     return int(raw)
 
 
+def _first_non_utf8(path: Path) -> tuple[int, int]:
+    """The line number and value of the first byte of ``path`` that is not UTF-8 (read again, line by line)."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, line[error.start]
+    return 0, 0
+
+
 def read_tsv(task: GlueTask, path: str | os.PathLike) -> dict[str, list]:
     """Rows of one GLUE TSV as columns (text columns, ``label``, ``idx``), checked row by row.
 
@@ -163,36 +174,44 @@ def read_tsv(task: GlueTask, path: str | os.PathLike) -> dict[str, list]:
     path = Path(path)
     if not path.is_file():
         raise GlueDataError(f"missing GLUE file {path} (task {task.name} expects DATA_DIR/{task.folder}/*.tsv)")
-    out: dict[str, list] = {c: [] for c in (*task.text_columns, "label", "idx")}
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if task.tsv_header:
-            header = next(reader, None)
-            if header is None:
-                raise GlueDataError(f"{path}: empty file, expected a header row")
-            missing = [c for c in task.tsv_columns if c not in header]
-            if missing:
-                raise GlueDataError(f"{path}:1: header {header} lacks column(s) {missing} for task {task.name}")
-            positions = [header.index(c) for c in task.tsv_columns]
-            width = len(header)
-        else:
-            positions = [int(c) for c in task.tsv_columns]
-            width = None
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if width is None:
-                width = len(row)
-                if width <= max(positions):
-                    raise GlueDataError(f"{where}: expected at least {max(positions) + 1} columns, got {width}")
-            if len(row) != width:
-                raise GlueDataError(f"{where}: malformed row, expected {width} tab-separated columns, got {len(row)}")
-            *texts, raw_label = (row[i] for i in positions)
-            out["label"].append(_parse_label(task, raw_label.strip(), where))
-            for column, text in zip(task.text_columns, texts, strict=True):
-                out[column].append(text)
-            out["idx"].append(len(out["idx"]))
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            out = _read_rows(task, path, csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError:
+        line, byte = _first_non_utf8(path)
+        raise GlueDataError(f"{path}:{line}: not UTF-8 text (byte {byte:#04x}); GLUE TSVs are UTF-8") from None
     if not out["idx"]:
         raise GlueDataError(f"{path}: no data rows")
+    return out
+
+
+def _read_rows(task: GlueTask, path: Path, reader: Any) -> dict[str, list]:
+    out: dict[str, list] = {c: [] for c in (*task.text_columns, "label", "idx")}
+    if task.tsv_header:
+        header = next(reader, None)
+        if header is None:
+            raise GlueDataError(f"{path}: empty file, expected a header row")
+        missing = [c for c in task.tsv_columns if c not in header]
+        if missing:
+            raise GlueDataError(f"{path}:1: header {header} lacks column(s) {missing} for task {task.name}")
+        positions = [header.index(c) for c in task.tsv_columns]
+        width = len(header)
+    else:
+        positions = [int(c) for c in task.tsv_columns]
+        width = None
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if width is None:
+            width = len(row)
+            if width <= max(positions):
+                raise GlueDataError(f"{where}: expected at least {max(positions) + 1} columns, got {width}")
+        if len(row) != width:
+            raise GlueDataError(f"{where}: malformed row, expected {width} tab-separated columns, got {len(row)}")
+        *texts, raw_label = (row[i] for i in positions)
+        out["label"].append(_parse_label(task, raw_label.strip(), where))
+        for column, text in zip(task.text_columns, texts, strict=True):
+            out[column].append(text)
+        out["idx"].append(len(out["idx"]))
     return out
 
 

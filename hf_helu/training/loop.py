@@ -7,8 +7,8 @@
 :func:`fit` trains (or only evaluates, ``config.eval_only``), evaluates every epoch, checkpoints with
 ``accelerator.save_state`` into OUTPUT_DIR/checkpoints/{step_N,epoch_N} every ``config.checkpointing_steps`` and at
 each epoch end, resumes from one (skipping the batches it had already seen), writes OUTPUT_DIR/results.json
-atomically after every epoch, saves the final model to OUTPUT_DIR/model (and a stock-ReLU export to
-OUTPUT_DIR/model_relu when the model holds HeLU) atomically, and returns the results dict.
+(eval-only: OUTPUT_DIR/eval_results.json) atomically after every epoch, saves the final model to OUTPUT_DIR/model
+(and a stock-ReLU export to OUTPUT_DIR/model_relu when the model holds HeLU) atomically, and returns the results.
 
 ``eval_dataloaders`` maps a split name to a dataloader (``{"dev": dl}``, MNLI: ``{"dev_matched": ..,
 "dev_mismatched": ..}``); metrics are reported per split (:mod:`hf_helu.training.evaluation`).
@@ -32,14 +32,16 @@ import torch
 from torch import nn
 
 from hf_helu.training.args import FitConfig
-from hf_helu.training.checkpoints import load_checkpoint, prepare_output_dir, prune_checkpoints, save_checkpoint
+from hf_helu.training.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
 from hf_helu.training.evaluation import ComputeMetrics, DeadUnitTracker, EvalStep, Evaluator, default_eval_step
+from hf_helu.training.output_dir import claim_output_dir
 from hf_helu.training.results import (
     MODEL_DIR,
     has_helu,
     log_metrics,
     new_results,
     relu_export_dir,
+    results_file,
     save_model,
     write_results,
 )
@@ -124,6 +126,9 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` (unless ``config.eval_only``), evaluate, checkpoint, and write OUTPUT_DIR/results.json.
 
+    The output folder is claimed first (:func:`hf_helu.training.output_dir.claim_output_dir`: writable, locked,
+    no other run's files); an eval-only run writes OUTPUT_DIR/eval_results.json instead.
+
     Dataloaders and model are passed un-prepared; ``fit`` calls ``accelerator.prepare``. ``train_dataloader`` may
     be None with ``eval_only``. ``run_config`` (default: ``config`` itself) and ``model_info`` (from
     :func:`hf_helu.training.models.prepare_model`) are recorded as they are. Returns the results dict.
@@ -136,17 +141,18 @@ def fit(
         raise ValueError("fit needs at least one eval dataloader")
     if run_config is None:
         run_config = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    results = new_results(accelerator, run_config, model_info)
-    tracker = DeadUnitTracker.create(model, accelerator, config.monitor_scope) if config.track_dead_units else None
-    evaluator = Evaluator(accelerator, compute_metrics, hooks.eval_step, tracker)
-    if config.eval_only:
-        return _evaluate_only(accelerator, model, eval_dataloaders, evaluator, config, results)
-    if train_dataloader is None:
+    if train_dataloader is None and not config.eval_only:
         raise ValueError("fit needs a train dataloader unless eval_only")
-    trainer = _Trainer(accelerator, config, hooks, evaluator, results)
-    trainer.prepare(model, train_dataloader, eval_dataloaders)
-    trainer.train()
-    return trainer.finish(processor)
+    results = new_results(accelerator, run_config, model_info)
+    with claim_output_dir(accelerator, config):  # a no-op count when the recipe has claimed it already
+        tracker = DeadUnitTracker.create(model, accelerator, config.monitor_scope) if config.track_dead_units else None
+        evaluator = Evaluator(accelerator, compute_metrics, hooks.eval_step, tracker)
+        if config.eval_only:
+            return _evaluate_only(accelerator, model, eval_dataloaders, evaluator, config, results)
+        trainer = _Trainer(accelerator, config, hooks, evaluator, results)
+        trainer.prepare(model, train_dataloader, eval_dataloaders)
+        trainer.train()
+        return trainer.finish(processor)
 
 
 def _evaluate_only(
@@ -163,7 +169,7 @@ def _evaluate_only(
     metrics, dead = evaluator(model, dict(zip(names, dls, strict=True)))
     log_metrics(accelerator, "eval", metrics)
     results.update(status="complete", final=metrics, dead_units=dead, wall_time_s=time.perf_counter() - start)
-    write_results(accelerator, config.output_dir, results)
+    write_results(accelerator, config.output_dir, results, results_file(eval_only=True))
     return results
 
 
@@ -198,9 +204,8 @@ class _Trainer:
     # -- before the first step ---------------------------------------------------------------------------------
 
     def prepare(self, model: nn.Module, train_dataloader: Any, eval_dataloaders: dict[str, Any]) -> None:
-        """Check the output folder, build the optimizer, ``accelerator.prepare`` everything, resume if asked."""
+        """Build the optimizer, ``accelerator.prepare`` everything, resume if asked."""
         acc, config = self.accelerator, self.config
-        prepare_output_dir(acc, config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
         self.total_steps = total_training_steps(config, len(train_dataloader), acc.num_processes)
         # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
         optimizer, lr_scheduler = self.hooks.optimizer_fn(model, config, self.total_steps * acc.num_processes)

@@ -8,12 +8,17 @@ preparation a run applies (the FFN activation, then LoRA).
   another size or other labels is refused before any weight is read.
 - :func:`prepare_model`: ``--activation keep|relu|helu`` (:mod:`hf_helu.patching`) then ``--lora`` (PEFT), with a
   JSON-able description for results.json.
+- :func:`check_stock_export`: the stock-ReLU export, loaded by a Python process that never imports hf_helu, predicts
+  what the trained model predicts.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,12 +193,74 @@ def prepare_model(
     return model, info
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The stock-ReLU export, checked without hf_helu
+# ----------------------------------------------------------------------------------------------------------------
+
+# Runs in a fresh `python -I` (no cwd, no PYTHONPATH on sys.path): loads the export with stock transformers only.
+_STOCK_PREDICT = """
+import sys, torch, transformers
+export_dir, auto_class, inputs_path, outputs_path = sys.argv[1:5]
+torch.set_num_threads(1)
+model = getattr(transformers, auto_class).from_pretrained(export_dir, dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = [model(**batch).logits for batch in torch.load(inputs_path)]
+loaded = sorted(m for m in sys.modules if m == "hf_helu" or m.startswith("hf_helu."))
+assert not loaded, f"hf_helu was imported: {loaded}"
+torch.save(torch.cat(logits), outputs_path)
+"""
+
+
+def check_stock_export(
+    export_dir: str,
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    auto_class: str = "AutoModelForSequenceClassification",
+    regression: bool = False,
+) -> dict[str, Any]:
+    """Load ``export_dir`` in a Python process that never imports hf_helu and compare its predictions with ``model``'s.
+
+    ``batches``: model inputs (labels are dropped); both sides run in float32 on the CPU, one thread. Returns
+    ``{"examples", "same_predictions", "max_abs_logit_diff"}`` (a prediction is the argmax, or for ``regression`` the
+    output within 1e-4). A subprocess failure (hf_helu imported, export not loadable) raises RuntimeError.
+    """
+    from hf_helu.conversion.batches import model_inputs
+
+    inputs = [model_inputs(batch, torch.device("cpu")) for batch in batches]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        original = copy.deepcopy(model).cpu().float().eval()
+        with torch.no_grad():
+            expected = torch.cat([original(**batch).logits for batch in inputs])
+    finally:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="hf_helu_export_check_") as tmp:
+        inputs_path, outputs_path = f"{tmp}/inputs.pt", f"{tmp}/logits.pt"
+        torch.save(inputs, inputs_path)
+        command = [sys.executable, "-I", "-c", _STOCK_PREDICT, str(export_dir), auto_class, inputs_path, outputs_path]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the stock-transformers check of {export_dir} failed:\n{done.stderr[-2000:]}")
+        got = torch.load(outputs_path)
+    if regression:
+        same = ((got - expected).abs().reshape(len(got), -1).amax(dim=1) <= 1e-4).sum()
+    else:
+        same = (got.argmax(dim=-1) == expected.argmax(dim=-1)).sum()
+    return {
+        "examples": len(expected),
+        "same_predictions": int(same),
+        "max_abs_logit_diff": float((got - expected).abs().max()) if len(expected) else 0.0,
+    }
+
+
 __all__ = [
     "HEAD_SUFFIXES",
     "Head",
     "apply_activation",
     "apply_lora",
     "check_head",
+    "check_stock_export",
     "has_trained_head",
     "load_model",
     "parse_scope",

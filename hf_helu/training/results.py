@@ -1,5 +1,6 @@
 """What a run leaves behind: OUTPUT_DIR/results.json (rewritten atomically after every epoch), the final model in
-OUTPUT_DIR/model and, when the model holds HeLU, its stock-ReLU export in OUTPUT_DIR/model_relu.
+OUTPUT_DIR/model and, when the model holds HeLU, its stock-ReLU export in OUTPUT_DIR/model_relu. An evaluation-only
+run writes OUTPUT_DIR/eval_results.json instead (same layout, no epochs), so it never replaces a training run's results.
 
 results.json holds ``config``, ``model`` (activation, LoRA), ``epochs`` (per-epoch train loss, eval metrics,
 dead-unit stats), ``final``, ``dead_units``, ``wall_time_s``, ``train_samples_per_s``, ``num_processes`` and
@@ -17,6 +18,7 @@ from torch import nn
 from hf_helu.atomic import atomic_directory, atomic_write_json
 
 RESULTS_FILE = "results.json"
+EVAL_RESULTS_FILE = "eval_results.json"  # an evaluation-only run's results: a training run's results.json stays
 MODEL_DIR = "model"
 RELU_SUFFIX = "_relu"
 
@@ -33,10 +35,15 @@ def new_results(accelerator: Any, config: dict[str, Any], model_info: dict[str, 
     }
 
 
-def write_results(accelerator: Any, output_dir: Path, results: dict[str, Any]) -> None:
-    """OUTPUT_DIR/results.json, atomically, from the main process."""
+def results_file(eval_only: bool) -> str:
+    """The name of a run's results file in OUTPUT_DIR: eval_results.json for an evaluation-only run."""
+    return EVAL_RESULTS_FILE if eval_only else RESULTS_FILE
+
+
+def write_results(accelerator: Any, output_dir: Path, results: dict[str, Any], name: str = RESULTS_FILE) -> None:
+    """OUTPUT_DIR/results.json (or ``name``), atomically, from the main process."""
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / RESULTS_FILE, results)
+        atomic_write_json(output_dir / name, results)
 
 
 def log_metrics(accelerator: Any, label: str, metrics: dict[str, dict[str, float]]) -> None:
@@ -93,12 +100,14 @@ def _save(path: Path, model: nn.Module, processor: Any, state_dict: dict | None 
 
 
 __all__ = [
+    "EVAL_RESULTS_FILE",
     "MODEL_DIR",
     "RESULTS_FILE",
     "has_helu",
     "log_metrics",
     "new_results",
     "relu_export_dir",
+    "results_file",
     "save_model",
     "write_results",
 ]

@@ -9,6 +9,10 @@
 - :mod:`.metrics`: WER, CER, accuracy.
 - :mod:`.batches`: :class:`SpeechDataset` and :class:`SpeechCollator` (padding, attention mask, -100 labels).
 - :mod:`.models`: small scratch Wav2Vec2 configs and :func:`build_model`.
+- :mod:`.evaluation`: Wav2Vec2 eval steps and metrics (classification; CTC greedy transcripts, WER, CER).
+- :mod:`.task`: :class:`ClipSets` and :class:`TaskSetup`, what the recipe holds for one run.
+- :mod:`.whisper`: Whisper models (asr and classify), a shorter encoder window, its collator, ``generate``-based
+  evaluation (WER, CER, exact match).
 
 Every name is importable from ``hf_helu.training.speech`` itself.
 """
@@ -18,18 +22,20 @@ from hf_helu.training.speech.audio import (
     AudioDecodeError,
     Clip,
     load_waveform,
+    load_waveforms,
     max_samples,
     normalize,
     read_audio,
     resample,
 )
-from hf_helu.training.speech.batches import SpeechCollator, SpeechDataset
+from hf_helu.training.speech.batches import SpeechCollator, SpeechDataset, calibration_batches
 from hf_helu.training.speech.data import (
     AUDIO_EXTENSIONS,
     DIGIT_WORDS,
     EVAL_SPLIT_PREFERENCE,
     FSDD_NAME,
     FSDD_TEST_INDICES,
+    HELD_OUT_SPLIT,
     METADATA_FILE,
     SPLIT_NAMES,
     TRANSCRIPT_COLUMNS,
@@ -40,18 +46,22 @@ from hf_helu.training.speech.data import (
     is_fsdd_folder,
     load_splits,
     pick_eval_split,
+    stratified_split,
     subset_in_order,
 )
+from hf_helu.training.speech.evaluation import classify_metrics, ctc_metrics, make_ctc_eval_step
 from hf_helu.training.speech.metrics import accuracy, char_error_rate, edit_distance, word_error_rate
 from hf_helu.training.speech.models import (
     SIZES,
     TASKS,
     build_model,
+    min_input_samples,
     parse_config_overrides,
     scratch_config,
     scratch_feature_extractor,
     task_head,
 )
+from hf_helu.training.speech.task import ClipSets, TaskSetup
 from hf_helu.training.speech.text import (
     PAD_TOKEN,
     UNK_TOKEN,
@@ -63,6 +73,21 @@ from hf_helu.training.speech.text import (
     label_ids,
     label_names,
 )
+from hf_helu.training.speech.whisper import (
+    WhisperCollator,
+    build_whisper_model,
+    encoder_positions,
+    freeze_conv_frontend,
+    is_whisper,
+    load_feature_extractor,
+    make_whisper_eval_step,
+    normalize_text,
+    shorten_encoder,
+    transcript_ids,
+    whisper_asr_metrics,
+    whisper_encoder,
+    window_seconds,
+)
 
 __all__ = [
     "AUDIO_EXTENSIONS",
@@ -70,6 +95,7 @@ __all__ = [
     "EVAL_SPLIT_PREFERENCE",
     "FSDD_NAME",
     "FSDD_TEST_INDICES",
+    "HELD_OUT_SPLIT",
     "METADATA_FILE",
     "PAD_TOKEN",
     "SAMPLING_RATE",
@@ -81,34 +107,56 @@ __all__ = [
     "WORD_DELIMITER",
     "AudioDecodeError",
     "Clip",
+    "ClipSets",
     "SpeechCollator",
     "SpeechDataset",
+    "TaskSetup",
+    "WhisperCollator",
     "accuracy",
     "audiofolder_splits",
     "build_model",
     "build_vocabulary",
+    "build_whisper_model",
+    "calibration_batches",
     "char_error_rate",
     "check_transcripts",
+    "classify_metrics",
     "clean_transcript",
     "clips_from_datasets",
+    "ctc_metrics",
     "ctc_tokenizer",
     "edit_distance",
+    "encoder_positions",
+    "freeze_conv_frontend",
     "fsdd_splits",
     "hub_splits",
     "is_fsdd_folder",
+    "is_whisper",
     "label_ids",
     "label_names",
+    "load_feature_extractor",
     "load_splits",
     "load_waveform",
+    "load_waveforms",
+    "make_ctc_eval_step",
+    "make_whisper_eval_step",
     "max_samples",
+    "min_input_samples",
     "normalize",
+    "normalize_text",
     "parse_config_overrides",
     "pick_eval_split",
     "read_audio",
     "resample",
     "scratch_config",
     "scratch_feature_extractor",
+    "shorten_encoder",
+    "stratified_split",
     "subset_in_order",
     "task_head",
+    "transcript_ids",
+    "whisper_asr_metrics",
+    "whisper_encoder",
+    "window_seconds",
     "word_error_rate",
 ]

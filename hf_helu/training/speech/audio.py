@@ -85,3 +85,38 @@ def max_samples(max_seconds: float, sampling_rate: int = SAMPLING_RATE) -> int:
     if not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
     return round(max_seconds * sampling_rate)
+
+
+def load_waveforms(
+    clips: list[Clip],
+    sampling_rate: int,
+    max_seconds: float,
+    *,
+    cut: bool,
+    do_normalize: bool = True,
+    min_samples: int = 1,
+    cap_name: str = "--max_seconds",
+) -> list[np.ndarray]:
+    """Every clip decoded (:func:`load_waveform`) and checked, so bad data fails before any training.
+
+    ``cut``: clips over ``max_seconds`` are cut (classification); else such a clip is an error (speech
+    recognition: a cut transcript would no longer match; ``cap_name`` says where the cap comes from). A clip
+    shorter than ``min_samples`` (what the model's feature encoder needs for one frame) is an error naming it.
+    """
+    cap = max_samples(max_seconds, sampling_rate)
+    result = []
+    for clip in clips:
+        waveform = load_waveform(clip, sampling_rate, max_seconds if cut else None, do_normalize)
+        if len(waveform) > cap:
+            raise ValueError(
+                f"clip {clip.source!r} lasts {len(waveform) / sampling_rate:.2f} s, over {cap_name} {max_seconds:g}: "
+                "speech recognition does not cut clips (the transcript would no longer match)"
+            )
+        if len(waveform) < min_samples:
+            raise ValueError(
+                f"clip {clip.source!r} has {len(waveform)} samples at {sampling_rate} Hz "
+                f"({len(waveform) / sampling_rate * 1000:.1f} ms): the model's feature encoder needs at least "
+                f"{min_samples} samples ({min_samples / sampling_rate * 1000:.1f} ms) for one frame; drop or pad it"
+            )
+        result.append(waveform)
+    return result

