@@ -15,7 +15,7 @@ An Accelerate script (no Trainer), on the training loop of :mod:`hf_helu.trainin
 
     # Whisper tiny.en (the model class comes from the checkpoint's config), a 3 s encoder window, HeLU in its
     # encoder and decoder FFNs, converted (--conversion auto: calibrate+anneal); evaluation by generate:
-    python recipes/run_speech.py --task asr --model ../shared/data/whisper-tiny.en --encoder_seconds 3 \
+    python recipes/run_speech.py --task asr --model ../shared/data/whisper-tiny.en --encoder_seconds 3 \\
         --activation helu --epochs 1 --batch_size 8 --lr 1e-5 --output_dir runs/fsdd_whisper_helu
 
     # Evaluate a saved model:
