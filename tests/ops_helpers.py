@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -13,6 +16,19 @@ ALPHA = 0.05
 def bits_of(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a float tensor, to compare bit for bit (-0.0 vs 0.0, NaN payloads)."""
     return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@contextlib.contextmanager
+def recording_saved_tensors() -> Iterator[list[torch.Tensor]]:
+    """The list of every tensor autograd saves inside the block, in order (a pack hook that keeps them)."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
 
 
 def skip_if_unavailable(backend: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_helpers import bits_of, skip_if_unavailable
+from ops_helpers import bits_of, recording_saved_tensors, skip_if_unavailable
 from torch import func
 from torch.autograd import forward_ad
 
@@ -164,13 +164,7 @@ def test_create_graph_saves_only_the_mask(backend):
     the differentiable backward saves that same mask again, no float tensor."""
     skip_if_unavailable(backend)
     x = torch.randn(64, 40, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with recording_saved_tensors() as saved:
         y = helu(x, ALPHA, backend=backend)
         forward_saved = list(saved)
         (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)

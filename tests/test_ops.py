@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from ops_helpers import ALPHA, bits_of, sample, skip_if_unavailable
+from ops_helpers import ALPHA, bits_of, recording_saved_tensors, sample, skip_if_unavailable
 from torch.utils.checkpoint import checkpoint
 
 from hf_helu import helu, ops
@@ -95,13 +95,7 @@ def test_nan_and_inf_behave_like_relu(backend, dtype):
 def test_graph_saves_no_float_tensor(backend):
     skip_if_unavailable(backend)
     x = torch.randn(64, 37, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with recording_saved_tensors() as saved:
         y = helu(x, ALPHA, backend=backend)
     assert saved, "the HeLU node saved nothing: its backward could not know the mask"
     assert all(not t.is_floating_point() for t in saved), [t.dtype for t in saved]
