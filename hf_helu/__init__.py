@@ -13,10 +13,10 @@ from hf_helu.conversion import (
     convert_model,
 )
 from hf_helu.diagnostics import ActivationMonitor, ActivationStats, LayerActivationStats, plot_dead_fraction
+from hf_helu.errors import UsageError
 from hf_helu.families import ActivationSite, find_activation_sites
 from hf_helu.patching import (
     PatchReport,
-    UnsupportedModelError,
     export_for_inference,
     patch_model,
     reapply_patch,
@@ -38,7 +38,7 @@ __all__ = [
     "HeLU",
     "LayerActivationStats",
     "PatchReport",
-    "UnsupportedModelError",
+    "UsageError",
     "activation_name",
     "calibrate_ffn",
     "convert_model",

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import activations
 
 from hf_helu.activation import DEFAULT_ALPHA, HeLU, activation_name, parse_activation_name, validate_alpha
+from hf_helu.errors import UsageError
 from hf_helu.families import (
     FAMILIES,
     ActivationSite,
@@ -46,10 +47,6 @@ from hf_helu.families import (
 )
 
 OVERRIDES_ATTR = "hf_helu"
-
-
-class UnsupportedModelError(ValueError):
-    """The model has no FFN activation module that hf_helu can find."""
 
 
 @dataclass(frozen=True)
@@ -197,9 +194,9 @@ def _built(sites: list[ActivationSite]) -> dict[str, str]:
     return {s.name: s.config_attr for s in sites if s.config_attr is not None}
 
 
-def _unsupported(model: nn.Module) -> UnsupportedModelError:
+def _unsupported(model: nn.Module) -> UsageError:
     model_type = getattr(model.config, "model_type", None)
-    return UnsupportedModelError(
+    return UsageError(
         f"{type(model).__name__} (model_type {model_type!r}) has no FFN activation module that hf_helu can find. "
         f"Supported families: {', '.join(FAMILIES)}; other models work when their FFN activation is a module "
         "inside a block named mlp/ffn/intermediate/feed_forward of a layer stack."
@@ -213,7 +210,7 @@ def patch_model(model: nn.Module, alpha: float = DEFAULT_ALPHA, scope: Scope = "
     sequence of layer indices, or a predicate on module names (see
     :func:`hf_helu.families.find_activation_sites`). The config is updated so that the patch survives
     ``save_pretrained``; see the module docstring for what a partial scope records. Patching twice is a
-    no-op the second time (the report says 0 changed). Raises :class:`UnsupportedModelError` (naming
+    no-op the second time (the report says 0 changed). Raises :class:`UsageError` (naming
     the model class and the supported families) when the model has no FFN activation, whatever the scope.
     """
     alpha = validate_alpha(alpha)

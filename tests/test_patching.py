@@ -24,7 +24,7 @@ from torch import nn
 import hf_helu
 from hf_helu import (
     HeLU,
-    UnsupportedModelError,
+    UsageError,
     export_for_inference,
     find_activation_sites,
     patch_model,
@@ -228,7 +228,7 @@ def test_model_without_ffn_activation_is_a_clear_error():
     config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_channels=3)
     model = transformers.ResNetModel(config)
     for scope in ("ffn", "all"):  # ResNet's config builds conv activations, but there is no FFN
-        with pytest.raises(UnsupportedModelError, match=r"ResNetModel.*Supported families: bert, roberta"):
+        with pytest.raises(UsageError, match=r"ResNetModel.*Supported families: bert, roberta"):
             patch_model(model, scope=scope)
     assert find_activation_sites(model) == []
     assert not helu_alphas(model) and model.config.hidden_act == "relu"  # nothing was touched

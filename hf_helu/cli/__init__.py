@@ -21,13 +21,13 @@ import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 
-from hf_helu.cli.common import CLIError
 from hf_helu.cli.convert import HELP as CONVERT_HELP
 from hf_helu.cli.convert import add_convert_arguments, run_convert
 from hf_helu.cli.export import add_export_arguments, run_export
 from hf_helu.cli.inspect import add_inspect_arguments, run_inspect
 from hf_helu.cli.inspect_activations import add_inspect_activations_arguments, run_inspect_activations
 from hf_helu.cli.patch import add_patch_arguments, run_patch
+from hf_helu.errors import UsageError
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -68,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except CLIError as error:
+    except UsageError as error:
         print(f"hf-helu {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 
-__all__ = ["COMMANDS", "CLIError", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main"]

@@ -14,6 +14,7 @@ import transformers
 from torch import nn
 
 from hf_helu.atomic import atomic_directory
+from hf_helu.errors import UsageError
 from hf_helu.inputs import is_hub_id
 from hf_helu.patching import reapply_patch
 
@@ -25,21 +26,17 @@ _MODEL_FILE = re.compile(
 _SKIPPED_DIRS = {".git", "onnx", "openvino", "coreml", ".cache"}
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
 def resolve_source(src: str) -> Path:
     """A local folder for ``src``: the folder itself, or a Hub snapshot (online only)."""
     path = Path(src).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CLIError(f"SRC {src!r} is a file, expected a model folder or a Hub id")
+            raise UsageError(f"SRC {src!r} is a file, expected a model folder or a Hub id")
         if not (path / "config.json").is_file():
-            raise CLIError(f"SRC {src!r} is not a transformers model folder (no config.json in it)")
+            raise UsageError(f"SRC {src!r} is not a transformers model folder (no config.json in it)")
         return path
     if not is_hub_id(src):
-        raise CLIError(f"SRC {src!r} does not exist (expected a model folder or a Hub id like 'org/name')")
+        raise UsageError(f"SRC {src!r} does not exist (expected a model folder or a Hub id like 'org/name')")
     try:
         from huggingface_hub import snapshot_download
 
@@ -47,7 +44,7 @@ def resolve_source(src: str) -> Path:
             src, ignore_patterns=["*.h5", "*.msgpack", "*.onnx", "onnx/*", "openvino/*", "*.ot", "*.tflite"]
         )
     except Exception as error:
-        raise CLIError(
+        raise UsageError(
             f"SRC {src!r} is not an existing folder, and fetching it from the Hugging Face Hub failed: {error}"
         ) from None
     return resolve_source(local)
@@ -61,12 +58,12 @@ def model_class(config: transformers.PretrainedConfig) -> type:
     """
     for name in getattr(config, "architectures", None) or []:
         if not isinstance(name, str):
-            raise CLIError(f"config.architectures holds {name!r}, expected the name of a transformers model class")
+            raise UsageError(f"config.architectures holds {name!r}, expected the name of a transformers model class")
         cls = getattr(transformers, name, None)
         if cls is None:
             continue
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            raise CLIError(
+            raise UsageError(
                 f"config.architectures names {name!r}, which is not a transformers model class "
                 "(a subclass of transformers.PreTrainedModel)"
             )
@@ -78,7 +75,7 @@ def load_config(folder: Path) -> transformers.PretrainedConfig:
     try:
         return transformers.AutoConfig.from_pretrained(folder)
     except Exception as error:
-        raise CLIError(f"{folder} has a config.json transformers cannot read: {error}") from None
+        raise UsageError(f"{folder} has a config.json transformers cannot read: {error}") from None
 
 
 def reapply_recorded_patch(model: nn.Module) -> nn.Module:
@@ -86,7 +83,7 @@ def reapply_recorded_patch(model: nn.Module) -> nn.Module:
     try:
         reapply_patch(model)
     except ValueError as error:
-        raise CLIError(str(error)) from None
+        raise UsageError(str(error)) from None
     return model
 
 
@@ -98,7 +95,7 @@ def load_checkpoint(folder: Path) -> nn.Module:
     try:
         model = cls.from_pretrained(folder, config=config)
     except Exception as error:
-        raise CLIError(f"cannot load a {cls.__name__} from {folder}: {error}") from None
+        raise UsageError(f"cannot load a {cls.__name__} from {folder}: {error}") from None
     return reapply_recorded_patch(model)
 
 
@@ -129,18 +126,18 @@ def check_destination(dst: str, overwrite: bool) -> None:
     """Fail before the (slow) load when DST would be refused anyway."""
     path = Path(dst)
     if path.exists() and not path.is_dir():
-        raise CLIError(f"DST {dst!r} exists and is not a folder")
+        raise UsageError(f"DST {dst!r} exists and is not a folder")
     if path.exists() and any(path.iterdir()) and not overwrite:
-        raise CLIError(f"DST {dst!r} exists and is not empty; pass --overwrite to replace it")
+        raise UsageError(f"DST {dst!r} exists and is not empty; pass --overwrite to replace it")
 
 
 def check_not_nested(src: Path, dst: str) -> None:
     """Refuse a DST inside SRC (it would be copied into itself as an extra) or holding SRC (replacing it deletes it)."""
     source, target = src.resolve(), Path(dst).expanduser().resolve()
     if source in target.parents:
-        raise CLIError(f"DST {dst!r} is inside SRC {str(src)!r}: choose a folder outside it")
+        raise UsageError(f"DST {dst!r} is inside SRC {str(src)!r}: choose a folder outside it")
     if target in source.parents:
-        raise CLIError(f"DST {dst!r} holds SRC {str(src)!r}: writing DST would replace SRC; choose another folder")
+        raise UsageError(f"DST {dst!r} holds SRC {str(src)!r}: writing DST would replace SRC; choose another folder")
 
 
 def check_writable_file(path: str) -> None:
@@ -148,18 +145,18 @@ def check_writable_file(path: str) -> None:
     above it) must be a writable folder (a probe file is created and removed), and ``path`` no folder."""
     target = Path(path).expanduser()
     if target.is_dir():
-        raise CLIError(f"{path!r} is a folder, expected a file path")
+        raise UsageError(f"{path!r} is a folder, expected a file path")
     folder = target.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise CLIError(f"cannot write {path!r}: {str(folder)!r} is a file, not a folder")
+        raise UsageError(f"cannot write {path!r}: {str(folder)!r} is a file, not a folder")
     probe = folder / f".hf_helu_probe.{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise CLIError(f"cannot write {path!r}: folder {str(folder)!r} is not writable ({error.strerror})") from None
+        raise UsageError(f"cannot write {path!r}: folder {str(folder)!r} is not writable ({error.strerror})") from None
 
 
 def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> None:
@@ -169,7 +166,7 @@ def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> N
             model.save_pretrained(tmp)
             copy_extras(src, tmp)
     except FileExistsError as error:
-        raise CLIError(str(error)) from None
+        raise UsageError(str(error)) from None
 
 
 def transform_and_save(args: argparse.Namespace, transform: Callable[[nn.Module], Any], saved_note: str = "") -> int:
@@ -181,7 +178,7 @@ def transform_and_save(args: argparse.Namespace, transform: Callable[[nn.Module]
     try:
         report = transform(model)
     except ValueError as error:
-        raise CLIError(str(error)) from None
+        raise UsageError(str(error)) from None
     save_atomically(model, src, args.dst, args.overwrite)
     print(report)
     print(f"saved to {args.dst}{saved_note}")

@@ -13,9 +13,10 @@ from pathlib import Path
 from torch import nn
 
 from hf_helu.activation import DEFAULT_ALPHA
-from hf_helu.cli.common import CLIError, check_destination, resolve_source, transform_and_save
+from hf_helu.cli.common import check_destination, resolve_source, transform_and_save
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.conversion import DEFAULT_RIDGE, check_ridge, convert_model
+from hf_helu.errors import UsageError
 from hf_helu.inputs import alpha, positive_int
 
 HELP = (
@@ -57,7 +58,7 @@ def calibration_texts(data: str, samples: int) -> list[tuple[str, str | None]]:
     try:
         texts = read_texts(train if path.is_dir() and train.is_file() else path)
     except (OSError, ValueError) as error:
-        raise CLIError(str(error)) from None
+        raise UsageError(str(error)) from None
     return texts[:samples]
 
 
@@ -69,10 +70,10 @@ def run_convert(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_source(args.src))
-    except CLIError:
+    except UsageError:
         raise
     except Exception as error:
-        raise CLIError(f"cannot load a tokenizer from {args.src!r} (text models only): {error}") from None
+        raise UsageError(f"cannot load a tokenizer from {args.src!r} (text models only): {error}") from None
     batches = list(iter_text_batches(tokenizer, texts, args.batch_size, args.max_length))
 
     def convert(model: nn.Module) -> str:

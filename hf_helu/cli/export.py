@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 
 from hf_helu.cli.common import (
-    CLIError,
     check_destination,
     copy_extras,
     load_checkpoint,
@@ -17,6 +16,7 @@ from hf_helu.cli.common import (
     resolve_source,
     transform_and_save,
 )
+from hf_helu.errors import UsageError
 from hf_helu.patching import export_for_inference
 
 
@@ -41,7 +41,7 @@ def run_onnx_export(args: argparse.Namespace) -> int:
     try:
         check_onnx_request(load_config(src), args.quantize)
     except (ValueError, ModuleNotFoundError) as error:
-        raise CLIError(str(error)) from None
+        raise UsageError(str(error)) from None
     model = load_checkpoint(src)
     try:
         report = export_onnx(
@@ -52,7 +52,7 @@ def run_onnx_export(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except ValueError as error:
-        raise CLIError(str(error)) from None
+        raise UsageError(str(error)) from None
     print(report)
     print(f"saved to {args.dst} (ONNX Runtime serves it; no torch or hf_helu needed)")
     return 0
@@ -60,7 +60,7 @@ def run_onnx_export(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     if args.quantize is not None and not args.onnx:
-        raise CLIError(f"--quantize {args.quantize} needs --onnx (quantized models are written as ONNX only)")
+        raise UsageError(f"--quantize {args.quantize} needs --onnx (quantized models are written as ONNX only)")
     if args.onnx:
         return run_onnx_export(args)
     return transform_and_save(args, export_for_inference, " (stock transformers can load it; no hf_helu needed)")

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from hf_helu.activation import HeLU
-from hf_helu.cli.common import CLIError, load_config, model_class, reapply_recorded_patch, resolve_source
+from hf_helu.cli.common import load_config, model_class, reapply_recorded_patch, resolve_source
+from hf_helu.errors import UsageError
 from hf_helu.families import all_activation_sites
 from hf_helu.patching import OVERRIDES_ATTR, describe_activation, read_overrides
 
@@ -27,7 +28,7 @@ def describe_checkpoint(folder: Path) -> dict:
         with torch.device("meta"):
             model = cls(config) if cls.__name__ != "AutoModel" else cls.from_config(config)
     except Exception as error:
-        raise CLIError(f"cannot build a {cls.__name__} from {folder}/config.json: {error}") from None
+        raise UsageError(f"cannot build a {cls.__name__} from {folder}/config.json: {error}") from None
     reapply_recorded_patch(model)
     sites = all_activation_sites(model)
     alphas = sorted({s.module.alpha for s in sites if isinstance(s.module, HeLU)})

@@ -8,9 +8,10 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_helu.atomic import atomic_write_json
-from hf_helu.cli.common import CLIError, check_writable_file, load_checkpoint, resolve_source
+from hf_helu.cli.common import check_writable_file, load_checkpoint, resolve_source
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.diagnostics import ActivationMonitor
+from hf_helu.errors import UsageError
 from hf_helu.families import SCOPES
 from hf_helu.inputs import alpha, positive_int
 
@@ -39,12 +40,12 @@ def run_inspect_activations(args: argparse.Namespace) -> int:
     try:
         texts = read_texts(args.data)[: args.max_samples]
     except (OSError, ValueError) as error:
-        raise CLIError(str(error)) from None
+        raise UsageError(str(error)) from None
     folder = resolve_source(args.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as error:
-        raise CLIError(f"cannot load a tokenizer from {args.model!r} (text models only): {error}") from None
+        raise UsageError(f"cannot load a tokenizer from {args.model!r} (text models only): {error}") from None
     model = load_checkpoint(folder).to(args.device).eval()
     if model.device.type == "cpu":
         model.float()
