@@ -47,9 +47,11 @@ from hf_helu.atomic import atomic_write_text
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.diagnostics import ActivationMonitor
 from hf_helu.onnx_export import INT8_FILE, ONNX_FILE, export_onnx
-from hf_helu.training.paths import data_root
 
-DATA_DIR = data_root()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # recipe_support lives beside the recipes
+from recipe_support.paths import data_path
+
+GLUE_DIR = data_path("glue")  # $HF_HELU_DATA_DIR/glue, or None: then --data and --data_dir are needed
 BACKENDS = ("torch fp32", "torch int8", "ORT fp32", "ORT int8")
 NAMES = {"gelu": "GELU", "relu": "ReLU", "gelu_new": "GELU (tanh)"}
 
@@ -223,7 +225,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="original GELU checkpoint (default: packaged all-MiniLM-L6-v2)")
     parser.add_argument("--exported", default=None, help="exported ReLU checkpoint (default: patch+export --model)")
     parser.add_argument("--alpha", type=float, default=hf_helu.DEFAULT_ALPHA, help="alpha for the default export")
-    parser.add_argument("--data", default=str(DATA_DIR / "glue" / "STS-B"), help="texts for sparsity (GLUE dir)")
+    parser.add_argument(
+        "--data",
+        default=str(GLUE_DIR / "STS-B") if GLUE_DIR else None,
+        required=GLUE_DIR is None,
+        help="texts for sparsity (a GLUE task folder; default $HF_HELU_DATA_DIR/glue/STS-B)",
+    )
     parser.add_argument("--sentences", type=int, default=512, help="texts for the sparsity count")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats-batch1", type=int, default=20)
@@ -238,9 +245,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("TASK", "GELU_DIR", "RELU_DIR"),
         help="GLUE dev score before/after int8 of a fine-tuned GELU model and its HeLU-converted ReLU export",
     )
-    parser.add_argument("--data_dir", default=str(DATA_DIR / "glue"), help="GLUE folder for --glue")
+    parser.add_argument(
+        "--data_dir",
+        default=str(GLUE_DIR) if GLUE_DIR else None,
+        help="GLUE folder for --glue (default $HF_HELU_DATA_DIR/glue)",
+    )
     parser.add_argument("--markdown", default=None, help="write the report (Markdown) to this file as well")
     args = parser.parse_args(argv)
+    if args.glue and not args.data_dir:
+        parser.error("--glue needs --data_dir (or $HF_HELU_DATA_DIR)")
     for task, *folders in args.glue:  # fail before the timing, not after it
         for folder in folders:
             if not (Path(folder) / "config.json").is_file():

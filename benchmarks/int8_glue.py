@@ -23,7 +23,15 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_helu.onnx_export import INT8_FILE, ONNX_FILE, export_onnx
-from hf_helu.training.glue import get_task, glue_metrics, glue_score, predictions_from_logits, read_tsv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # recipe_support lives beside the recipes
+from recipe_support.glue import (
+    get_task,
+    glue_metrics,
+    glue_score,
+    predictions_from_logits,
+    read_tsv,
+)
 
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]  # a padded batch of numpy inputs -> logits
 

@@ -5,15 +5,14 @@
 
 The backward needs to know where ``z > -alpha``, which ReLU's output cannot tell, so the autograd
 node saves a mask (1 bit or 1 byte per element, from the kernels in :mod:`hf_helu.ops`) and never the
-float input. Without autograd
-(``torch.no_grad()``, an input that does not require grad, a module in eval mode) HeLU is plain
-``torch.relu``: no node, no mask.
+float input. Without autograd (``torch.no_grad()``, a module in eval mode) HeLU is plain ``torch.relu``: no node,
+no mask.
 
 Every autograd mode gets HeLU's derivative: backward (``grad`` where the mask is set), double backward
 and ``create_graph=True`` (the backward is itself a node applying the same mask, as ReLU's is), forward
 mode (``forward_ad``, ``torch.func.jvp``/``jacfwd``: tangent where the mask is set) and the torch.func
-transforms (``grad``, ``vjp``, ``jacrev``, ``hessian``, ``vmap``). The first-order path is unchanged: the
-same kernels, the same 1-bit mask, one extra Python-level node call in backward (:mod:`hf_helu.ops.nodes`).
+transforms (``grad``, ``vjp``, ``jacrev``, ``hessian``, ``vmap``), through one node (:mod:`hf_helu.ops.nodes`)
+that ``torch.compile`` traces whole.
 """
 
 from __future__ import annotations
@@ -56,18 +55,16 @@ def _check_input(x: object) -> torch.Tensor:
     return x
 
 
-# torch.func.vmap hides requires_grad: a batched tensor says False even under torch.func.grad. There is no
-# public test for one; without it, every batched input takes the autograd node (correct, only slower).
-_is_batched = getattr(torch._C._functorch, "is_batchedtensor", lambda x: True)
-
-
 def _needs_node(x: torch.Tensor) -> bool:
-    """True when a derivative of HeLU may be taken: reverse mode, forward mode (a tangent), or under vmap."""
-    if x.requires_grad and torch.is_grad_enabled():
+    """True unless no derivative of HeLU can be taken: grad mode off and no forward-mode tangent.
+
+    With grad mode on, an input that does not require grad still takes the node: under ``torch.func.vmap`` a
+    batched tensor reports ``requires_grad=False`` even inside ``torch.func.grad``, and there is no public test
+    for one. The cost is a mask computed for nothing in that rare eager case.
+    """
+    if torch.is_grad_enabled():
         return True
-    if torch.compiler.is_compiling():
-        return False
-    return forward_ad.unpack_dual(x).tangent is not None or _is_batched(x)
+    return forward_ad.unpack_dual(x).tangent is not None
 
 
 def helu(x: torch.Tensor, alpha: float = DEFAULT_ALPHA, backend: str | None = None) -> torch.Tensor:

@@ -6,17 +6,19 @@ Each raises with the offending text and what was expected, so every command repo
 from __future__ import annotations
 
 import argparse
-import re
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_helu.activation import validate_alpha
 
-# A Hugging Face Hub repository id: "name" or "org/name".
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
 
 def is_hub_id(text: str) -> bool:
-    """True when ``text`` can name a Hub repository (and is not a path like "./x" or "/x")."""
-    return not text.startswith((".", "/", "~")) and HUB_ID.fullmatch(text) is not None
+    """True when ``text`` can name a Hub repository ("name" or "org/name"; not a path like "./x" or "/x")."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return not text.startswith((".", "/", "~"))
 
 
 def _parsed(text: str, convert, accept, expected: str):

@@ -173,10 +173,9 @@ def max_abs_diff(
 def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     """ONNX Runtime dynamic quantization: 7-bit-range int8 weights per output channel, uint8 activations per batch.
 
-    ``reduce_range``: on x86 CPUs without VNNI (AVX2, this project's machines) ONNX Runtime's u8 x s8 kernels sum
-    pairs of products in int16 and saturate; 7-bit weights avoid it. Measured on a tiny BERT (hidden 32): logit
-    error 34% of the logit range with 8-bit weights, 2% with 7-bit. ``per_channel``: on the packaged MiniLM the
-    mean abs error of the hidden states is 0.089 per tensor, 0.043 per channel, 0.052 per channel + reduce_range.
+    ``reduce_range``: on x86 CPUs without VNNI (AVX2) ONNX Runtime's u8 x s8 kernels sum pairs of products in int16
+    and saturate; 7-bit weights avoid it. ``per_channel`` cuts the error of per-tensor scales. The error of each mode
+    is in BENCHMARKS.md ("ONNX export and int8 quantization modes").
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -12,27 +12,29 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.stats
 import torch
+from recipe_support import glue
 from transformers import AutoModel, AutoTokenizer
 
 import hf_helu  # noqa: F401  (registers "helu")
 from hf_helu import conversion
 from hf_helu.activation import DEFAULT_ALPHA
 from hf_helu.atomic import atomic_write_json, atomic_write_text
+from hf_helu.errors import UsageError
 from hf_helu.inputs import alpha
 from hf_helu.patching import patch_model
-from hf_helu.training import glue
 
 
 def read_stsb(path: Path, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """Sentence pairs and gold scores of an STS-B TSV (the first ``limit`` rows, or all)."""
     if not path.is_file():
-        raise FileNotFoundError(f"STS-B file not found: {path}")
+        raise UsageError(f"STS-B file not found: {path}")
     columns = glue.read_tsv(glue.get_task("stsb"), path)
     end = limit or None
     return columns["sentence1"][:end], columns["sentence2"][:end], np.array(columns["label"][:end], dtype=np.float64)
@@ -59,6 +61,14 @@ def spearman(model, tokenizer, first: list[str], second: list[str], gold: np.nda
     return float(scipy.stats.spearmanr(cosine, gold).statistic)
 
 
+def _checkpoint(item: str) -> tuple[str, str]:
+    """``--checkpoints NAME=PATH`` as (name, path), the path an existing folder."""
+    name, sep, path = item.partition("=")
+    if not sep or not name or not Path(path).is_dir():
+        raise UsageError(f"--checkpoints expects NAME=PATH with an existing folder, got {item!r}")
+    return name, path
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Default: the packaged all-MiniLM-L6-v2.")
@@ -79,12 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip_probe", action="store_true", help="Only score --checkpoints.")
     parser.add_argument("--output", default="runs/conversion_zeroshot.json")
     args = parser.parse_args(argv)
-    checkpoints = []
-    for item in args.checkpoints:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not Path(path).is_dir():
-            raise SystemExit(f"error: --checkpoints expects NAME=PATH with an existing folder, got {item!r}")
-        checkpoints.append((name, path))
+    checkpoints = [_checkpoint(item) for item in args.checkpoints]
 
     data_dir = Path(args.data_dir) if args.data_dir else glue.default_data_dir()
     model_path = args.model or glue.default_model()
@@ -147,4 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:  # bad input: one line; any other exception is a bug and keeps its traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

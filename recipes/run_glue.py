@@ -26,14 +26,8 @@ from pathlib import Path
 import datasets
 import transformers
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, DataCollatorWithPadding
-
-import hf_helu  # noqa: F401  (registers "helu" so patched checkpoints load)
-from hf_helu import conversion
-from hf_helu.inputs import positive_int
-from hf_helu.training import glue
-from hf_helu.training.args import (
+from recipe_support import glue
+from recipe_support.args import (
     add_conversion_args,
     add_training_args,
     check_conversion_args,
@@ -41,11 +35,17 @@ from hf_helu.training.args import (
     lora_settings,
     run_config,
 )
-from hf_helu.training.errors import exit_on_user_error
-from hf_helu.training.loop import FitHooks, fit, make_accelerator
-from hf_helu.training.models import check_stock_export, prepare_model
-from hf_helu.training.output_dir import claim_output_dir
-from hf_helu.training.results import RESULTS_FILE, results_file, write_results
+from recipe_support.loop import FitHooks, fit, make_accelerator
+from recipe_support.models import check_stock_export, prepare_model
+from recipe_support.output_dir import claim_output_dir
+from recipe_support.results import RESULTS_FILE, results_file, write_results
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding
+
+import hf_helu  # noqa: F401  (registers "helu" so patched checkpoints load)
+from hf_helu import conversion
+from hf_helu.errors import UsageError
+from hf_helu.inputs import positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,9 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_conversion_args(args)
     if args.compare_keep and (args.eval_only or args.activation == "keep"):
-        raise ValueError("--compare_keep compares a relu/helu training run with keep; drop it for this run")
+        raise UsageError("--compare_keep compares a relu/helu training run with keep; drop it for this run")
     if args.compare_keep and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--compare_keep runs in one process; launch without accelerate/torchrun")
+        raise UsageError("--compare_keep runs in one process; launch without accelerate/torchrun")
     args.task = glue.get_task(args.task).name  # unknown task: clear error before anything is loaded
     args.model = args.model or glue.default_model()
     method = ("" if args.conversion == "auto" else f"_{args.conversion}") + (
@@ -233,7 +233,7 @@ def _run_keep_baseline(args: argparse.Namespace, argv: list[str]) -> dict:
     print(f"\n--compare_keep: the same fine-tuning with the checkpoint's own activation, into {out}", flush=True)
     done = subprocess.run(command, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the --compare_keep run failed (exit status {done.returncode})")
+        raise SystemExit(f"the --compare_keep run failed (exit status {done.returncode})")
     return json.loads((Path(out) / RESULTS_FILE).read_text())
 
 
@@ -261,4 +261,8 @@ def _print_summary(args: argparse.Namespace, results: dict, baseline: dict | Non
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    try:
+        main()
+    except UsageError as error:  # bad input: one line; any other exception is a bug and keeps its traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

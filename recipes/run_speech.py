@@ -1,6 +1,6 @@
 """Train and evaluate Wav2Vec2 or Whisper with HeLU on speech: keyword/digit classification or speech recognition.
 
-An Accelerate script (no Trainer), on the training loop of :mod:`hf_helu.training.loop`::
+An Accelerate script (no Trainer), on the training loop of :mod:`recipe_support.loop`::
 
     # From scratch on the Free Spoken Digit Dataset (offline), HeLU in the FFN blocks:
     python recipes/run_speech.py --task classify --dataset ../shared/data/fsdd --init scratch --model_size small \\
@@ -34,17 +34,14 @@ import argparse
 import copy
 import functools
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-import hf_helu  # noqa: F401  (registers "helu" in transformers' ACT2FN, for checkpoints that use it)
-from hf_helu import conversion
-from hf_helu.inputs import positive_int
-from hf_helu.training import paths, speech
-from hf_helu.training.args import (
+from recipe_support import speech
+from recipe_support.args import (
     add_conversion_args,
     add_training_args,
     check_conversion_args,
@@ -52,11 +49,16 @@ from hf_helu.training.args import (
     lora_settings,
     run_config,
 )
-from hf_helu.training.errors import exit_on_user_error
-from hf_helu.training.evaluation import default_eval_step
-from hf_helu.training.loop import FitHooks, fit, make_accelerator
-from hf_helu.training.models import has_trained_head, prepare_model, trainable_parameters
-from hf_helu.training.output_dir import claim_output_dir
+from recipe_support.evaluation import default_eval_step
+from recipe_support.loop import FitHooks, fit, make_accelerator
+from recipe_support.models import has_trained_head, prepare_model, trainable_parameters
+from recipe_support.output_dir import claim_output_dir
+from recipe_support.paths import DATA_DIR_ENV, data_path
+
+import hf_helu  # noqa: F401  (registers "helu" in transformers' ACT2FN, for checkpoints that use it)
+from hf_helu import conversion
+from hf_helu.errors import UsageError
+from hf_helu.inputs import positive_int
 
 logger = logging.getLogger("speech")
 
@@ -66,18 +68,10 @@ LORA_TARGET_MODULES = ("q_proj", "v_proj")  # Wav2Vec2/HuBERT/WavLM attention pr
 HEAD_MODULES = {"classify": ("projector", "classifier"), "asr": ("lm_head",), "whisper_asr": ()}
 
 
-def default_dataset() -> str | None:
-    """FSDD under ``$HF_HELU_DATA_DIR``, else beside the checkout (``../shared/data/fsdd``)."""
-    fsdd = paths.fsdd_dir()
-    return str(fsdd) if fsdd.is_dir() else None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=speech.TASKS, default="classify")
-    parser.add_argument(
-        "--dataset", default=default_dataset(), help="FSDD or audiofolder folder, or a hub id (default: FSDD)."
-    )
+    parser.add_argument("--dataset", help="FSDD or audiofolder folder, or a hub id (default: $HF_HELU_DATA_DIR/fsdd).")
     parser.add_argument("--dataset_config", default=None, help="Hub dataset config name (e.g. 'ks' for superb).")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--eval_split", default=None, help="Default: validation, valid, dev or test, if present.")
@@ -119,8 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model = DEFAULT_PRETRAINED
     if args.lora and not args.lora_target_modules:
         args.lora_target_modules = list(LORA_TARGET_MODULES)
-    if args.dataset is None:
-        parser.error("--dataset is required (no FSDD folder found beside the checkout or in $HF_HELU_DATA_DIR)")
+    fsdd = data_path("fsdd")
+    if args.dataset is None and (fsdd is None or not fsdd.is_dir()):
+        parser.error(f"--dataset is required (no FSDD folder in ${DATA_DIR_ENV})")
+    args.dataset = args.dataset or str(fsdd)
     if args.config_overrides and args.model is not None:
         parser.error("--config_overrides applies to a scratch model built from --model_size; drop --model")
     return args
@@ -185,7 +181,7 @@ def load_clips(args: argparse.Namespace) -> speech.ClipSets:
         splits = {args.train_split: train_part, speech.HELD_OUT_SPLIT: eval_part}
     eval_split = speech.pick_eval_split(splits, args.eval_split or (held_out and speech.HELD_OUT_SPLIT))
     if not args.eval_only and args.train_split not in splits:
-        raise ValueError(f"train split {args.train_split!r} not in the dataset's splits {sorted(splits)}")
+        raise UsageError(f"train split {args.train_split!r} not in the dataset's splits {sorted(splits)}")
     # A fixed subsampling seed: every --seed of a comparison sees the same clips. With --eval_only the training
     # clips are not decoded; they only give a scratch model its labels or vocabulary.
     train_split = splits.get(args.train_split, [])
@@ -197,7 +193,7 @@ def load_clips(args: argparse.Namespace) -> speech.ClipSets:
 
 
 def waveforms(clips: list[speech.Clip], setup: speech.TaskSetup, args: argparse.Namespace) -> list[np.ndarray]:
-    """Decoded, checked model inputs (:func:`hf_helu.training.speech.load_waveforms`)."""
+    """Decoded, checked model inputs (:func:`recipe_support.speech.load_waveforms`)."""
     return speech.load_waveforms(
         clips,
         setup.sampling_rate,
@@ -218,7 +214,7 @@ def classify_labels(args: argparse.Namespace, config, train_split: list[speech.C
         return [config.id2label[i] for i in range(config.num_labels)]  # keep the checkpoint's label ids
     labels = speech.label_names(train_split)
     if len(labels) < 2:
-        raise ValueError(
+        raise UsageError(
             f"dataset {args.dataset} has {len(labels)} class(es) {labels} in split {args.train_split!r}: "
             "classification needs at least 2"
         )
@@ -253,7 +249,7 @@ def wav2vec2_setup(args: argparse.Namespace, config, train_split: list[speech.Cl
     if tokenizer is None:
         train_texts = [speech.clean_transcript(c.transcript, c.source) for c in train_split]
         if not train_texts:
-            raise ValueError(
+            raise UsageError(
                 f"no CTC vocabulary: {args.model} has no vocab.json and there is no {args.train_split!r} split "
                 "to build one from"
             )
@@ -394,7 +390,7 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
     config = model_config(args)
     whisper = speech.is_whisper(config)
     if args.encoder_seconds is not None and not whisper:
-        raise ValueError(
+        raise UsageError(
             f"--encoder_seconds applies to Whisper checkpoints; {args.model or 'a scratch Wav2Vec2'} is not one"
         )
     if args.freeze_feature_encoder is None:  # default: the pretrained Wav2Vec2 conv stack stays as trained
@@ -447,4 +443,8 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    try:
+        main()
+    except UsageError as error:  # bad input: one line; any other exception is a bug and keeps its traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

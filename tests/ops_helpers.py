@@ -45,3 +45,24 @@ def sample(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tenso
     if flat.numel() >= 4:
         flat[:4] = torch.tensor([-ALPHA, 0.0, -0.0, ALPHA]).to(dtype)
     return x
+
+
+def gradcheck_points(alpha: float = ALPHA) -> torch.Tensor:
+    """float64 points over [-0.2, 0.2] in steps of 0.01, clear of the kinks at 0 and -alpha by more than gradcheck's
+    eps, four of them inside HeLU's band (-alpha, 0), where its gradient passes and ReLU's does not."""
+    x = torch.linspace(-0.2, 0.2, 41, dtype=torch.float64) + 0.001
+    x = x[((x.abs() > 1e-3) & ((x + alpha).abs() > 1e-3))]
+    assert ((x > -alpha) & (x < 0)).sum() >= 4
+    return x.reshape(-1, 1)
+
+
+def with_helu_derivative(act, alpha: float = ALPHA):
+    """``act`` plus a constant that turns its value into ``x * [x > -alpha]``, the function whose derivative is
+    HeLU's gradient. gradcheck compares ``act``'s backward with finite differences of that value, so it checks the
+    gradient inside the band too (a finite difference of ``relu`` itself is 0 there)."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        offset = torch.where(x > -alpha, x, torch.zeros(())) - torch.relu(x)
+        return act(x) + offset.detach()
+
+    return fn

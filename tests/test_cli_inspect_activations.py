@@ -3,13 +3,15 @@
 import json
 
 import pytest
-from helpers import GLUE_DIR, MINILM
+from helpers import GLUE_DIR, MINILM, needs_glue, needs_minilm
 from transformers import AutoTokenizer
 
 from hf_helu.cli import main
 from hf_helu.cli.texts import read_texts
 
 
+@needs_minilm
+@needs_glue
 def test_inspect_activations_cli_on_the_real_checkpoint(tmp_path, capsys):
     checkpoint = str(MINILM)
     out = tmp_path / "stats.json"

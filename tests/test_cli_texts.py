@@ -4,6 +4,7 @@ import pytest
 from helpers import GLUE_DIR
 
 from hf_helu.cli.texts import iter_text_batches, read_texts
+from hf_helu.errors import UsageError
 
 
 def test_read_texts_knows_the_glue_layouts(tmp_path):
@@ -23,12 +24,12 @@ def test_read_texts_knows_the_glue_layouts(tmp_path):
     with pytest.raises(ValueError, match="GLUE task folder"):
         read_texts(tmp_path)
     (tmp_path / "RTE").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"RTE/dev\.tsv"):
+    with pytest.raises(UsageError, match=r"RTE/dev\.tsv"):
         read_texts(tmp_path / "RTE")
 
 
 def test_read_texts_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no data file at .*missing\.txt"):
+    with pytest.raises(UsageError, match=r"no data file at .*missing\.txt"):
         read_texts(tmp_path / "missing.txt")
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n")

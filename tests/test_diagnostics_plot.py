@@ -3,6 +3,7 @@
 import pytest
 
 from hf_helu.diagnostics import plot_dead_fraction
+from hf_helu.diagnostics.plot import dead_fraction_figure
 
 
 def test_plot_dead_fraction_writes_a_png_atomically(tmp_path):
@@ -24,3 +25,20 @@ def test_plot_dead_fraction_writes_a_png_atomically(tmp_path):
     with pytest.raises(ValueError, match="layers"):
         plot_dead_fraction(ragged, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_the_figure_plots_each_layer_in_percent_in_step_order():
+    """Each panel is one activation, each line one layer: x the steps sorted, y 100 x that layer's dead fraction."""
+    history = {
+        "relu": [{"step": 20, "dead_fraction": [0.5, 0.25]}, {"step": 10, "dead_fraction": [0.1, 0.0]}],
+        "helu": [{"step": 10, "dead_fraction": [0.05, 0.2]}, {"step": 20, "dead_fraction": [0.0, 0.4]}],
+    }
+    figure = dead_fraction_figure(history)
+    assert [ax.get_title() for ax in figure.axes] == ["relu", "helu"]
+    for ax, points in zip(figure.axes, history.values(), strict=True):
+        by_step = {p["step"]: p["dead_fraction"] for p in points}
+        steps = sorted(by_step)
+        assert len(ax.lines) == 2
+        for layer, line in enumerate(ax.lines):
+            assert list(line.get_xdata()) == steps
+            assert list(line.get_ydata()) == pytest.approx([100 * by_step[s][layer] for s in steps])

@@ -1,4 +1,4 @@
-"""GLUE data (hf_helu.training.glue): the real TSVs give the documented counts and the hub's columns; bad input gives
+"""GLUE data (recipe_support.glue): the real TSVs give the documented counts and the hub's columns; bad input gives
 clear errors naming the file and line."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import GLUE_DIR
+from recipe_support import glue
 
-from hf_helu.training import glue
+from hf_helu.errors import UsageError
 
 DATA = GLUE_DIR
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"GLUE data not found at {DATA}")
@@ -72,9 +73,9 @@ def _write(path: Path, text: str) -> Path:
 
 def test_missing_tsv(tmp_path):
     _write(tmp_path / "RTE" / "train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
-    with pytest.raises(glue.GlueDataError, match=r"missing GLUE file .*RTE/dev\.tsv"):
+    with pytest.raises(UsageError, match=r"missing GLUE file .*RTE/dev\.tsv"):
         glue.load_glue("rte", tmp_path)
-    with pytest.raises(glue.GlueDataError, match=r"missing GLUE folder .*CoLA"):
+    with pytest.raises(UsageError, match=r"missing GLUE folder .*CoLA"):
         glue.load_glue("cola", tmp_path)
 
 
@@ -83,7 +84,7 @@ def test_malformed_row_names_file_and_line(tmp_path):
         tmp_path / "RTE" / "train.tsv",
         "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\tnot_entailment\n",
     )
-    with pytest.raises(glue.GlueDataError, match=rf"{path}:3: malformed row, expected 4 .* got 3"):
+    with pytest.raises(UsageError, match=rf"{path}:3: malformed row, expected 4 .* got 3"):
         glue.read_tsv(glue.get_task("rte"), path)
 
 
@@ -92,7 +93,7 @@ def test_non_utf8_file_names_file_and_line(tmp_path):
     path.parent.mkdir()
     rows = ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment", "1\tcaf\xe9\td\tentailment"]
     path.write_bytes("\n".join(rows).encode("latin-1"))  # é as the single byte 0xe9
-    with pytest.raises(glue.GlueDataError, match=rf"^{path}:3: not UTF-8 text \(byte 0xe9\)"):
+    with pytest.raises(UsageError, match=rf"^{path}:3: not UTF-8 text \(byte 0xe9\)"):
         glue.read_tsv(glue.get_task("rte"), path)
     path.write_bytes("\n".join(rows).encode("utf-8"))
     assert glue.read_tsv(glue.get_task("rte"), path)["sentence1"] == ["a", "café"]
@@ -109,13 +110,13 @@ def test_non_utf8_file_names_file_and_line(tmp_path):
 def test_label_outside_label_set(tmp_path, task, text, match):
     spec = glue.get_task(task)
     path = _write(tmp_path / spec.folder / "train.tsv", text)
-    with pytest.raises(glue.GlueDataError, match=match):
+    with pytest.raises(UsageError, match=match):
         glue.read_tsv(spec, path)
 
 
 def test_header_without_task_columns(tmp_path):
     path = _write(tmp_path / "MRPC" / "dev.tsv", "a\tb\n1\t2\n")
-    with pytest.raises(glue.GlueDataError, match=r":1: header .* lacks column"):
+    with pytest.raises(UsageError, match=r":1: header .* lacks column"):
         glue.read_tsv(glue.get_task("mrpc"), path)
 
 

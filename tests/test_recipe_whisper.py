@@ -9,9 +9,8 @@ import json
 import pytest
 import torch
 from helpers import REPO, WHISPER_DIR, load_script
+from recipe_support import speech
 from speech_helpers import FSDD, RECORDINGS, needs_fsdd, write_tiny_whisper
-
-from hf_helu.training import speech
 
 pytestmark = [
     needs_fsdd,

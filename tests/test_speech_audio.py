@@ -1,12 +1,13 @@
-"""Audio (hf_helu.training.speech.audio): resampling, the length cap, decode errors naming the file."""
+"""Audio (recipe_support.speech.audio): resampling, the length cap, decode errors naming the file."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from recipe_support import speech
 from speech_helpers import RECORDINGS, needs_fsdd
 
-from hf_helu.training import speech
+from hf_helu.errors import UsageError
 
 pytestmark = needs_fsdd
 
@@ -34,5 +35,5 @@ def test_unreadable_audio_names_the_file(tmp_path):
     bad.parent.mkdir()
     bad.write_bytes(b"RIFF not really a wave file")
     (clip,) = speech.load_splits(tmp_path)["train"]
-    with pytest.raises(speech.AudioDecodeError, match=r"broken\.wav"):
+    with pytest.raises(UsageError, match=r"broken\.wav"):
         speech.load_waveform(clip)

@@ -1,13 +1,12 @@
-"""Speech batches (hf_helu.training.speech.batches): normalisation, padding and attention mask as Wav2Vec2's feature
+"""Speech batches (recipe_support.speech.batches): normalisation, padding and attention mask as Wav2Vec2's feature
 extractor; token labels padded with -100."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from recipe_support import speech
 from speech_helpers import fsdd_files, needs_fsdd
-
-from hf_helu.training import speech
 
 
 @needs_fsdd

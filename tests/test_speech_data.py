@@ -1,4 +1,4 @@
-"""Speech datasets (hf_helu.training.speech.data): FSDD, audiofolders (label folders, splits, metadata.csv), hub-style
+"""Speech datasets (recipe_support.speech.data): FSDD, audiofolders (label folders, splits, metadata.csv), hub-style
 datasets decoded by soundfile, and clear errors."""
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from recipe_support import speech
 from speech_helpers import FSDD, fsdd_files, needs_fsdd, write_audiofolder
 
-from hf_helu.training import speech
+from hf_helu.errors import UsageError
 
 pytestmark = needs_fsdd
 
@@ -83,7 +84,7 @@ def test_empty_dataset_is_an_error(tmp_path):
     (tmp_path / "train" / "label").mkdir(parents=True)
     with pytest.raises(ValueError, match="no audio clips"):
         speech.load_splits(tmp_path)
-    with pytest.raises(FileNotFoundError, match="neither a folder nor a hub id"):
+    with pytest.raises(UsageError, match="neither a folder nor a hub id"):
         speech.load_splits(tmp_path / "missing" / "folder")
 
 
@@ -106,7 +107,7 @@ def test_stratified_split_is_reproducible_per_class_and_recorded():
     assert speech.stratified_split(clips, 0.3, seed=6)[1] != held
     assert sorted(c.source for c in train + held) == sorted(c.source for c in clips)
     per_class = {label: sum(c.label == label for c in held) for label in "abc"}
-    assert per_class == {"a": 3, "b": 3, "c": 1}  # round(0.3 * 10), round(0.3 * 3)
+    assert per_class == {"a": 3, "b": 3, "c": 1}  # ceil(0.3 * 23) = 7 clips shared in proportion to 10:10:3
     assert description == {
         "from": "train", "eval_fraction": 0.3, "split_seed": 5, "stratified_by": "label",
         "train_clips": 16, "eval_clips": 7,

@@ -1,8 +1,8 @@
-"""Speech labels and transcripts (hf_helu.training.speech.text): the CTC vocabulary and tokenizer."""
+"""Speech labels and transcripts (recipe_support.speech.text): the CTC vocabulary and tokenizer."""
 
 from __future__ import annotations
 
-from hf_helu.training import speech
+from recipe_support import speech
 
 
 def test_vocabulary_and_ctc_tokenizer_round_trip():

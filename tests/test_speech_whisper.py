@@ -1,5 +1,5 @@
-"""hf_helu.training.speech.whisper: the shorter encoder window, the collator's decoder inputs, the asr metrics;
-and the Wav2Vec2 minimum clip length (hf_helu.training.speech.models.min_input_samples)."""
+"""recipe_support.speech.whisper: the shorter encoder window, the collator's decoder inputs, the asr metrics;
+and the Wav2Vec2 minimum clip length (recipe_support.speech.models.min_input_samples)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import jiwer
 import numpy as np
 import pytest
 import torch
-
-from hf_helu.training import speech
+from recipe_support import speech
 
 
 def tiny_whisper_config(**overrides):

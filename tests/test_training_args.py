@@ -1,4 +1,4 @@
-"""The recipes' flags (hf_helu.training.args) and the settings objects they become."""
+"""The recipes' flags (recipe_support.args) and the settings objects they become."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 import pytest
+from recipe_support import args as flags
 
 from hf_helu.activation import DEFAULT_ALPHA
-from hf_helu.training import args as flags
 
 
 def parse(*argv: str, **defaults) -> argparse.Namespace:

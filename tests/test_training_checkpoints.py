@@ -1,4 +1,4 @@
-"""Checkpoint folders (hf_helu.training.checkpoints): ordering, "latest", pruning. (Refusing to start over a run:
+"""Checkpoint folders (recipe_support.checkpoints): ordering, "latest", pruning. (Refusing to start over a run:
 test_training_output_dir.)"""
 
 from __future__ import annotations
@@ -7,14 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
-
-from hf_helu.training.checkpoints import (
+from recipe_support.checkpoints import (
     CHECKPOINTS_DIR,
     STATE_FILE,
     checkpoint_names,
     find_checkpoint,
     prune_checkpoints,
 )
+
+from hf_helu.errors import UsageError
 
 
 class OneProcess:
@@ -41,7 +42,7 @@ def test_names_by_step_and_latest(tmp_path):
     assert checkpoint_names(tmp_path) == ["step_2", "step_4", "epoch_1", "step_6"]
     assert find_checkpoint(tmp_path, "latest") == tmp_path / CHECKPOINTS_DIR / "step_6"
     assert find_checkpoint(tmp_path, str(tmp_path / CHECKPOINTS_DIR / "step_2")).name == "step_2"
-    with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
+    with pytest.raises(UsageError, match="is not a checkpoint folder"):
         find_checkpoint(tmp_path, str(tmp_path / CHECKPOINTS_DIR / "broken"))
     prune_checkpoints(OneProcess(), tmp_path, keep=2)
     assert checkpoint_names(tmp_path) == ["epoch_1", "step_6"]
@@ -49,5 +50,5 @@ def test_names_by_step_and_latest(tmp_path):
 
 def test_no_checkpoint_yet(tmp_path):
     assert checkpoint_names(tmp_path) == []
-    with pytest.raises(FileNotFoundError, match="latest: no checkpoint in"):
+    with pytest.raises(UsageError, match="latest: no checkpoint in"):
         find_checkpoint(tmp_path, "latest")

@@ -1,4 +1,4 @@
-"""The Accelerate loop (hf_helu.training.loop) on a tiny BERT classifier and random tokens: the step hook's calls,
+"""The Accelerate loop (recipe_support.loop) on a tiny BERT classifier and random tokens: the step hook's calls,
 a run stopped by its hook and resumed to the uninterrupted run's weights, the step count, and bad calls."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_bert
+from recipe_support.args import FitConfig
+from recipe_support.checkpoints import checkpoint_names
+from recipe_support.loop import FitHooks, fit, make_accelerator, total_training_steps
 from torch.utils.data import DataLoader
 from transformers import BertForSequenceClassification
 
 from hf_helu import patch_model
-from hf_helu.training.args import FitConfig
-from hf_helu.training.checkpoints import checkpoint_names
-from hf_helu.training.loop import FitHooks, fit, make_accelerator, total_training_steps
-from hf_helu.training.output_dir import OutputDirError
+from hf_helu.errors import UsageError
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -98,13 +98,13 @@ def test_the_output_folder_keeps_what_is_not_this_runs(tmp_path):
     out = tmp_path / "run"
     (out / "model").mkdir(parents=True)
     (out / "model" / "mine.txt").write_text("mine")
-    with pytest.raises(OutputDirError, match="not empty and no hf_helu run made it"):
+    with pytest.raises(UsageError, match="not empty and no hf_helu run made it"):
         run(out, epochs=1)
     assert (out / "model" / "mine.txt").read_text() == "mine"
     helu = run(out, epochs=1, helu=True, overwrite_output_dir=True)
     assert helu["relu_export_dir"] and (out / "model_relu" / "config.json").is_file()
     assert not (out / "model" / "mine.txt").exists()
-    with pytest.raises(OutputDirError, match="already holds a run"):
+    with pytest.raises(UsageError, match="already holds a run"):
         run(out, epochs=1)
     relu = run(out, epochs=1, overwrite_output_dir=True)  # no stale model_relu/ of the HeLU run beside its model/
     assert relu["relu_export_dir"] is None and not (out / "model_relu").exists()

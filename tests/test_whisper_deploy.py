@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import WHISPER_DIR
+from recipe_support import speech
 from speech_helpers import RECORDINGS, needs_fsdd
 
 from hf_helu import conversion
 from hf_helu.patching import export_for_inference
-from hf_helu.training import speech
 
 pytestmark = [
     needs_fsdd,

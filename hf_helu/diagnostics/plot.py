@@ -6,9 +6,12 @@ import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hf_helu.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _check_history(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
@@ -41,37 +44,27 @@ def _check_history(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
             layers = len(fractions)
 
 
-def plot_dead_fraction(history: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> Path:
-    """Plot dead fraction per layer over training, one panel per activation; write a PNG atomically.
-
-    ``history`` maps an activation name (e.g. "gelu", "relu", "helu") to its evaluations,
-    ``[{"step": int, "dead_fraction": [per layer]}, ...]`` (``ActivationStats.history_entry``).
-    """
+def dead_fraction_figure(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
+    """The matplotlib Figure :func:`plot_dead_fraction` saves: one panel per activation, a line per layer, dead
+    units in percent over steps (sorted by step)."""
     _check_history(history)
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
     figure = Figure(figsize=(4.2 * len(history), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(history), sharey=True, squeeze=False)[0]
     top = max(max(p["dead_fraction"]) for points in history.values() for p in points)
+    colors = colormaps["viridis"]
     for ax, (name, points) in zip(axes, history.items(), strict=True):
         points = sorted(points, key=lambda point: point["step"])
         steps = [point["step"] for point in points]
         layers = len(points[0]["dead_fraction"])
-        colors = colormaps["viridis"]
         for layer in range(layers):
             values = [100 * point["dead_fraction"][layer] for point in points]
-            ax.plot(
-                steps,
-                values,
-                marker="o",
-                markersize=3,
-                color=colors(layer / max(layers - 1, 1)),
-                label=f"layer {layer}",
-            )
+            color = colors(layer / max(layers - 1, 1))
+            ax.plot(steps, values, marker="o", markersize=3, color=color, label=f"layer {layer}")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylim(0, max(1.0, 105 * top))
@@ -79,7 +72,18 @@ def plot_dead_fraction(history: Mapping[str, Sequence[Mapping[str, Any]]], path:
     axes[0].set_ylabel("dead FFN units (%)")
     axes[-1].legend(fontsize="small", loc="best")
     figure.suptitle("FFN units that never fire, per layer")
+    return figure
+
+
+def plot_dead_fraction(history: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> Path:
+    """Plot dead fraction per layer over training, one panel per activation; write a PNG atomically.
+
+    ``history`` maps an activation name (e.g. "gelu", "relu", "helu") to its evaluations,
+    ``[{"step": int, "dead_fraction": [per layer]}, ...]`` (``ActivationStats.history_entry``).
+    """
+    figure = dead_fraction_figure(history)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
+    path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -16,10 +16,10 @@ the same bits: ``y`` is ``torch.relu(x)`` and ``grad_in`` is ``grad`` where the 
 
 ``"auto"`` takes the first of those (in that order) that supports the input. ``HF_HELU_BACKEND``
 (or the ``backend`` argument of :func:`hf_helu.helu`) forces one; an unknown value of the variable is an
-error at import. Inside ``torch.compile`` and for a forward under ``torch.func.vmap`` the torch backend
-runs (its bool mask carries a batch dimension; a packed one cannot); every other autograd mode keeps the
-chosen one. The fused backends keep a row-major or channels-last input's memory format
-(:mod:`hf_helu.ops.layout`).
+error at import. The torch backend runs inside ``torch.compile`` (Inductor fuses its ops), for a forward under
+``torch.func.vmap`` (its bool mask carries a batch dimension; a packed one cannot) and for tensor subclasses such as
+``FakeTensor`` (no memory for a kernel to read); every other case keeps the chosen one.
+The fused backends keep a row-major or channels-last input's memory format (:mod:`hf_helu.ops.layout`).
 """
 
 from __future__ import annotations
@@ -66,14 +66,22 @@ class Backend:
 _thresholds: dict[tuple[float, torch.dtype], float] = {}
 
 
+@torch.compiler.assume_constant_result  # torch.compile bakes the value into the graph: no break at .item()
 def threshold(alpha: float, dtype: torch.dtype) -> float:
     """``-alpha`` rounded to ``dtype``: every backend compares the input with this same value."""
-    if torch.compiler.is_compiling():  # traced as a constant; a cache would be a side effect
-        return torch.tensor(-alpha, dtype=dtype).item()
     value = _thresholds.get((alpha, dtype))
     if value is None:
         value = _thresholds[(alpha, dtype)] = torch.tensor(-alpha, dtype=dtype).item()
     return value
+
+
+def _plain(x: torch.Tensor) -> bool:
+    """True for a tensor with real memory behind it: the fused kernels read raw pointers.
+
+    A tensor subclass (``FakeTensor`` under ``torch.export``, compile tracing or meta-device tools,
+    ``FunctionalTensor``, ``DTensor``) may have none, so it takes the torch backend.
+    """
+    return type(x) in (torch.Tensor, torch.nn.Parameter)
 
 
 # --- c: fused CPU kernels ---------------------------------------------------------------------
@@ -166,7 +174,7 @@ def check_env() -> str:
 def resolve(x: torch.Tensor, requested: str | None = None) -> str:
     """Name of the backend that will run ``x``: the requested one, else the fastest that supports it."""
     name = check_name(requested) if requested else check_env()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _plain(x):
         return "torch"  # plain torch ops trace into the graph (no break) and Inductor fuses them
     if name == "auto":
         return next(backend.name for backend in BACKENDS.values() if backend.supports(x))

@@ -1,7 +1,7 @@
 """The ``"c"`` backend: HeLU's fused CPU kernels, built from ``helu_cpu.c`` on first use and loaded with ctypes.
 
 PyTorch's CPU ops cannot compute ``relu(x)`` and a packed mask in one pass, and its comparison
-kernels are slow, so HeLU built from torch ops costs 2-3x ReLU on CPU. The C kernels
+kernels are slow, so HeLU built from torch ops costs well above ReLU on CPU (BENCHMARKS.md). The C kernels
 (``hf_helu/ops/helu_cpu.c``, package data) do
 
     forward:   read x once, write y = relu(x) and bits (bit i%8 of byte i/8 = not (x[i] <= threshold))
@@ -14,12 +14,12 @@ plain loops. float16/bfloat16 work on the raw bits; an input holding a NaN takes
 
 Tensors of at least 2 x ``GRAIN`` elements are split over ``torch.get_num_threads()`` threads with
 OpenMP. Built with ``-fopenmp``, the library links ``libgomp.so.1``, which resolves to the copy
-PyTorch has already loaded, so the kernels run on PyTorch's own warm thread team (a Python thread
-pool measured 2.0x relu fwd+bwd on a 2048x512 tensor on 2 threads; this team, 1.14x).
+PyTorch has already loaded, so the kernels run on PyTorch's own warm thread team: waking Python threads
+instead costs as much as a medium-sized relu (figures in BENCHMARKS.md).
 
 The library is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
 ``$HF_HELU_CACHE_DIR`` (default ``~/.cache/hf_helu``) once per source version (the file name hashes the
-C text, the flags and the compiler), in about a second; with OpenMP if the compiler can, else without (one
+C text, the flags and the compiler); with OpenMP if the compiler can, else without (one
 thread). Without a compiler :func:`available` is False and HeLU uses the torch backend.
 
 A cached library is loaded only after its bytes match the SHA-256 written beside it (``<name>.so.sha256``)

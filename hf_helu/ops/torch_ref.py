@@ -31,8 +31,8 @@ def helu_backward(
     ``grad`` and ``keep`` may differ in leading (batch) dimensions: they broadcast, as under ``torch.func.vmap``.
     """
     if grad.device.type == "cpu" and not torch.compiler.is_compiling():
-        # torch.where is ~10x slower than a multiply on CPU; AND-ing the bits with an all-ones or
-        # all-zeros word per element selects exactly as fast.
+        # torch.where is much slower than a multiply on CPU (BENCHMARKS.md); AND-ing the bits with an all-ones
+        # or all-zeros word per element selects exactly, as fast as a multiply.
         ints = _SAME_SIZE_INT[grad.dtype]
         # The mask first: the result takes its memory format (the forward input's), as ReLU's backward does.
         return (keep.view(torch.int8).neg().to(ints) & grad.view(ints)).view(grad.dtype)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_helu.activation import parse_activation_name
+from hf_helu.errors import UsageError
 
 IGNORE_INDEX = -100
 
@@ -40,8 +41,8 @@ def check_hidden_act(name: str) -> str:
         if parse_activation_name(name) is not None:
             return name
     except ValueError as err:
-        raise ValueError(f"--hidden_act {name!r}: {err}") from None
-    raise ValueError(f"--hidden_act must be gelu, relu, helu or helu_<alpha> (e.g. helu_0.5), got {name!r}")
+        raise UsageError(f"--hidden_act {name!r}: {err}") from None
+    raise UsageError(f"--hidden_act must be gelu, relu, helu or helu_<alpha> (e.g. helu_0.5), got {name!r}")
 
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"--config_overrides must be key=value[,key=value...], got part {part!r} of {text!r}")
+            raise UsageError(f"--config_overrides must be key=value[,key=value...], got part {part!r} of {text!r}")
         overrides[key.strip()] = _number(value.strip())
     return overrides
 
@@ -71,19 +72,19 @@ def bert_config(preset: str, hidden_act: str, vocab_size: int, max_length: int, 
     from transformers import BertConfig
 
     if preset not in SIZE_PRESETS:
-        raise ValueError(f"--size must be one of {sorted(SIZE_PRESETS)}, got {preset!r}")
+        raise UsageError(f"--size must be one of {sorted(SIZE_PRESETS)}, got {preset!r}")
     fields = {**SIZE_PRESETS[preset], "vocab_size": vocab_size, "max_position_embeddings": max(512, max_length)}
     fields["hidden_act"] = check_hidden_act(hidden_act)
     default = BertConfig()
     unknown = sorted(key for key in overrides if not hasattr(default, key))
     if unknown:
-        raise ValueError(f"--config_overrides: BertConfig has no field(s) {unknown}")
+        raise UsageError(f"--config_overrides: BertConfig has no field(s) {unknown}")
     if "hidden_act" in overrides:
-        raise ValueError("--config_overrides may not set hidden_act; use --hidden_act")
+        raise UsageError("--config_overrides may not set hidden_act; use --hidden_act")
     fields.update(overrides)
     config = BertConfig(**fields)
     if config.hidden_size % config.num_attention_heads:
-        raise ValueError(
+        raise UsageError(
             f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {config.num_attention_heads}"
         )
     return config

@@ -1,4 +1,4 @@
-"""Speech datasets as lists of :class:`~hf_helu.training.speech.audio.Clip` per split, from:
+"""Speech datasets as lists of :class:`~recipe_support.speech.audio.Clip` per split, from:
 
 - the Free Spoken Digit Dataset (``{digit}_{speaker}_{index}.wav``; index 0-4 is the test split),
 - a local folder in the ``datasets`` audiofolder convention (split folders optional; labels from label subfolders,
@@ -9,15 +9,18 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hf_helu.errors import UsageError
 from hf_helu.inputs import is_hub_id
-from hf_helu.training.speech.audio import Clip
+from recipe_support.speech.audio import Clip
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FSDD_NAME = re.compile(r"^(?P<digit>[0-9])_(?P<speaker>[A-Za-z]+)_(?P<index>[0-9]+)\.wav$")
@@ -42,14 +45,14 @@ def fsdd_splits(root: str | os.PathLike) -> dict[str, list[Clip]]:
     root = Path(root)
     folder = root / "recordings" if (root / "recordings").is_dir() else root
     if not folder.is_dir():
-        raise FileNotFoundError(f"FSDD folder {folder} does not exist")
+        raise UsageError(f"FSDD folder {folder} does not exist")
     splits: dict[str, list[Clip]] = {"train": [], "test": []}
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in AUDIO_EXTENSIONS:
             continue
         match = FSDD_NAME.match(path.name)
         if match is None:
-            raise ValueError(f"{path} is not named like an FSDD recording ({{digit}}_{{speaker}}_{{index}}.wav)")
+            raise UsageError(f"{path} is not named like an FSDD recording ({{digit}}_{{speaker}}_{{index}}.wav)")
         digit = int(match["digit"])
         split = "test" if int(match["index"]) in FSDD_TEST_INDICES else "train"
         splits[split].append(Clip(source=str(path), label=str(digit), transcript=DIGIT_WORDS[digit]))
@@ -65,7 +68,7 @@ def audiofolder_splits(root: str | os.PathLike) -> dict[str, list[Clip]]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist")
+        raise UsageError(f"dataset folder {root} does not exist")
     split_dirs = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and p.name in SPLIT_NAMES}
     if not split_dirs:
         split_dirs = {"train": root}
@@ -82,7 +85,7 @@ def _audiofolder_split(folder: Path) -> list[Clip]:
         if path.suffix.lower() not in AUDIO_EXTENSIONS or not path.is_file():
             continue
         if path.parent == folder:
-            raise ValueError(
+            raise UsageError(
                 f"{path} lies directly in {folder}: without a {METADATA_FILE}, audio files must sit in "
                 "one subfolder per label"
             )
@@ -95,17 +98,17 @@ def _clips_from_metadata(metadata: Path) -> list[Clip]:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         if "file_name" not in columns:
-            raise ValueError(f"{metadata} has no 'file_name' column (columns: {columns})")
+            raise UsageError(f"{metadata} has no 'file_name' column (columns: {columns})")
         text_column = next((c for c in TRANSCRIPT_COLUMNS if c in columns), None)
         if "label" not in columns and text_column is None:
-            raise ValueError(
+            raise UsageError(
                 f"{metadata} has neither a 'label' column nor a transcript column "
                 f"(one of {list(TRANSCRIPT_COLUMNS)}); columns: {columns}"
             )
         clips = []
         for line, row in enumerate(reader, start=2):
             if not row["file_name"]:
-                raise ValueError(f"{metadata}, line {line}: empty file_name")
+                raise UsageError(f"{metadata}, line {line}: empty file_name")
             clips.append(
                 Clip(
                     source=str(metadata.parent / row["file_name"]),
@@ -149,13 +152,13 @@ def clips_from_datasets(
     splits = {}
     for split, dataset in dataset_dict.items():
         if audio_column not in dataset.column_names:
-            raise ValueError(f"{display_name}:{split} has no audio column {audio_column!r} ({dataset.column_names})")
+            raise UsageError(f"{display_name}:{split} has no audio column {audio_column!r} ({dataset.column_names})")
         transcripts = text_column or next((c for c in TRANSCRIPT_COLUMNS if c in dataset.column_names), None)
         if text_column is not None and text_column not in dataset.column_names:
-            raise ValueError(f"{display_name}:{split} has no column {text_column!r} ({dataset.column_names})")
+            raise UsageError(f"{display_name}:{split} has no column {text_column!r} ({dataset.column_names})")
         labels = label_column if label_column in dataset.column_names else None
         if labels is None and transcripts is None:
-            raise ValueError(
+            raise UsageError(
                 f"{display_name}:{split} has neither a label column {label_column!r} nor a transcript column "
                 f"(one of {list(TRANSCRIPT_COLUMNS)}); columns: {dataset.column_names}"
             )
@@ -187,7 +190,7 @@ def load_splits(dataset: str | os.PathLike, config: str | None = None, **hub_kwa
     if path.is_dir():
         return fsdd_splits(path) if is_fsdd_folder(path) else audiofolder_splits(path)
     if path.exists() or not is_hub_id(str(dataset)):
-        raise FileNotFoundError(f"dataset {str(dataset)!r} is neither a folder nor a hub id such as 'superb'")
+        raise UsageError(f"dataset {str(dataset)!r} is neither a folder nor a hub id such as 'superb'")
     return hub_splits(str(dataset), config, **hub_kwargs)
 
 
@@ -195,12 +198,12 @@ def pick_eval_split(splits: Mapping[str, Sequence[Clip]], requested: str | None 
     """The requested eval split, or the first of validation/valid/dev/test the dataset has."""
     if requested is not None:
         if requested not in splits:
-            raise ValueError(f"eval split {requested!r} not in the dataset's splits {sorted(splits)}")
+            raise UsageError(f"eval split {requested!r} not in the dataset's splits {sorted(splits)}")
         return requested
     for name in EVAL_SPLIT_PREFERENCE:
         if name in splits:
             return name
-    raise ValueError(f"the dataset has no eval split (one of {list(EVAL_SPLIT_PREFERENCE)}); splits: {sorted(splits)}")
+    raise UsageError(f"the dataset has no eval split (one of {list(EVAL_SPLIT_PREFERENCE)}); splits: {sorted(splits)}")
 
 
 def subset_in_order(clips: Sequence[Clip], limit: int | None, seed: int = 0) -> list[Clip]:
@@ -208,7 +211,7 @@ def subset_in_order(clips: Sequence[Clip], limit: int | None, seed: int = 0) -> 
     if limit is None or limit >= len(clips):
         return list(clips)
     if limit <= 0:
-        raise ValueError(f"sample limit must be > 0, got {limit}")
+        raise UsageError(f"sample limit must be > 0, got {limit}")
     chosen = sorted(random.Random(seed).sample(range(len(clips)), limit))
     return [clips[i] for i in chosen]
 
@@ -216,7 +219,7 @@ def subset_in_order(clips: Sequence[Clip], limit: int | None, seed: int = 0) -> 
 def _check_not_empty(splits: dict[str, list[Clip]], where: object) -> dict[str, list[Clip]]:
     empty = [name for name, clips in splits.items() if not clips]
     if not splits or empty:
-        raise ValueError(f"dataset {where} has no audio clips in split(s) {empty or ['train']}")
+        raise UsageError(f"dataset {where} has no audio clips in split(s) {empty or ['train']}")
     return splits
 
 
@@ -228,28 +231,34 @@ def stratified_split(
 ) -> tuple[list[Clip], list[Clip], dict[str, Any]]:
     """(train clips, eval clips, a description) of a dataset without an eval split.
 
-    Each class (clips without labels: all of them, as one group) gives ``round(eval_fraction * n)`` clips, at
-    least one, to eval, drawn with ``random.Random(seed)``; both parts keep the original order. A class of fewer
-    than 2 clips cannot be split and is an error naming it.
+    ``sklearn.model_selection.train_test_split`` holds out ``ceil(eval_fraction * n)`` clips, shared among the classes
+    in proportion to their sizes (clips without labels: one group, a plain random split), with ``seed``; both parts
+    keep the original order. A class of fewer than 2 clips cannot be split and is an error naming it.
     """
+    from sklearn.model_selection import train_test_split
+
     if not 0 < eval_fraction < 1:
-        raise ValueError(f"--eval_fraction must be in (0, 1), got {eval_fraction}")
-    groups: dict[str | None, list[int]] = {}
-    for index, clip in enumerate(clips):
-        groups.setdefault(clip.label, []).append(index)
-    rng = random.Random(seed)
-    held_out: set[int] = set()
-    for label, indices in sorted(groups.items(), key=lambda item: str(item[0])):
-        if len(indices) < 2:
-            raise ValueError(
-                f"class {label!r} has {len(indices)} clip ({clips[indices[0]].source!r}): a held-out split needs at "
-                "least 2 clips per class; add clips or give the dataset an eval split"
+        raise UsageError(f"--eval_fraction must be in (0, 1), got {eval_fraction}")
+    labels = [clip.label for clip in clips]
+    counts = Counter(labels)
+    for label, count in sorted(counts.items(), key=lambda item: str(item[0])):
+        if count < 2:
+            source = next(clip.source for clip in clips if clip.label == label)
+            raise UsageError(
+                f"class {label!r} has {count} clip ({source!r}): a held-out split needs at least 2 clips per class; "
+                "add clips or give the dataset an eval split"
             )
-        count = min(max(1, round(eval_fraction * len(indices))), len(indices) - 1)
-        held_out.update(rng.sample(indices, count))
-    train = [clip for i, clip in enumerate(clips) if i not in held_out]
-    held = [clip for i, clip in enumerate(clips) if i in held_out]
-    stratified = len(groups) > 1 or None not in groups
+    stratified = len(counts) > 1 or None not in counts
+    held_count = math.ceil(eval_fraction * len(clips))
+    if stratified and min(held_count, len(clips) - held_count) < len(counts):
+        raise UsageError(
+            f"--eval_fraction {eval_fraction} of {len(clips)} clips leaves a part with fewer clips than the "
+            f"{len(counts)} classes; choose a fraction nearer 0.5 or give the dataset an eval split"
+        )
+    groups = [str(label) for label in labels] if stratified else None
+    train_idx, held_idx = train_test_split(range(len(clips)), test_size=held_count, random_state=seed, stratify=groups)
+    train = [clips[i] for i in sorted(train_idx)]
+    held = [clips[i] for i in sorted(held_idx)]
     description = {
         "from": "train",
         "eval_fraction": eval_fraction,

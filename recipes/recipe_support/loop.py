@@ -11,7 +11,7 @@ each epoch end, resumes from one (skipping the batches it had already seen), wri
 (and a stock-ReLU export to OUTPUT_DIR/model_relu when the model holds HeLU) atomically, and returns the results.
 
 ``eval_dataloaders`` maps a split name to a dataloader (``{"dev": dl}``, MNLI: ``{"dev_matched": ..,
-"dev_mismatched": ..}``); metrics are reported per split (:mod:`hf_helu.training.evaluation`).
+"dev_mismatched": ..}``); metrics are reported per split (:mod:`recipe_support.evaluation`).
 
 Distributed use: ``accelerate launch [--num_processes N] recipe.py ...`` (or ``torchrun`` with
 ``ACCELERATE_USE_CPU=1`` on a CPU box); FSDP and DeepSpeed are configured by ``accelerate config`` and need no code
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_helu.training.args import FitConfig
-from hf_helu.training.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
-from hf_helu.training.evaluation import ComputeMetrics, DeadUnitTracker, EvalStep, Evaluator, default_eval_step
-from hf_helu.training.output_dir import claim_output_dir
-from hf_helu.training.results import (
+from recipe_support.args import FitConfig
+from recipe_support.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
+from recipe_support.evaluation import ComputeMetrics, DeadUnitTracker, EvalStep, Evaluator, default_eval_step
+from recipe_support.output_dir import claim_output_dir
+from recipe_support.results import (
     MODEL_DIR,
     has_helu,
     log_metrics,
@@ -43,6 +43,7 @@ from hf_helu.training.results import (
     relu_export_dir,
     results_file,
     save_model,
+    write_predictions,
     write_results,
 )
 
@@ -126,12 +127,12 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` (unless ``config.eval_only``), evaluate, checkpoint, and write OUTPUT_DIR/results.json.
 
-    The output folder is claimed first (:func:`hf_helu.training.output_dir.claim_output_dir`: writable, locked,
+    The output folder is claimed first (:func:`recipe_support.output_dir.claim_output_dir`: writable, locked,
     no other run's files); an eval-only run writes OUTPUT_DIR/eval_results.json instead.
 
     Dataloaders and model are passed un-prepared; ``fit`` calls ``accelerator.prepare``. ``train_dataloader`` may
     be None with ``eval_only``. ``run_config`` (default: ``config`` itself) and ``model_info`` (from
-    :func:`hf_helu.training.models.prepare_model`) are recorded as they are. Returns the results dict.
+    :func:`recipe_support.models.prepare_model`) are recorded as they are. Returns the results dict.
 
     After a resume, the history comes from the checkpoint, and the resumed epoch's ``train_loss`` averages the
     batches run after the resume only; ``wall_time_s`` counts the time up to the checkpoint plus the resumed part.
@@ -170,6 +171,8 @@ def _evaluate_only(
     log_metrics(accelerator, "eval", metrics)
     results.update(status="complete", final=metrics, dead_units=dead, wall_time_s=time.perf_counter() - start)
     write_results(accelerator, config.output_dir, results, results_file(eval_only=True))
+    if config.save_predictions:
+        write_predictions(accelerator, config.output_dir, evaluator.last_outputs, eval_only=True)
     return results
 
 
@@ -330,7 +333,9 @@ class _Trainer:
         """Final metrics (the last epoch's, or a new evaluation after a resume past it), the saved model, results."""
         train_time = time.perf_counter() - self.start
         last = self.results["epochs"][-1] if self.results["epochs"] else None
-        if last is None or last["step"] != self.state.completed_steps:  # resumed after the last epoch's checkpoint
+        # A new evaluation when resumed after the last epoch's checkpoint (or when its outputs are to be saved).
+        stale = last is None or last["step"] != self.state.completed_steps
+        if stale or (self.config.save_predictions and not self.evaluate.last_outputs):
             metrics, dead = self.evaluate(self.model, self.eval_dataloaders)
         else:
             metrics, dead = last["eval"], last["dead_units"]
@@ -350,6 +355,8 @@ class _Trainer:
             relu_export_dir=str(exported) if exported is not None else None,
         )
         write_results(self.accelerator, self.config.output_dir, self.results)
+        if self.config.save_predictions:  # the outputs of the evaluation the final metrics come from
+            write_predictions(self.accelerator, self.config.output_dir, self.evaluate.last_outputs, eval_only=False)
         log_metrics(self.accelerator, "final", metrics)
         return self.results
 

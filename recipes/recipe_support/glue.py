@@ -6,15 +6,14 @@
 - :func:`load_glue`: ``DIR/<TASK>/{train,dev}.tsv`` (the classic ``glue_data`` layout, MNLI dev is
   ``dev_matched``/``dev_mismatched``) or ``datasets.load_dataset("nyu-mll/glue", task)``; both give a
   ``DatasetDict`` with the hub's columns and features (text columns, ``label``, ``idx``) and split names
-  ``train`` and ``dev`` (MNLI: ``dev_matched``, ``dev_mismatched``). Bad files raise :class:`GlueDataError` naming
-  the file and line.
+  ``train`` and ``dev`` (MNLI: ``dev_matched``, ``dev_mismatched``). Bad files raise ``UsageError`` naming the
+  file and line.
 - :func:`shuffled_subset`: a fixed random subset of rows (the same for every run with the same seed).
 - :func:`tokenize_glue`, :func:`load_glue_model` (checks that a checkpoint's head fits the task),
   :func:`glue_metrics` (computed here with scikit-learn and scipy, as ``evaluate.load("glue", task)`` does, without
   the hub), :func:`glue_score` (the task's headline number: the mean of its metrics, x100).
 
-Importing this module loads none of the recipe extras (datasets, scikit-learn, scipy load on first use), so
-``hf_helu.cli`` reads the task table and TSVs through it.
+Importing this module loads none of the recipe extras (datasets, scikit-learn, scipy load on first use).
 """
 
 from __future__ import annotations
@@ -31,15 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from hf_helu.training import paths
-from hf_helu.training.models import Head, check_head, load_model
+from hf_helu.errors import UsageError
+from recipe_support.models import Head, check_head, load_model
+from recipe_support.paths import DATA_DIR_ENV, data_path
 
 HUB_DATASET = "nyu-mll/glue"
 FALLBACK_MODEL = "bert-base-uncased"
-
-
-class GlueDataError(ValueError):
-    """A GLUE file that is missing or does not have the task's layout."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ def get_task(name: str) -> GlueTask:
     """The task called ``name`` (case-insensitive; "sst-2"/"sts-b" accepted), or a clear error."""
     key = name.lower().replace("-", "")
     if key not in GLUE_TASKS:
-        raise ValueError(f"unknown GLUE task {name!r}; expected one of: {', '.join(GLUE_TASKS)}")
+        raise UsageError(f"unknown GLUE task {name!r}; expected one of: {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[key]
 
 
@@ -116,8 +112,11 @@ def default_model() -> str:
 
 
 def default_data_dir() -> Path:
-    """``$HF_HELU_DATA_DIR/glue`` if set, else ``shared/data/glue`` beside the repository checkout."""
-    return paths.glue_dir()
+    """``$HF_HELU_DATA_DIR/glue``, for a recipe given no ``--data_dir`` that cannot use the hub."""
+    folder = data_path("glue")
+    if folder is None:
+        raise UsageError(f"no GLUE folder: pass --data_dir, or set ${DATA_DIR_ENV} to a folder holding glue/")
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -139,19 +138,17 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
         try:
             value = float(raw)
         except ValueError:
-            raise GlueDataError(f"{where}: label {raw!r} is not a number (task {task.name} is a regression)") from None
+            raise UsageError(f"{where}: label {raw!r} is not a number (task {task.name} is a regression)") from None
         if not math.isfinite(value):
-            raise GlueDataError(f"{where}: label {raw!r} is not a finite number")
+            raise UsageError(f"{where}: label {raw!r} is not a finite number")
         return value
     if task.tsv_label_map is not None:
         if raw not in task.tsv_label_map:
-            raise GlueDataError(
-                f"{where}: label {raw!r} is not in the {task.name} label set {sorted(task.tsv_label_map)}"
-            )
+            raise UsageError(f"{where}: label {raw!r} is not in the {task.name} label set {sorted(task.tsv_label_map)}")
         return task.tsv_label_map[raw]
     allowed = [str(i) for i in range(task.num_labels)]
     if raw not in allowed:
-        raise GlueDataError(f"{where}: label {raw!r} is not in the {task.name} label set {allowed}")
+        raise UsageError(f"{where}: label {raw!r} is not in the {task.name} label set {allowed}")
     return int(raw)
 
 
@@ -173,15 +170,15 @@ def read_tsv(task: GlueTask, path: str | os.PathLike) -> dict[str, list]:
     """
     path = Path(path)
     if not path.is_file():
-        raise GlueDataError(f"missing GLUE file {path} (task {task.name} expects DATA_DIR/{task.folder}/*.tsv)")
+        raise UsageError(f"missing GLUE file {path} (task {task.name} expects DATA_DIR/{task.folder}/*.tsv)")
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             out = _read_rows(task, path, csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     except UnicodeDecodeError:
         line, byte = _first_non_utf8(path)
-        raise GlueDataError(f"{path}:{line}: not UTF-8 text (byte {byte:#04x}); GLUE TSVs are UTF-8") from None
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {byte:#04x}); GLUE TSVs are UTF-8") from None
     if not out["idx"]:
-        raise GlueDataError(f"{path}: no data rows")
+        raise UsageError(f"{path}: no data rows")
     return out
 
 
@@ -190,10 +187,10 @@ def _read_rows(task: GlueTask, path: Path, reader: Any) -> dict[str, list]:
     if task.tsv_header:
         header = next(reader, None)
         if header is None:
-            raise GlueDataError(f"{path}: empty file, expected a header row")
+            raise UsageError(f"{path}: empty file, expected a header row")
         missing = [c for c in task.tsv_columns if c not in header]
         if missing:
-            raise GlueDataError(f"{path}:1: header {header} lacks column(s) {missing} for task {task.name}")
+            raise UsageError(f"{path}:1: header {header} lacks column(s) {missing} for task {task.name}")
         positions = [header.index(c) for c in task.tsv_columns]
         width = len(header)
     else:
@@ -204,9 +201,9 @@ def _read_rows(task: GlueTask, path: Path, reader: Any) -> dict[str, list]:
         if width is None:
             width = len(row)
             if width <= max(positions):
-                raise GlueDataError(f"{where}: expected at least {max(positions) + 1} columns, got {width}")
+                raise UsageError(f"{where}: expected at least {max(positions) + 1} columns, got {width}")
         if len(row) != width:
-            raise GlueDataError(f"{where}: malformed row, expected {width} tab-separated columns, got {len(row)}")
+            raise UsageError(f"{where}: malformed row, expected {width} tab-separated columns, got {len(row)}")
         *texts, raw_label = (row[i] for i in positions)
         out["label"].append(_parse_label(task, raw_label.strip(), where))
         for column, text in zip(task.text_columns, texts, strict=True):
@@ -226,7 +223,7 @@ def load_glue(task: GlueTask | str, data_dir: str | os.PathLike | None = None):
         return datasets.DatasetDict({k: v.cast(features(task)) for k, v in splits.items()})
     folder = Path(data_dir) / task.folder
     if not folder.is_dir():
-        raise GlueDataError(f"missing GLUE folder {folder} for task {task.name} (looked in --data_dir {data_dir})")
+        raise UsageError(f"missing GLUE folder {folder} for task {task.name} (looked in --data_dir {data_dir})")
     files = {"train": "train.tsv", **task.eval_files()}
     return datasets.DatasetDict(
         {
@@ -263,7 +260,7 @@ def tokenize_glue(dataset, tokenizer: Any, task: GlueTask, max_length: int = 128
 
 
 def task_head(task: GlueTask) -> Head:
-    """What ``task`` needs of a sequence-classification head (for :func:`hf_helu.training.models.check_head`)."""
+    """What ``task`` needs of a sequence-classification head (for :func:`recipe_support.models.check_head`)."""
     detail = "regression" if task.is_regression else ", ".join(task.label_names or ())
     return Head("classification", task.num_labels, f"task {task.name}", labels=task.label_names, detail=detail)
 
@@ -345,9 +342,9 @@ def glue_score(task: GlueTask, metrics: Mapping[str, float]) -> float:
 
 
 def make_compute_metrics(task: GlueTask, backend: str = "local"):
-    """A ``compute_metrics(outputs)`` for :func:`hf_helu.training.loop.fit`: GLUE metrics plus ``score``."""
+    """A ``compute_metrics(outputs)`` for :func:`recipe_support.loop.fit`: GLUE metrics plus ``score``."""
     if backend not in ("local", "evaluate"):
-        raise ValueError(f"metric backend must be 'local' or 'evaluate', got {backend!r}")
+        raise UsageError(f"metric backend must be 'local' or 'evaluate', got {backend!r}")
     metric_fn = glue_metrics if backend == "local" else evaluate_glue_metrics
 
     def compute_metrics(outputs: Mapping[str, Any]) -> dict[str, float]:
@@ -362,7 +359,6 @@ def make_compute_metrics(task: GlueTask, backend: str = "local"):
 
 __all__ = [
     "GLUE_TASKS",
-    "GlueDataError",
     "GlueTask",
     "default_data_dir",
     "default_model",

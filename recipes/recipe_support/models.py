@@ -2,8 +2,8 @@
 preparation a run applies (the FFN activation, then LoRA).
 
 - :func:`load_model`: ``from_pretrained`` in float32, the same config with random weights (``init="scratch"``), or a
-  new model from a config object; GLUE (:func:`hf_helu.training.glue.load_glue_model`) and speech
-  (:func:`hf_helu.training.speech.build_model`) load through it.
+  new model from a config object; GLUE (:func:`recipe_support.glue.load_glue_model`) and speech
+  (:func:`recipe_support.speech.build_model`) load through it.
 - :class:`Head` / :func:`check_head`: what a task needs of the output head; a checkpoint saved with a trained head of
   another size or other labels is refused before any weight is read.
 - :func:`prepare_model`: ``--activation keep|relu|helu`` (:mod:`hf_helu.patching`) then ``--lora`` (PEFT), with a
@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from hf_helu.activation import DEFAULT_ALPHA
-from hf_helu.training.args import ACTIVATION_CHOICES, INITS, LoraSettings
+from hf_helu.errors import UsageError
+from recipe_support.args import ACTIVATION_CHOICES, INITS, LoraSettings
 
 # The architecture name suffix a checkpoint's config.architectures shows for each kind of trained head.
 HEAD_SUFFIXES = {"classification": "ForSequenceClassification", "ctc": "ForCTC"}
@@ -45,7 +46,7 @@ def load_model(auto_class: Any, source: str | Any, init: str = "pretrained", **c
     (``init`` does not apply; the config is copied, not changed).
     """
     if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        raise UsageError(f"init must be one of {INITS}, got {init!r}")
     if not isinstance(source, str):
         config = copy.deepcopy(source)
         for key, value in config_overrides.items():
@@ -102,7 +103,7 @@ def check_head(config: Any, head: Head, name: str, require_trained: bool = False
     """
     trained = has_trained_head(config, head.kind)
     if require_trained and not trained:
-        raise ValueError(
+        raise UsageError(
             f"--eval_only: model {name} has no trained {_describe(head.kind)} head "
             f"(architectures={getattr(config, 'architectures', None)}); evaluate a checkpoint fine-tuned on {head.task}"
         )
@@ -112,7 +113,7 @@ def check_head(config: Any, head: Head, name: str, require_trained: bool = False
     if size != head.size:
         detail = f" ({head.detail})" if head.detail else ""
         kind = "CTC" if head.kind == "ctc" else "classification"
-        raise ValueError(
+        raise UsageError(
             f"model {name} has a {size}-output {kind} head but {head.task} needs {head.size}{detail}; "
             "start from a checkpoint without a head or one fine-tuned on this task"
         )
@@ -121,7 +122,7 @@ def check_head(config: Any, head: Head, name: str, require_trained: bool = False
     id2label = {int(k): v for k, v in (config.id2label or {}).items()}
     expected = dict(enumerate(head.labels))
     if not _generic_labels(id2label) and id2label != expected:
-        raise ValueError(f"model {name} head labels {id2label} do not match {head.task} labels {expected}")
+        raise UsageError(f"model {name} head labels {id2label} do not match {head.task} labels {expected}")
 
 
 def _describe(kind: str) -> str:
@@ -140,7 +141,7 @@ def parse_scope(scope: str | Any) -> Any:
     try:
         return [int(part) for part in scope.split(",")]
     except ValueError:
-        raise ValueError(f"--scope must be 'ffn', 'all' or layer indices such as '0,1,5', got {scope!r}") from None
+        raise UsageError(f"--scope must be 'ffn', 'all' or layer indices such as '0,1,5', got {scope!r}") from None
 
 
 def apply_activation(
@@ -152,7 +153,7 @@ def apply_activation(
     (:func:`hf_helu.conversion.patch_activation`, shared with the conversion methods).
     """
     if activation not in ACTIVATION_CHOICES:
-        raise ValueError(f"activation must be one of {ACTIVATION_CHOICES}, got {activation!r}")
+        raise UsageError(f"activation must be one of {ACTIVATION_CHOICES}, got {activation!r}")
     if activation == "keep":
         return {"activation": "keep"}
     from hf_helu.conversion import patch_activation

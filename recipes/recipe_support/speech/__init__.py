@@ -14,12 +14,11 @@
 - :mod:`.whisper`: Whisper models (asr and classify), a shorter encoder window, its collator, ``generate``-based
   evaluation (WER, CER, exact match).
 
-Every name is importable from ``hf_helu.training.speech`` itself.
+Every name is importable from ``recipe_support.speech`` itself.
 """
 
-from hf_helu.training.speech.audio import (
+from recipe_support.speech.audio import (
     SAMPLING_RATE,
-    AudioDecodeError,
     Clip,
     load_waveform,
     load_waveforms,
@@ -28,8 +27,8 @@ from hf_helu.training.speech.audio import (
     read_audio,
     resample,
 )
-from hf_helu.training.speech.batches import SpeechCollator, SpeechDataset, calibration_batches
-from hf_helu.training.speech.data import (
+from recipe_support.speech.batches import SpeechCollator, SpeechDataset, calibration_batches
+from recipe_support.speech.data import (
     AUDIO_EXTENSIONS,
     DIGIT_WORDS,
     EVAL_SPLIT_PREFERENCE,
@@ -49,9 +48,9 @@ from hf_helu.training.speech.data import (
     stratified_split,
     subset_in_order,
 )
-from hf_helu.training.speech.evaluation import classify_metrics, ctc_metrics, make_ctc_eval_step
-from hf_helu.training.speech.metrics import accuracy, char_error_rate, edit_distance, word_error_rate
-from hf_helu.training.speech.models import (
+from recipe_support.speech.evaluation import classify_metrics, ctc_metrics, make_ctc_eval_step
+from recipe_support.speech.metrics import accuracy, char_error_rate, word_error_rate
+from recipe_support.speech.models import (
     SIZES,
     TASKS,
     build_model,
@@ -61,8 +60,8 @@ from hf_helu.training.speech.models import (
     scratch_feature_extractor,
     task_head,
 )
-from hf_helu.training.speech.task import ClipSets, TaskSetup
-from hf_helu.training.speech.text import (
+from recipe_support.speech.task import ClipSets, TaskSetup
+from recipe_support.speech.text import (
     PAD_TOKEN,
     UNK_TOKEN,
     WORD_DELIMITER,
@@ -73,7 +72,7 @@ from hf_helu.training.speech.text import (
     label_ids,
     label_names,
 )
-from hf_helu.training.speech.whisper import (
+from recipe_support.speech.whisper import (
     WhisperCollator,
     build_whisper_model,
     encoder_positions,
@@ -105,7 +104,6 @@ __all__ = [
     "TRANSCRIPT_COLUMNS",
     "UNK_TOKEN",
     "WORD_DELIMITER",
-    "AudioDecodeError",
     "Clip",
     "ClipSets",
     "SpeechCollator",
@@ -125,7 +123,6 @@ __all__ = [
     "clips_from_datasets",
     "ctc_metrics",
     "ctc_tokenizer",
-    "edit_distance",
     "encoder_positions",
     "freeze_conv_frontend",
     "fsdd_splits",

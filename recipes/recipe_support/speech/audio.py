@@ -12,11 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hf_helu.errors import UsageError
+
 SAMPLING_RATE = 16_000
-
-
-class AudioDecodeError(ValueError):
-    """An audio file (named in the message) could not be decoded."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +41,9 @@ def read_audio(clip: Clip | str | os.PathLike) -> tuple[np.ndarray, int]:
     try:
         waveform, rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError, OSError...
-        raise AudioDecodeError(f"cannot decode audio {clip.source!r}: {error}") from error
+        raise UsageError(f"cannot decode audio {clip.source!r}: {error}") from error
     if waveform.shape[0] == 0:
-        raise AudioDecodeError(f"audio {clip.source!r} has no samples")
+        raise UsageError(f"audio {clip.source!r} has no samples")
     return waveform.mean(axis=1, dtype=np.float32), int(rate)
 
 
@@ -54,7 +52,7 @@ def resample(waveform: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_R
     from scipy.signal import resample_poly
 
     if orig_rate <= 0 or target_rate <= 0:
-        raise ValueError(f"sampling rates must be positive, got {orig_rate} -> {target_rate}")
+        raise UsageError(f"sampling rates must be positive, got {orig_rate} -> {target_rate}")
     if orig_rate == target_rate:
         return np.asarray(waveform, dtype=np.float32)
     common = math.gcd(orig_rate, target_rate)
@@ -83,7 +81,7 @@ def load_waveform(
 
 def max_samples(max_seconds: float, sampling_rate: int = SAMPLING_RATE) -> int:
     if not max_seconds > 0:
-        raise ValueError(f"max_seconds must be > 0, got {max_seconds!r}")
+        raise UsageError(f"max_seconds must be > 0, got {max_seconds!r}")
     return round(max_seconds * sampling_rate)
 
 
@@ -108,12 +106,12 @@ def load_waveforms(
     for clip in clips:
         waveform = load_waveform(clip, sampling_rate, max_seconds if cut else None, do_normalize)
         if len(waveform) > cap:
-            raise ValueError(
+            raise UsageError(
                 f"clip {clip.source!r} lasts {len(waveform) / sampling_rate:.2f} s, over {cap_name} {max_seconds:g}: "
                 "speech recognition does not cut clips (the transcript would no longer match)"
             )
         if len(waveform) < min_samples:
-            raise ValueError(
+            raise UsageError(
                 f"clip {clip.source!r} has {len(waveform)} samples at {sampling_rate} Hz "
                 f"({len(waveform) / sampling_rate * 1000:.1f} ms): the model's feature encoder needs at least "
                 f"{min_samples} samples ({min_samples / sampling_rate * 1000:.1f} ms) for one frame; drop or pad it"

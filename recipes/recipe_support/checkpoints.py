@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_helu.atomic import atomic_write_json
+from hf_helu.errors import UsageError
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -51,12 +52,12 @@ def find_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
     if which != "latest":
         path = Path(which)
         if not (path / STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE})")
+            raise UsageError(f"--resume_from_checkpoint {which!r} is not a checkpoint folder (no {STATE_FILE})")
         return path
     root = Path(output_dir) / CHECKPOINTS_DIR
     candidates = _complete(root)
     if not candidates:
-        raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint in {root}")
+        raise UsageError(f"--resume_from_checkpoint latest: no checkpoint in {root}")
     return max(candidates, key=_age)
 
 

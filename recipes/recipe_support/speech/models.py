@@ -1,5 +1,5 @@
 """Wav2Vec2 models for the speech recipe: small scratch configs that train on a CPU, and the classification or CTC
-model of a task, loaded through :func:`hf_helu.training.models.load_model`.
+model of a task, loaded through :func:`recipe_support.models.load_model`.
 """
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hf_helu.training.models import Head, check_head, load_model
-from hf_helu.training.speech.audio import SAMPLING_RATE
-from hf_helu.training.speech.text import PAD_TOKEN
+from hf_helu.errors import UsageError
+from recipe_support.models import Head, check_head, load_model
+from recipe_support.speech.audio import SAMPLING_RATE
+from recipe_support.speech.text import PAD_TOKEN
 
 TASKS = ("classify", "asr")
 
@@ -67,7 +68,7 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"config override {item!r} is not 'key=value' (in {text!r})")
+            raise UsageError(f"config override {item!r} is not 'key=value' (in {text!r})")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -97,15 +98,15 @@ def scratch_config(size: str = "small", overrides: str | Mapping[str, Any] | Non
     from transformers import Wav2Vec2Config
 
     if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}: expected one of {sorted(SIZES)}")
+        raise UsageError(f"unknown model size {size!r}: expected one of {sorted(SIZES)}")
     values = dict(SIZES[size])
     values.update(parse_config_overrides(overrides) if isinstance(overrides, (str, type(None))) else overrides)
     config = Wav2Vec2Config(**values)
     unknown = sorted(k for k in values if not hasattr(config, k))
     if unknown:
-        raise ValueError(f"unknown Wav2Vec2Config attribute(s) {unknown}")
+        raise UsageError(f"unknown Wav2Vec2Config attribute(s) {unknown}")
     if len(config.conv_dim) != len(config.conv_kernel) or len(config.conv_dim) != len(config.conv_stride):
-        raise ValueError(
+        raise UsageError(
             f"conv_dim, conv_kernel and conv_stride need the same length; got {len(config.conv_dim)}, "
             f"{len(config.conv_kernel)}, {len(config.conv_stride)}"
         )
@@ -150,7 +151,7 @@ def _head_fields(task: str, labels: Sequence[str] | None, vocabulary: Mapping[st
 
 
 def task_head(task: str, fields: Mapping[str, Any]) -> Head:
-    """What ``task`` needs of a checkpoint's trained head (for :func:`hf_helu.training.models.check_head`)."""
+    """What ``task`` needs of a checkpoint's trained head (for :func:`recipe_support.models.check_head`)."""
     if task == "classify":
         labels = tuple(fields["id2label"][i] for i in range(fields["num_labels"]))
         return Head("classification", len(labels), "the dataset", labels=labels, detail=", ".join(labels))
@@ -175,7 +176,7 @@ def build_model(
     from transformers import AutoConfig, AutoModelForAudioClassification, AutoModelForCTC
 
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: expected one of {list(TASKS)}")
+        raise UsageError(f"unknown task {task!r}: expected one of {list(TASKS)}")
     if (model_name_or_path is None) == (config is None):
         raise ValueError("pass exactly one of model_name_or_path (a checkpoint) and config (a new model)")
     fields = _head_fields(task, labels, vocabulary)

@@ -50,11 +50,13 @@ def evaluate(
     compute_metrics: ComputeMetrics,
     eval_step: EvalStep = default_eval_step,
     monitor: Any = None,
+    outputs_sink: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Metrics over every sample of ``dataloader`` exactly once (gathered across processes).
 
     Adds ``num_samples`` (how many samples the metrics saw). ``monitor`` (an object with ``start()``/``stop()``,
-    e.g. the dead-unit tracker) records only during this pass; the caller reads its statistics.
+    e.g. the dead-unit tracker) records only during this pass; the caller reads its statistics. ``outputs_sink``
+    receives the gathered per-sample outputs, in dataset order.
     """
     model.eval()
     if monitor is not None:
@@ -64,6 +66,8 @@ def evaluate(
     finally:
         if monitor is not None:
             monitor.stop()
+    if outputs_sink is not None:
+        outputs_sink.update(outputs)
     metrics = {k: float(v) for k, v in compute_metrics(outputs).items()}
     metrics["num_samples"] = len(next(iter(outputs.values()))) if outputs else 0
     return metrics
@@ -119,14 +123,22 @@ class Evaluator:
         self.compute_metrics = compute_metrics
         self.eval_step = eval_step
         self.tracker = tracker
+        self.last_outputs: dict[str, dict[str, Any]] = {}  # the gathered outputs of the last pass, per split
 
     def __call__(self, model: nn.Module, dataloaders: Mapping[str, Any]) -> tuple[dict[str, Any], dict | None]:
         """(metrics per split, dead-unit statistics of the first split or None)."""
         metrics, dead = {}, None
+        self.last_outputs = {split: {} for split in dataloaders}
         for i, (split, dataloader) in enumerate(dataloaders.items()):
             monitor = self.tracker if i == 0 else None
             metrics[split] = evaluate(
-                self.accelerator, model, dataloader, self.compute_metrics, self.eval_step, monitor
+                self.accelerator,
+                model,
+                dataloader,
+                self.compute_metrics,
+                self.eval_step,
+                monitor,
+                self.last_outputs[split],
             )
             if monitor is not None:
                 dead = {"split": split, **monitor.stats()}

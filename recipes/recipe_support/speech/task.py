@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hf_helu.training.speech.audio import Clip
+from recipe_support.speech.audio import Clip
 
 
 @dataclass

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_helu.training.models import load_model
-from hf_helu.training.speech.data import DIGIT_WORDS
-from hf_helu.training.speech.metrics import char_error_rate, word_error_rate
+from hf_helu.errors import UsageError
+from recipe_support.models import load_model
+from recipe_support.speech.data import DIGIT_WORDS
+from recipe_support.speech.metrics import char_error_rate, word_error_rate
 
 ENCODER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's second conv (stride 2)
 MEL_FRAMES_PER_POSITION = 2
@@ -36,9 +37,9 @@ def encoder_positions(seconds: float, available: int) -> int:
     """Encoder positions of a ``seconds`` window; it must be a whole number of positions, at most ``available``."""
     positions = seconds * ENCODER_POSITIONS_PER_SECOND
     if not (math.isfinite(positions) and positions >= 1 and abs(positions - round(positions)) < 1e-9):
-        raise ValueError(f"--encoder_seconds {seconds} is not a whole number of encoder positions (1/50 s each) >= 1")
+        raise UsageError(f"--encoder_seconds {seconds} is not a whole number of encoder positions (1/50 s each) >= 1")
     if round(positions) > available:
-        raise ValueError(
+        raise UsageError(
             f"--encoder_seconds {seconds} needs {round(positions)} encoder positions; the checkpoint has {available} "
             f"({available / ENCODER_POSITIONS_PER_SECOND:g} s)"
         )
@@ -89,7 +90,7 @@ def load_feature_extractor(source: str, seconds: float):
     from transformers import WhisperFeatureExtractor
 
     if not float(seconds).is_integer() or seconds < 1:
-        raise ValueError(
+        raise UsageError(
             f"--encoder_seconds {seconds}: the feature extractor's window (chunk_length) must be a whole number of "
             "seconds >= 1 (stock WhisperFeatureExtractor computes its sizes from it)"
         )
@@ -106,7 +107,7 @@ def build_whisper_model(
     if task == "asr":
         return load_model(WhisperForConditionalGeneration, source, init)
     if not labels:
-        raise ValueError("classification needs the label names")
+        raise UsageError("classification needs the label names")
     fields = {
         "num_labels": len(labels),
         "label2id": {n: i for i, n in enumerate(labels)},

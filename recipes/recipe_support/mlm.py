@@ -1,6 +1,6 @@
 """Masked-LM pretraining data: a text corpus as contiguous blocks of token ids, served in rounds.
 
-- :func:`read_corpus`: the lines of a corpus split: local WikiText-2 (``<data root>/wikitext-2``, data README
+- :func:`read_corpus`: the lines of a corpus split: local WikiText-2 (``$HF_HELU_DATA_DIR/wikitext-2``, data README
   section 4), any text files, or a hub dataset's text column; WikiText's ``<unk>`` becomes the tokenizer's unknown
   token (its literal spelling would be split into ``<``, ``un``, ``##k``, ``>``).
 - :func:`token_blocks`: every non-blank line tokenized, concatenated into one stream, cut into blocks of
@@ -21,20 +21,12 @@ from typing import Any
 
 import torch
 
-from hf_helu.training.paths import data_root
+from hf_helu.errors import UsageError
+from recipe_support.paths import DATA_DIR_ENV, data_path
 
 WIKITEXT_DIR = "wikitext-2"
 WIKITEXT_UNK = "<unk>"
 SPLITS = ("train", "valid")
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be read or is too small for what the run asks."""
-
-
-def wikitext_dir() -> Path:
-    """The local WikiText-2 folder under :func:`hf_helu.training.paths.data_root`."""
-    return data_root() / WIKITEXT_DIR
 
 
 def read_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -42,10 +34,10 @@ def read_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     lines: list[str] = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise CorpusError(f"corpus file {path} not found")
+            raise UsageError(f"corpus file {path} not found")
         text = path.read_text(encoding="utf-8").splitlines()
         if not any(line.strip() for line in text):
-            raise CorpusError(f"corpus file {path} holds no text")
+            raise UsageError(f"corpus file {path} holds no text")
         lines += text
     return lines
 
@@ -56,7 +48,7 @@ def read_hub_dataset(name: str, config: str | None, split: str, column: str = "t
 
     dataset = datasets.load_dataset(name, config, split=split)
     if column not in dataset.column_names:
-        raise CorpusError(f"dataset {name} has no column {column!r}; columns: {dataset.column_names}")
+        raise UsageError(f"dataset {name} has no column {column!r}; columns: {dataset.column_names}")
     return list(dataset[column])
 
 
@@ -73,17 +65,18 @@ def read_corpus(
     ``unk_token`` replaces every WikiText ``<unk>`` (None: left as written).
     """
     if split not in SPLITS:
-        raise CorpusError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
     if files is not None and dataset is not None:
-        raise CorpusError("give text files or a hub dataset, not both")
+        raise UsageError("give text files or a hub dataset, not both")
     if files is not None:
         lines = read_text_files(files)
     elif dataset is not None:
         lines = read_hub_dataset(dataset, dataset_config, "validation" if split == "valid" else split)
     else:
-        folder = wikitext_dir()
-        if not folder.is_dir():
-            raise CorpusError(f"WikiText-2 not found at {folder} (set $HF_HELU_DATA_DIR, or pass text files)")
+        folder = data_path(WIKITEXT_DIR)
+        if folder is None or not folder.is_dir():
+            where = f"at {folder}" if folder is not None else f"(${DATA_DIR_ENV} is not set)"
+            raise UsageError(f"no corpus: WikiText-2 not found {where}; pass text files or a hub dataset")
         lines = read_text_files([folder / f"{split}.txt"])
     return [map_unk(line, unk_token) for line in lines] if unk_token is not None else lines
 
@@ -100,9 +93,9 @@ def token_blocks(lines: Iterable[str], tokenizer: Any, block_size: int, max_bloc
     ones (and tokenizes only as many lines as they need).
     """
     if block_size < 3:
-        raise CorpusError(f"block_size must be >= 3 (room for [CLS], [SEP] and one token), got {block_size}")
+        raise UsageError(f"block_size must be >= 3 (room for [CLS], [SEP] and one token), got {block_size}")
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
-        raise CorpusError(f"tokenizer {type(tokenizer).__name__} has no [CLS]/[SEP] tokens; a BERT tokenizer is needed")
+        raise UsageError(f"tokenizer {type(tokenizer).__name__} has no [CLS]/[SEP] tokens; a BERT tokenizer is needed")
     body = block_size - 2
     stream: list[int] = []
     texts = [line.strip() for line in lines if line.strip()]
@@ -114,7 +107,7 @@ def token_blocks(lines: Iterable[str], tokenizer: Any, block_size: int, max_bloc
             break
     count = len(stream) // body if max_blocks is None else min(len(stream) // body, max_blocks)
     if count == 0:
-        raise CorpusError(f"the corpus has {len(stream)} tokens: fewer than one block of {body} (+2 special) tokens")
+        raise UsageError(f"the corpus has {len(stream)} tokens: fewer than one block of {body} (+2 special) tokens")
     ids = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
     cls = torch.full((count, 1), tokenizer.cls_token_id, dtype=torch.long)
     sep = torch.full((count, 1), tokenizer.sep_token_id, dtype=torch.long)
@@ -131,9 +124,9 @@ class BlockRounds(torch.utils.data.Dataset):
 
     def __init__(self, blocks: torch.Tensor, round_blocks: int, seed: int = 0):
         if blocks.ndim != 2 or blocks.shape[0] == 0:
-            raise CorpusError(f"blocks must be a non-empty [n, block_size] tensor, got shape {tuple(blocks.shape)}")
+            raise UsageError(f"blocks must be a non-empty [n, block_size] tensor, got shape {tuple(blocks.shape)}")
         if round_blocks < 1:
-            raise CorpusError(f"round_blocks must be >= 1, got {round_blocks}")
+            raise UsageError(f"round_blocks must be >= 1, got {round_blocks}")
         self.blocks = blocks
         self.round_blocks = round_blocks
         self.seed = seed
@@ -209,7 +202,6 @@ __all__ = [
     "WIKITEXT_DIR",
     "WIKITEXT_UNK",
     "BlockRounds",
-    "CorpusError",
     "SeededMasking",
     "map_unk",
     "masked_eval_set",
@@ -218,5 +210,4 @@ __all__ = [
     "read_text_files",
     "stack_batch",
     "token_blocks",
-    "wikitext_dir",
 ]

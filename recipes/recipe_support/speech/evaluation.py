@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hf_helu.training.speech.metrics import accuracy, char_error_rate, word_error_rate
+from recipe_support.speech.metrics import accuracy, char_error_rate, word_error_rate
 
 
 def classify_metrics(outputs: dict[str, Any]) -> dict[str, float]:

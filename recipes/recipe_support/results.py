@@ -20,6 +20,8 @@ from hf_helu.atomic import atomic_directory, atomic_write_json
 RESULTS_FILE = "results.json"
 EVAL_RESULTS_FILE = "eval_results.json"  # an evaluation-only run's results: a training run's results.json stays
 MODEL_DIR = "model"
+PREDICTIONS_FILE = "predictions.json"  # --save_predictions: each eval example's model output, per split
+EVAL_PREDICTIONS_FILE = "eval_predictions.json"
 RELU_SUFFIX = "_relu"
 
 
@@ -44,6 +46,13 @@ def write_results(accelerator: Any, output_dir: Path, results: dict[str, Any], n
     """OUTPUT_DIR/results.json (or ``name``), atomically, from the main process."""
     if accelerator.is_main_process:
         atomic_write_json(output_dir / name, results)
+
+
+def write_predictions(accelerator: Any, output_dir: Path, outputs: dict[str, dict[str, Any]], eval_only: bool) -> None:
+    """OUTPUT_DIR/predictions.json (eval-only: eval_predictions.json): ``{split: [model output per example]}``."""
+    if accelerator.is_main_process:
+        predictions = {split: out["predictions"].tolist() for split, out in outputs.items() if "predictions" in out}
+        atomic_write_json(output_dir / (EVAL_PREDICTIONS_FILE if eval_only else PREDICTIONS_FILE), predictions)
 
 
 def log_metrics(accelerator: Any, label: str, metrics: dict[str, dict[str, float]]) -> None:
@@ -100,8 +109,10 @@ def _save(path: Path, model: nn.Module, processor: Any, state_dict: dict | None 
 
 
 __all__ = [
+    "EVAL_PREDICTIONS_FILE",
     "EVAL_RESULTS_FILE",
     "MODEL_DIR",
+    "PREDICTIONS_FILE",
     "RESULTS_FILE",
     "has_helu",
     "log_metrics",
@@ -109,5 +120,6 @@ __all__ = [
     "relu_export_dir",
     "results_file",
     "save_model",
+    "write_predictions",
     "write_results",
 ]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_helu.activation import DEFAULT_ALPHA
+from hf_helu.errors import UsageError
 from hf_helu.inputs import alpha, fraction, positive_int
 
 ACTIVATION_CHOICES = ("keep", "relu", "helu")  # keep the checkpoint's activation, or put ReLU / HeLU in its place
@@ -33,7 +34,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How :func:`hf_helu.training.loop.fit` trains, evaluates and checkpoints (the flags of add_training_args).
+    """How :func:`recipe_support.loop.fit` trains, evaluates and checkpoints (the flags of add_training_args).
 
     ``monitor_scope``: which activations the dead-unit monitor watches; ``track_dead_units``: whether it runs.
     """
@@ -55,6 +56,7 @@ class FitConfig:
     progress: bool = True
     monitor_scope: Any = "ffn"
     track_dead_units: bool = True
+    save_predictions: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class LoraSettings:
 
 def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
     """Add the knobs every recipe shares to ``parser``; ``defaults`` overrides their default values."""
-    g = parser.add_argument_group("training (hf_helu.training)")
+    g = parser.add_argument_group("training (recipe_support)")
     g.add_argument("--model", default=None, help="Local folder or hub id.")
     g.add_argument(
         "--output_dir",
@@ -103,6 +105,12 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
         "--resume_from_checkpoint",
         default=None,
         help='A checkpoint folder, or "latest" for the newest one in OUTPUT_DIR/checkpoints.',
+    )
+    g.add_argument(
+        "--save_predictions",
+        action="store_true",
+        help="Also write OUTPUT_DIR/predictions.json (--eval_only: eval_predictions.json): each eval example's model "
+        "output (logits, or the regression score), per split, in dataset order.",
     )
     g.add_argument("--checkpointing_steps", type=positive_int, default=None, help="Also checkpoint every N steps.")
     g.add_argument("--save_total_limit", type=positive_int, default=None, help="Keep only the newest N checkpoints.")
@@ -171,25 +179,25 @@ def check_conversion_args(args: argparse.Namespace) -> None:
 
     check_conversion_method(args.conversion, allow_auto=True)
     if not 0 <= args.distill_weight < math.inf:
-        raise ValueError(f"--distill_weight must be a finite number >= 0, got {args.distill_weight}")
+        raise UsageError(f"--distill_weight must be a finite number >= 0, got {args.distill_weight}")
     if args.distill_weight and args.eval_only:
-        raise ValueError("--distill_weight applies to training; it cannot be combined with --eval_only")
+        raise UsageError("--distill_weight applies to training; it cannot be combined with --eval_only")
     if args.conversion == "none":
         return
     if args.conversion != "auto":  # auto resolves to none where an explicit method would be refused here
         _check_explicit_conversion(args)
     if not 0 < args.anneal_fraction <= 1:
-        raise ValueError(f"--anneal_fraction must be in (0, 1], got {args.anneal_fraction}")
+        raise UsageError(f"--anneal_fraction must be in (0, 1], got {args.anneal_fraction}")
     if args.calibration_samples < 1:
-        raise ValueError(f"--calibration_samples must be >= 1, got {args.calibration_samples}")
+        raise UsageError(f"--calibration_samples must be >= 1, got {args.calibration_samples}")
     check_ridge(args.calibration_ridge)
 
 
 def _check_explicit_conversion(args: argparse.Namespace) -> None:
     if args.activation not in ("relu", "helu"):
-        raise ValueError(f"--conversion {args.conversion} needs --activation relu or helu, got {args.activation!r}")
+        raise UsageError(f"--conversion {args.conversion} needs --activation relu or helu, got {args.activation!r}")
     if args.eval_only:
-        raise ValueError("--conversion applies to training; it cannot be combined with --eval_only")
+        raise UsageError("--conversion applies to training; it cannot be combined with --eval_only")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,6 +225,7 @@ _FIT_FLAGS = (
     "overwrite_output_dir",
     "checkpointing_steps",
     "save_total_limit",
+    "save_predictions",
 )
 
 

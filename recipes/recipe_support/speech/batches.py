@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_helu.errors import UsageError
+
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Preprocessed clips in memory: ``{"input_values": float32 array, "labels": int or list[int]}``.
@@ -80,7 +82,7 @@ def calibration_batches(
     Otherwise: ``batch_size`` clips per batch if the collator's inputs have a fixed size (``fixed_size``), else one.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"calibration samples must be an integer >= 1, got {samples!r}")
+        raise UsageError(f"calibration samples must be an integer >= 1, got {samples!r}")
     count = min(samples, len(dataset))
     if by_target_length:
         by_length: dict[int, list[int]] = {}

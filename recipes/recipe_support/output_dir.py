@@ -3,7 +3,7 @@
 :func:`claim_output_dir` is called by each recipe before it loads data (and by ``fit``, for library callers). It
 
 - checks the folder is writable (creates and removes a probe file), so a read-only folder fails at once;
-- holds an exclusive lock for the run (``fcntl.flock`` on OUTPUT_DIR/.hf_helu_run.lock, which records the
+- holds an exclusive lock for the run (``filelock.FileLock`` on OUTPUT_DIR/.hf_helu_run.lock, which records the
   holder's pid): a second run into the same folder fails at once, naming the folder and that pid;
 - refuses a non-empty folder no hf_helu run made (no OUTPUT_DIR/.hf_helu_run.json marker, written first), and a
   fresh start over an earlier run's artifacts, unless ``overwrite`` (then those artifacts, and only those, are
@@ -17,56 +17,44 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from hf_helu.atomic import atomic_write_json, remove_stale_temps
-from hf_helu.training.args import FitConfig
-from hf_helu.training.checkpoints import CHECKPOINTS_DIR, has_checkpoints
-from hf_helu.training.errors import RecipeError
-from hf_helu.training.results import EVAL_RESULTS_FILE, MODEL_DIR, RELU_SUFFIX, RESULTS_FILE
+from hf_helu.errors import UsageError
+from recipe_support.args import FitConfig
+from recipe_support.checkpoints import CHECKPOINTS_DIR, has_checkpoints
+from recipe_support.results import (
+    EVAL_PREDICTIONS_FILE,
+    EVAL_RESULTS_FILE,
+    MODEL_DIR,
+    PREDICTIONS_FILE,
+    RELU_SUFFIX,
+    RESULTS_FILE,
+)
 
 MARKER_FILE = ".hf_helu_run.json"
 LOCK_FILE = ".hf_helu_run.lock"
 # What a run writes into OUTPUT_DIR: all that --overwrite_output_dir removes.
-RUN_ARTIFACTS = (CHECKPOINTS_DIR, MODEL_DIR, MODEL_DIR + RELU_SUFFIX, RESULTS_FILE, EVAL_RESULTS_FILE)
+RUN_ARTIFACTS = (
+    CHECKPOINTS_DIR,
+    MODEL_DIR,
+    MODEL_DIR + RELU_SUFFIX,
+    RESULTS_FILE,
+    EVAL_RESULTS_FILE,
+    PREDICTIONS_FILE,
+    EVAL_PREDICTIONS_FILE,
+)
 _BOOKKEEPING = (MARKER_FILE, LOCK_FILE)
 
 
-class OutputDirError(RecipeError):
-    """The output folder cannot be used: not writable, in use by another run, or holding what is not this run's."""
-
-
-# Folders this process has claimed: resolved folder -> [open lock file (main process) or None, number of claims].
-_HELD: dict[Path, list[Any]] = {}
-
-
-class OutputDirClaim:
-    """This process's claim on an output folder; :meth:`release` (or leaving the ``with`` block) unlocks it."""
-
-    def __init__(self, folder: Path):
-        self.folder, self._held = folder, True
-
-    def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        entry = _HELD[self.folder]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _HELD[self.folder]
-            if entry[0] is not None:
-                entry[0].close()  # closing the file releases the flock
-
-    def __enter__(self) -> OutputDirClaim:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+# The lock of each folder this process has claimed (main process only): FileLock counts nested acquisitions.
+_LOCKS: dict[Path, FileLock] = {}
 
 
 def check_writable(folder: Path) -> None:
@@ -77,26 +65,25 @@ def check_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise OutputDirError(f"--output_dir {folder} is not a writable folder: {error.strerror or error}") from None
+        raise UsageError(f"--output_dir {folder} is not a writable folder: {error.strerror or error}") from None
 
 
-def _lock(folder: Path) -> Any:
-    handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115  (kept open for the run: the flock lives with it)
+def _lock(folder: Path) -> FileLock:
+    """This process's lock on ``folder`` (acquired once more if held already); the lock file records the holder."""
+    lock = _LOCKS.setdefault(folder, FileLock(folder / LOCK_FILE))
+    if lock.is_locked:
+        lock.acquire()
+        return lock
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise OutputDirError(
+        lock.acquire(blocking=False)
+    except Timeout:
+        holder = (folder / LOCK_FILE).read_text().strip() or "unknown"
+        raise UsageError(
             f"--output_dir {folder} is in use by another run (pid {holder}); wait for it to end or choose another "
             "--output_dir"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+    (folder / LOCK_FILE).write_text(f"{os.getpid()}\n")
+    return lock
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -108,7 +95,7 @@ def _refuse_foreign(folder: Path, config: FitConfig) -> None:
     entries = _entries(folder)
     ours = (folder / MARKER_FILE).is_file() or (has_checkpoints(folder) and config.resume_from_checkpoint)
     if entries and not ours and not config.overwrite_output_dir:
-        raise OutputDirError(
+        raise UsageError(
             f"--output_dir {folder} is not empty and no hf_helu run made it (no {MARKER_FILE}; it holds "
             f"{', '.join(p.name for p in entries[:5])}{', ...' if len(entries) > 5 else ''}): choose another "
             f"--output_dir, or pass --overwrite_output_dir to replace the run files in it ({', '.join(RUN_ARTIFACTS)})"
@@ -123,7 +110,7 @@ def _check_contents(folder: Path, config: FitConfig, inputs: Sequence[str | os.P
         return []  # eval-only writes its own file; a resume continues the run that is there
     if artifacts and not config.overwrite_output_dir:
         held = ", ".join(p.name for p in artifacts)
-        raise OutputDirError(
+        raise UsageError(
             f"--output_dir {folder} already holds a run ({held}): pass --resume_from_checkpoint latest to continue "
             "it, or --overwrite_output_dir to start afresh"
         )
@@ -131,7 +118,7 @@ def _check_contents(folder: Path, config: FitConfig, inputs: Sequence[str | os.P
     for artifact in artifacts:
         for path in wanted:
             if path == artifact.resolve() or artifact.resolve() in path.parents:
-                raise OutputDirError(
+                raise UsageError(
                     f"--overwrite_output_dir would delete {artifact}, which this run reads ({path}): copy it "
                     "elsewhere or choose another --output_dir"
                 )
@@ -143,7 +130,9 @@ def _claim_main(folder: Path, config: FitConfig, inputs: Sequence[str | os.PathL
     check_writable(folder)
     if not (folder / LOCK_FILE).exists():
         _refuse_foreign(folder, config)  # before the lock file: a refused folder is left as it was
-    handle = _lock(folder)
+    lock = _lock(folder)
+    if lock.lock_counter > 1:
+        return lock  # this process's own claim again (a recipe, then fit): nothing more to check
     try:
         for artifact in _check_contents(folder, config, inputs):
             shutil.rmtree(artifact) if artifact.is_dir() and not artifact.is_symlink() else artifact.unlink()
@@ -153,53 +142,43 @@ def _claim_main(folder: Path, config: FitConfig, inputs: Sequence[str | os.PathL
         remove_stale_temps(folder, [*RUN_ARTIFACTS, MARKER_FILE], any_pid=True)
         remove_stale_temps(folder / CHECKPOINTS_DIR, any_pid=True)
     except BaseException:
-        handle.close()
+        lock.release()
         raise
-    return handle
+    return lock
 
 
-def claim_output_dir(accelerator: Any, config: FitConfig, inputs: Sequence[str | os.PathLike] = ()) -> OutputDirClaim:
+def claim_output_dir(
+    accelerator: Any, config: FitConfig, inputs: Sequence[str | os.PathLike] = ()
+) -> contextlib.AbstractContextManager:
     """Check, lock and prepare ``config.output_dir`` for a run (see the module doc); call before loading data.
 
     ``inputs``: paths the run reads (``--model``): ``overwrite`` refuses to delete them. Claiming a folder this
     process already holds only counts the claim. Every process calls it; the main process does the work and holds
-    the lock, and its error is raised on every process.
+    the lock (released on leaving the returned context), and its error is raised on every process.
     """
     folder = Path(config.output_dir).resolve()
-    if folder in _HELD:  # every process records its claims, so a nested claim never waits on a broadcast
-        _HELD[folder][1] += 1
-        return OutputDirClaim(folder)
-    error, handle = None, None
+    error, lock = None, None
     if accelerator.is_main_process:
         try:
-            handle = _claim_main(folder, config, inputs)
-        except OutputDirError as raised:
+            lock = _claim_main(folder, config, inputs)
+        except UsageError as raised:
             error = str(raised)
     if getattr(accelerator, "num_processes", 1) > 1:
         from accelerate.utils import broadcast_object_list
 
         error = broadcast_object_list([error])[0]
     if error is not None:
-        raise OutputDirError(error)
-    _HELD[folder] = [handle, 1]  # handle: None on the other processes
-    return OutputDirClaim(folder)
+        raise UsageError(error)
+    return _released(lock)
 
 
-def release_output_dir(folder: str | os.PathLike) -> None:
-    """Drop every claim this process holds on ``folder`` (tests; a crashed run's claims go with its process)."""
-    entry = _HELD.pop(Path(folder).resolve(), None)
-    if entry is not None and entry[0] is not None:
-        with contextlib.suppress(OSError):
-            entry[0].close()
+@contextlib.contextmanager
+def _released(lock: FileLock | None):
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-__all__ = [
-    "LOCK_FILE",
-    "MARKER_FILE",
-    "RUN_ARTIFACTS",
-    "OutputDirClaim",
-    "OutputDirError",
-    "check_writable",
-    "claim_output_dir",
-    "release_output_dir",
-]
+__all__ = ["LOCK_FILE", "MARKER_FILE", "RUN_ARTIFACTS", "check_writable", "claim_output_dir"]

@@ -7,7 +7,8 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from hf_helu.training.speech.audio import Clip
+from hf_helu.errors import UsageError
+from recipe_support.speech.audio import Clip
 
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
@@ -19,7 +20,7 @@ def label_names(clips: Iterable[Clip]) -> list[str]:
     names = set()
     for clip in clips:
         if clip.label is None or clip.label == "":
-            raise ValueError(f"clip {clip.source!r} has no label (classification needs one per clip)")
+            raise UsageError(f"clip {clip.source!r} has no label (classification needs one per clip)")
         names.add(clip.label)
     return sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
 
@@ -29,7 +30,7 @@ def label_ids(clips: Sequence[Clip], label2id: Mapping[str, int]) -> list[int]:
     ids = []
     for clip in clips:
         if clip.label not in label2id:
-            raise ValueError(
+            raise UsageError(
                 f"unknown label {clip.label!r} of {clip.source!r}: the model's labels are {sorted(label2id)}"
             )
         ids.append(label2id[clip.label])
@@ -39,7 +40,7 @@ def label_ids(clips: Sequence[Clip], label2id: Mapping[str, int]) -> list[int]:
 def clean_transcript(text: str | None, source: str = "?") -> str:
     """A transcript with runs of whitespace collapsed to one space and the ends stripped."""
     if text is None or not text.strip():
-        raise ValueError(f"clip {source!r} has no transcript (speech recognition needs one per clip)")
+        raise UsageError(f"clip {source!r} has no transcript (speech recognition needs one per clip)")
     return " ".join(text.split())
 
 
@@ -51,10 +52,10 @@ def build_vocabulary(transcripts: Iterable[str]) -> dict[str, int]:
     characters = set()
     for text in transcripts:
         if WORD_DELIMITER in text:
-            raise ValueError(f"transcript {text!r} contains the word delimiter {WORD_DELIMITER!r}")
+            raise UsageError(f"transcript {text!r} contains the word delimiter {WORD_DELIMITER!r}")
         characters.update(text)
     if not characters:
-        raise ValueError("no transcripts to build a vocabulary from")
+        raise UsageError("no transcripts to build a vocabulary from")
     symbols = sorted({WORD_DELIMITER} | {c for c in characters if c != " "})
     return {PAD_TOKEN: 0, UNK_TOKEN: 1, **{symbol: i + 2 for i, symbol in enumerate(symbols)}}
 
@@ -66,7 +67,7 @@ def check_transcripts(clips: Sequence[Clip], vocabulary: Mapping[str, int]) -> l
         text = clean_transcript(clip.transcript, clip.source)
         missing = sorted({c for c in text if (WORD_DELIMITER if c == " " else c) not in vocabulary})
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"transcript {text!r} of {clip.source!r} has characters {missing} missing from the vocabulary"
             )
         texts.append(text)

@@ -1,0 +1,13 @@
+"""What the scripts in ``recipes/`` share and no library already does; not part of the installed hf_helu.
+
+``python recipes/run_<task>.py`` puts ``recipes/`` on ``sys.path``, so the recipes import it as ``recipe_support``
+(the tests do so through pytest's ``pythonpath``). It is the only code of this repository that imports accelerate,
+datasets, peft, scipy and soundfile.
+
+- :mod:`~recipe_support.args`: the shared flags and the settings they become.
+- :mod:`~recipe_support.models`: one float32 model loader, the trained-head check, activation and LoRA.
+- :mod:`~recipe_support.loop`, :mod:`~recipe_support.evaluation`, :mod:`~recipe_support.checkpoints`,
+  :mod:`~recipe_support.results`, :mod:`~recipe_support.output_dir`: training, evaluation, checkpoints, outputs.
+- :mod:`~recipe_support.glue`, :mod:`~recipe_support.speech`, :mod:`~recipe_support.mlm`: task data and metrics.
+- :mod:`~recipe_support.paths`: local data under ``$HF_HELU_DATA_DIR``.
+"""
