@@ -68,8 +68,8 @@ def whisper(act: str = "helu"):
 def build(factory, seed: int = 0):
     torch.manual_seed(seed)
     model = factory().eval()
-    for name, p in model.named_parameters():  # shift FFN input biases a little so units are not half on by symmetry
-        if p.dim() == 1 and name.endswith(("fc1.bias", "c_fc.bias", "intermediate.dense.bias")):
+    for name, p in model.named_parameters():  # stock init zeroes the biases: make them count
+        if name.endswith("bias"):
             p.data.normal_(0.0, 0.1)
     return model
 
@@ -267,6 +267,10 @@ def test_auto_falls_back_to_dense():
     handle = hf_helu.sparse_inference(model)
     model(torch.tensor([[5]]))  # under autograd: the dense modules, never the kernel
     assert handle.sparse_calls == 0 and handle.dense_calls == len(handle.blocks)
+    model.train()  # switched to training after the swap: dense (dropout and all), even without autograd
+    with torch.no_grad():
+        model(torch.tensor([[5]]))
+    assert handle.sparse_calls == 0 and handle.dense_calls == 2 * len(handle.blocks)
     handle.remove()
 
 
