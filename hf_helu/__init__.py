@@ -23,6 +23,7 @@ from hf_helu.patching import (
     unpatch_model,
 )
 from hf_helu.registry import register
+from hf_helu.sparse_inference import SparseInference, dense_inference, sparse_inference
 
 register()
 
@@ -38,10 +39,12 @@ __all__ = [
     "HeLU",
     "LayerActivationStats",
     "PatchReport",
+    "SparseInference",
     "UsageError",
     "activation_name",
     "calibrate_ffn",
     "convert_model",
+    "dense_inference",
     "export_for_inference",
     "find_activation_sites",
     "helu",
@@ -50,6 +53,7 @@ __all__ = [
     "plot_dead_fraction",
     "reapply_patch",
     "register",
+    "sparse_inference",
     "unpatch_model",
 ]
 __version__ = "0.1.0"

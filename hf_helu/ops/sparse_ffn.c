@@ -1,0 +1,242 @@
+/* A ReLU FFN over its active units only: the fused CPU kernel of hf_helu.sparse_inference.
+
+   Built on first use by hf_helu/ops/sparse_ffn_cpu.py (same compiler, flags and checksum-verified cache as
+   helu_cpu.c) and loaded with ctypes; the exported functions and their signatures are listed there.
+
+   For rows r < R, units j < m:
+       a[r,j] = relu(A[j] . x[r] + bA[j])                         A: [m, d], one contiguous row per unit
+       h[r,j] = a[r,j] * (B ? B[j] . x[r] + bB[j] : 1)            B: [m, d] (the up projection of a gated FFN)
+       out[r] = bD + sum over j with a[r,j] != 0 of h[r,j] * D[j] D: [m, dout], the down projection transposed
+   Phase 1 reads all of A (the dense gate); phase 2 reads row j of B and of D only for units active in some
+   row; the return value counts those units (the rows of B and D read). Units are split in contiguous chunks
+   over the OpenMP team (PyTorch's, at most `threads`); each thread sums its units into its own accumulator, and the accumulators are added in thread order, so a result
+   depends only on the inputs and the team size. Accumulation is in float32 for both dtypes. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SF_X86 1
+#else
+#define SF_X86 0
+#endif
+
+#define SF_MAX_ROWS 64
+#define SF_UNITS_PER_THREAD 64 /* fewest units worth a thread of their own */
+
+typedef uint16_t bf16;
+
+static inline float bf16_to_f32(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (bf16)((u >> 16) | 0x40);
+    return (bf16)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* ---- plain loops (any CPU) ---- */
+static float dot_f32_plain(const float *w, const float *x, int64_t d) {
+    float s = 0.0f;
+    for (int64_t k = 0; k < d; k++) s += w[k] * x[k];
+    return s;
+}
+static float dot_bf16_plain(const bf16 *w, const float *x, int64_t d) {
+    float s = 0.0f;
+    for (int64_t k = 0; k < d; k++) s += bf16_to_f32(w[k]) * x[k];
+    return s;
+}
+static void axpy_f32_plain(float h, const float *w, float *acc, int64_t d) {
+    for (int64_t k = 0; k < d; k++) acc[k] += h * w[k];
+}
+static void axpy_bf16_plain(float h, const bf16 *w, float *acc, int64_t d) {
+    for (int64_t k = 0; k < d; k++) acc[k] += h * bf16_to_f32(w[k]);
+}
+
+/* ---- AVX2 + FMA (chosen at run time) ---- */
+#if SF_X86
+#define SF_AVX2 __attribute__((target("avx2,fma")))
+static int has_avx2(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return cached;
+}
+SF_AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+SF_AVX2 static inline __m256 load_bf16(const bf16 *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+SF_AVX2 static float dot_f32_avx2(const float *w, const float *x, int64_t d) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t k = 0;
+    for (; k + 32 <= d; k += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), s3);
+    }
+    for (; k + 8 <= d; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), s0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; k < d; k++) s += w[k] * x[k];
+    return s;
+}
+SF_AVX2 static float dot_bf16_avx2(const bf16 *w, const float *x, int64_t d) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t k = 0;
+    for (; k + 32 <= d; k += 32) {
+        s0 = _mm256_fmadd_ps(load_bf16(w + k), _mm256_loadu_ps(x + k), s0);
+        s1 = _mm256_fmadd_ps(load_bf16(w + k + 8), _mm256_loadu_ps(x + k + 8), s1);
+        s2 = _mm256_fmadd_ps(load_bf16(w + k + 16), _mm256_loadu_ps(x + k + 16), s2);
+        s3 = _mm256_fmadd_ps(load_bf16(w + k + 24), _mm256_loadu_ps(x + k + 24), s3);
+    }
+    for (; k + 8 <= d; k += 8) s0 = _mm256_fmadd_ps(load_bf16(w + k), _mm256_loadu_ps(x + k), s0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; k < d; k++) s += bf16_to_f32(w[k]) * x[k];
+    return s;
+}
+SF_AVX2 static void axpy_f32_avx2(float h, const float *w, float *acc, int64_t d) {
+    const __m256 hv = _mm256_set1_ps(h);
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8)
+        _mm256_storeu_ps(acc + k, _mm256_fmadd_ps(hv, _mm256_loadu_ps(w + k), _mm256_loadu_ps(acc + k)));
+    for (; k < d; k++) acc[k] += h * w[k];
+}
+SF_AVX2 static void axpy_bf16_avx2(float h, const bf16 *w, float *acc, int64_t d) {
+    const __m256 hv = _mm256_set1_ps(h);
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8)
+        _mm256_storeu_ps(acc + k, _mm256_fmadd_ps(hv, load_bf16(w + k), _mm256_loadu_ps(acc + k)));
+    for (; k < d; k++) acc[k] += h * bf16_to_f32(w[k]);
+}
+static float dot_f32(const float *w, const float *x, int64_t d) {
+    return has_avx2() ? dot_f32_avx2(w, x, d) : dot_f32_plain(w, x, d);
+}
+static float dot_bf16(const bf16 *w, const float *x, int64_t d) {
+    return has_avx2() ? dot_bf16_avx2(w, x, d) : dot_bf16_plain(w, x, d);
+}
+static void axpy_f32(float h, const float *w, float *acc, int64_t d) {
+    if (has_avx2()) axpy_f32_avx2(h, w, acc, d); else axpy_f32_plain(h, w, acc, d);
+}
+static void axpy_bf16(float h, const bf16 *w, float *acc, int64_t d) {
+    if (has_avx2()) axpy_bf16_avx2(h, w, acc, d); else axpy_bf16_plain(h, w, acc, d);
+}
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#else
+#define dot_f32 dot_f32_plain
+#define dot_bf16 dot_bf16_plain
+#define axpy_f32 axpy_f32_plain
+#define axpy_bf16 axpy_bf16_plain
+#define PREFETCH(p) __builtin_prefetch(p)
+#endif
+
+static void prefetch_row(const void *row, int64_t bytes) {
+    const char *p = (const char *)row;
+    for (int64_t k = 0; k < bytes; k += 64) PREFETCH(p + k);
+}
+
+/* One thread's share: units [j0, j1) for all rows, into acc [rows, dout]; `a` holds [rows, j1 - j0] gate
+   values (scratch); weights are T (float or bf16), x is float [rows, d]. Returns the number of units active in at least one row. */
+#define SF_CHUNK(NAME, T, DOT, AXPY)                                                                      \
+static int64_t NAME(const float *x, int64_t rows, int64_t d, int64_t dout, const T *A, const T *bA,        \
+                    const T *B, const T *bB, const T *D, int64_t j0, int64_t j1, float *a, float *acc) {   \
+    int64_t n = j1 - j0, active = 0;                                                                      \
+    for (int64_t j = j0; j < j1; j++)                                                                     \
+        for (int64_t r = 0; r < rows; r++) {                                                              \
+            float g = DOT(A + j * d, x + r * d, d) + (bA ? ELEM(bA[j]) : 0.0f);                           \
+            a[r * n + (j - j0)] = (g <= 0.0f) ? 0.0f : g; /* NaN kept, as torch.relu keeps it */           \
+        }                                                                                                 \
+    int64_t next = -1;                                                                                    \
+    for (int64_t j = j0; j < j1; j = next) {                                                              \
+        int any = 0;                                                                                      \
+        for (int64_t r = 0; r < rows; r++) any |= a[r * n + (j - j0)] != 0.0f;                            \
+        for (next = j + 1; next < j1; next++) {                                                           \
+            int more = 0;                                                                                 \
+            for (int64_t r = 0; r < rows; r++) more |= a[r * n + (next - j0)] != 0.0f;                    \
+            if (more) break;                                                                              \
+        }                                                                                                 \
+        if (!any) continue;                                                                               \
+        active++;                                                                                         \
+        if (next < j1) { /* the next active unit's rows: their addresses are known, fetch them early */    \
+            if (B) prefetch_row(B + next * d, d * (int64_t)sizeof(T));                                    \
+            prefetch_row(D + next * dout, dout * (int64_t)sizeof(T));                                     \
+        }                                                                                                 \
+        for (int64_t r = 0; r < rows; r++) {                                                              \
+            float h = a[r * n + (j - j0)];                                                                \
+            if (h == 0.0f) continue;                                                                      \
+            if (B) h *= DOT(B + j * d, x + r * d, d) + (bB ? ELEM(bB[j]) : 0.0f);                         \
+            AXPY(h, D + j * dout, acc + r * dout, dout);                                                  \
+        }                                                                                                 \
+    }                                                                                                     \
+    return active;                                                                                        \
+}
+#define ELEM(v) (v)
+SF_CHUNK(chunk_f32, float, dot_f32, axpy_f32)
+#undef ELEM
+#define ELEM(v) bf16_to_f32(v)
+SF_CHUNK(chunk_bf16, bf16, dot_bf16, axpy_bf16)
+#undef ELEM
+
+/* How many threads the kernel uses for m units when allowed `threads`. */
+int sparse_ffn_team_size(int64_t m, int threads) {
+    int64_t most = m / SF_UNITS_PER_THREAD;
+    int team = threads < most ? threads : (int)most;
+    return team < 1 ? 1 : team;
+}
+
+/* Common driver: split units over the team, sum the per-thread accumulators in thread order, add bD.
+   `scratch` holds team * rows * (dout + ceil(m / team)) floats. */
+#define SF_DRIVER(NAME, T, CHUNK, BIAS, STORE)                                                            \
+int64_t NAME(const void *xv, int64_t rows, int64_t d, int64_t m, int64_t dout, const T *A, const T *bA,   \
+             const T *B, const T *bB, const T *D, const T *bD, void *outv, float *scratch, int threads) { \
+    if (rows < 1 || rows > SF_MAX_ROWS) return -1;                                                        \
+    const float *x = (const float *)xv;                                                                   \
+    int team = sparse_ffn_team_size(m, threads);                                                          \
+    int64_t per = (m + team - 1) / team, stride = rows * (dout + per);                                    \
+    int64_t active = 0;                                                                                   \
+    _Pragma("omp parallel num_threads(team) reduction(+ : active) if (team > 1)")                         \
+    {                                                                                                     \
+        int t = 0;                                                                                        \
+        SF_THREAD_NUM(t);                                                                                 \
+        int64_t j0 = t * per, j1 = j0 + per < m ? j0 + per : m;                                           \
+        float *acc = scratch + t * stride, *a = acc + rows * dout;                                        \
+        memset(acc, 0, rows * dout * sizeof(float));                                                      \
+        if (j0 < j1) active += CHUNK(x, rows, d, dout, A, bA, B, bB, D, j0, j1, a, acc);                  \
+    }                                                                                                     \
+    for (int64_t i = 0; i < rows * dout; i++) {                                                           \
+        float s = scratch[i];                                                                             \
+        for (int t = 1; t < team; t++) s += scratch[t * stride + i];                                      \
+        if (bD) s += BIAS(bD[i % dout]);                                                                  \
+        STORE(outv, i, s);                                                                                \
+    }                                                                                                     \
+    return active;                                                                                        \
+}
+#ifdef _OPENMP
+#define SF_THREAD_NUM(t) (t) = omp_get_thread_num()
+#else
+#define SF_THREAD_NUM(t) (void)(t)
+#endif
+#define F32_BIAS(v) (v)
+#define F32_STORE(o, i, s) (((float *)(o))[i] = (s))
+#define BF16_BIAS(v) bf16_to_f32(v)
+#define BF16_STORE(o, i, s) (((bf16 *)(o))[i] = f32_to_bf16(s))
+
+/* x is float32 [rows, d] for both: a bf16 caller converts x first (exact) and gets bf16 out. */
+SF_DRIVER(sparse_ffn_f32, float, chunk_f32, F32_BIAS, F32_STORE)
+SF_DRIVER(sparse_ffn_bf16, bf16, chunk_bf16, BF16_BIAS, BF16_STORE)

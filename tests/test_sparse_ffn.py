@@ -1,0 +1,306 @@
+"""hf_helu.sparse_inference: the sparse FFN matches the dense model, is reversible, and refuses bad use early.
+
+Tolerance, argued: the sparse path adds the same non-zero products as the dense one in another order and skips
+exact zeros only (a unit whose gate rounds to a different sign contributes |gate| of rounding size). Both fp32
+results are then within fp32 rounding of the exact value, with constants that depend on the order only, so we
+compare each against a float64 run of the same model: the sparse error may not exceed a few times the dense
+error (plus a few fp32 ulps of the values). No order of summation is assumed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import hf_helu
+from hf_helu.errors import UsageError
+from hf_helu.ops import sparse_ffn_cpu
+from hf_helu.sparse_ffn import GatedSparseFFN, PlainSparseFFN, torch_sparse_ffn
+
+kernel = pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the sparse FFN kernel")
+EPS32 = torch.finfo(torch.float32).eps
+
+TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
+
+
+def llama(act: str = "relu"):
+    config = transformers.LlamaConfig(**TEXT, intermediate_size=176, num_key_value_heads=2, hidden_act=act)
+    return transformers.LlamaForCausalLM(config)
+
+
+def gpt2(act: str = "relu"):
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, activation_function=act)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def bert(act: str = "helu"):
+    return transformers.BertModel(transformers.BertConfig(**TEXT, intermediate_size=150, hidden_act=act))
+
+
+def whisper(act: str = "helu"):
+    config = transformers.WhisperConfig(
+        vocab_size=101,
+        num_mel_bins=16,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=144,
+        decoder_ffn_dim=144,
+        max_source_positions=20,
+        max_target_positions=40,
+        activation_function=act,
+        decoder_start_token_id=1,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
+    return transformers.WhisperForConditionalGeneration(config)
+
+
+def build(factory, seed: int = 0):
+    torch.manual_seed(seed)
+    model = factory().eval()
+    for name, p in model.named_parameters():  # stock init zeroes the biases: make them count
+        if name.endswith("bias"):
+            p.data.normal_(0.0, 0.1)
+    return model
+
+
+PROMPTS = [torch.tensor([[5, 17, 42, 8, 99, 3]]), torch.tensor([[60, 7, 7, 31]]), torch.tensor([[11]])]
+
+
+def greedy(model, ids, n=12, **extra):
+    options = {"do_sample": False, "pad_token_id": 0, **extra}
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **options)
+
+
+@kernel
+@pytest.mark.parametrize("factory", [llama, gpt2, lambda: llama("helu")], ids=["llama", "gpt2", "llama-helu"])
+@pytest.mark.parametrize("mode", ["sparse", "auto"])
+def test_greedy_tokens_identical_to_dense(factory, mode):
+    model = build(factory)
+    dense = [greedy(model, ids) for ids in PROMPTS]
+    handle = hf_helu.sparse_inference(model, mode=mode)
+    sparse = [greedy(model, ids) for ids in PROMPTS]
+    assert handle.sparse_calls > 0
+    if mode == "auto":  # prefill (several rows) runs dense, decode steps (one row) sparse
+        assert handle.dense_calls > 0
+    handle.remove()
+    for a, b in zip(dense, sparse, strict=True):
+        assert torch.equal(a, b)
+
+
+@kernel
+def test_sampling_with_kv_cache_matches_dense():
+    model = build(llama)
+    ids = PROMPTS[0]
+
+    def sample():
+        torch.manual_seed(3)
+        return greedy(model, ids, n=10, do_sample=True, top_k=5)
+
+    dense = sample()
+    with_cache = hf_helu.sparse_inference(model, mode="sparse")
+    assert torch.equal(sample(), dense)
+    with_cache.remove()
+
+
+@kernel
+def test_whisper_decoder_tokens_identical():
+    model = build(whisper)
+    torch.manual_seed(1)
+    features = torch.randn(2, 16, 40)
+    with torch.no_grad():
+        dense = model.generate(features, max_new_tokens=8, min_new_tokens=8)
+        handle = hf_helu.sparse_inference(model, mode="sparse")
+        sparse = model.generate(features, max_new_tokens=8, min_new_tokens=8)
+    assert len(handle.blocks) == 4 and handle.sparse_calls > 0
+    handle.remove()
+    assert torch.equal(dense, sparse)
+
+
+def _hidden(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    names = ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+    return [h.double() for name in names for h in (getattr(out, name, None) or ())]
+
+
+HIDDEN_CASES = {
+    "llama": (llama, lambda: {"input_ids": torch.tensor([[5, 17, 42]])}),
+    "gpt2": (gpt2, lambda: {"input_ids": torch.tensor([[5, 17, 42]])}),
+    "bert": (bert, lambda: {"input_ids": torch.tensor([[5, 17, 42, 9, 77]])}),
+    "whisper": (
+        whisper,
+        lambda: {"input_features": torch.randn(1, 16, 40), "decoder_input_ids": torch.tensor([[1, 9, 33]])},
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("case", list(HIDDEN_CASES))
+def test_hidden_states_within_rounding(case, backend, monkeypatch):
+    if backend == "kernel" and not sparse_ffn_cpu.available():
+        pytest.skip("no C compiler")
+    if backend == "torch":
+        monkeypatch.setattr(sparse_ffn_cpu, "available", lambda: False)
+    factory, make_inputs = HIDDEN_CASES[case]
+    model = build(factory)
+    torch.manual_seed(2)
+    inputs = make_inputs()
+    exact = _hidden(
+        copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    )
+    dense = _hidden(model, inputs)
+    handle = hf_helu.sparse_inference(model, mode="sparse")
+    sparse = _hidden(model, inputs)
+    assert handle.sparse_calls > 0
+    handle.remove()
+    for e, d, s in zip(exact, dense, sparse, strict=True):
+        dense_error = (d - e).abs().max().item()
+        allowed = 4 * dense_error + 16 * EPS32 * e.abs().max().item()
+        assert (s - e).abs().max().item() <= allowed
+
+
+def _operands(m, d, dout, dtype, gated, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    first = rand(m, d)
+    return (
+        first,
+        rand(m) if bias else None,
+        rand(m, d) if gated else None,
+        rand(m) if bias and gated else None,
+        rand(m, dout),
+        rand(dout) if bias else None,
+    )
+
+
+def _reference64(x, first, first_bias, second, second_bias, down_t, down_bias):
+    """The FFN written densely in float64: (relu(x A^T + a) * (x B^T + b)) D + c, with D = down_t."""
+    f = lambda t: None if t is None else t.double()  # noqa: E731
+    x, first, second, down_t = f(x), f(first), f(second), f(down_t)
+    gate = x @ first.T + (0 if first_bias is None else f(first_bias))
+    h = gate.clamp(min=0)
+    if second is not None:
+        h = h * (x @ second.T + (0 if second_bias is None else f(second_bias)))
+    out = h @ down_t + (0 if down_bias is None else f(down_bias))
+    terms = h.abs() @ down_t.abs()  # sum of |products| of the last sum: the scale of its rounding error
+    return out, terms, int((gate > 0).any(0).sum())
+
+
+@kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("gated", "bias"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_reference(dtype, gated, bias, rows, threads):
+    d, m, dout = 72, 300, 40  # not multiples of the vector width: the tails run too
+    ops = _operands(m, d, dout, dtype, gated, bias, seed=rows)
+    x = torch.randn(rows, d, generator=torch.Generator().manual_seed(9)).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, active = sparse_ffn_cpu.sparse_ffn(x, *ops)
+    finally:
+        torch.set_num_threads(previous)
+    ref, terms, ref_active = _reference64(x, *ops)
+    torch_out, torch_active = torch_sparse_ffn(x.float(), *(None if t is None else t.float() for t in ops))
+    assert out.dtype == dtype and out.shape == (rows, dout)
+    assert active == ref_active == torch_active
+    # fp32 accumulation of the dot products and the sum: a few ulp of the magnitude of the terms (the gate and
+    # up factors carry the same relative error); bf16 output adds half a bf16 ulp of the value.
+    half_ulp = 0.0 if dtype == torch.float32 else 2.0**-8
+    allowed = 4 * (d + m) * EPS32 * (terms + 1) + half_ulp * ref.abs()
+    assert ((out.double() - ref).abs() <= allowed).all()
+    assert ((torch_out.double() - ref).abs() <= allowed).all()
+
+
+@kernel
+def test_kernel_skips_inactive_rows():
+    """Units whose gate is <= 0 are not read: NaN in their up and down rows does not reach the output."""
+    d, m, dout = 32, 128, 16
+    first, _, second, _, down_t, _ = _operands(m, d, dout, torch.float32, True, False, seed=4)
+    x = torch.randn(1, d)
+    dead = (x @ first.T <= 0).squeeze(0)
+    second[dead] = float("nan")
+    down_t[dead] = float("nan")
+    out, active = sparse_ffn_cpu.sparse_ffn(x, first, None, second, None, down_t, None)
+    assert active == int((~dead).sum()) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("factory", [llama, gpt2, bert, whisper])
+def test_reversible_and_state_dict_unchanged(factory):
+    model = build(factory)
+    before = dict(model.named_modules())
+    state = model.state_dict()
+    handle = hf_helu.sparse_inference(model)
+    swapped = model.state_dict()
+    assert list(swapped) == list(state)
+    assert all(swapped[k] is state[k] or torch.equal(swapped[k], state[k]) for k in state)
+    kinds = (GatedSparseFFN, PlainSparseFFN)
+    assert sum(isinstance(m, kinds) for m in model.modules()) == len(handle.blocks) > 0
+    assert handle.added_bytes > 0
+    assert hf_helu.dense_inference(model) is True
+    assert hf_helu.dense_inference(model) is False
+    after = dict(model.named_modules())
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+
+
+def test_auto_falls_back_to_dense():
+    model = build(llama)
+    # min_sparsity 1: after the first measured call the running sparsity is below it, so decode runs dense.
+    handle = hf_helu.sparse_inference(model, min_sparsity=1.0)
+    greedy(model, PROMPTS[0], n=20)
+    per_block = 20  # generate calls each block once per step (the prefill included)
+    assert handle.dense_calls >= len(handle.blocks) * (per_block - 2)
+    handle.remove()
+    handle = hf_helu.sparse_inference(model)
+    model(torch.tensor([[5]]))  # under autograd: the dense modules, never the kernel
+    assert handle.sparse_calls == 0 and handle.dense_calls == len(handle.blocks)
+    model.train()  # switched to training after the swap: dense (dropout and all), even without autograd
+    with torch.no_grad():
+        model(torch.tensor([[5]]))
+    assert handle.sparse_calls == 0 and handle.dense_calls == 2 * len(handle.blocks)
+    handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: llama("silu"), "SiLU"),
+        (lambda: gpt2("gelu_new"), "not ReLU/HeLU"),
+        (lambda: bert("gelu"), "GELU"),
+    ],
+)
+def test_non_relu_model_refused_before_any_change(factory, match):
+    model = build(factory)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(UsageError, match=match):
+        hf_helu.sparse_inference(model)
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_training_mode_and_misuse_refused():
+    model = build(llama).train()
+    with pytest.raises(UsageError, match="training mode"):
+        hf_helu.sparse_inference(model)
+    model.eval()
+    for kwargs, match in [({"mode": "fast"}, "mode"), ({"max_rows": 0}, "max_rows"), ({"min_sparsity": 2}, "min_")]:
+        with pytest.raises(UsageError, match=match):
+            hf_helu.sparse_inference(model, **kwargs)
+    with pytest.raises(UsageError, match="transformers model"):
+        hf_helu.sparse_inference(nn.Linear(2, 2))
+    handle = hf_helu.sparse_inference(model)
+    with pytest.raises(UsageError, match="already"):
+        hf_helu.sparse_inference(model)
+    handle.remove()
