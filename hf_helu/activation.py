@@ -35,11 +35,24 @@ ACTIVATION_NAME = "helu"
 _PLAIN_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", re.ASCII)
 
 
+def _short_repr(value: object) -> str:
+    """``repr(value)``, its ends only when long (an int of thousands of digits; repr may even refuse one)."""
+    try:
+        text = repr(value)
+    except ValueError:  # int beyond sys.get_int_max_str_digits()
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
+
+
 def validate_alpha(alpha: object) -> float:
     """Return ``alpha`` as a float, or raise naming the bad value."""
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"HeLU alpha must be a real number >= 0, got {alpha!r} of type {type(alpha).__name__}")
-    value = float(alpha)
+    try:
+        value = float(alpha)
+    except OverflowError:  # an int or Fraction beyond float's range (10**400)
+        too_large = f"got {_short_repr(alpha)} (too large for a float)"
+        raise ValueError(f"HeLU alpha must be a finite number >= 0, {too_large}") from None
     if math.isnan(value) or math.isinf(value):
         raise ValueError(f"HeLU alpha must be a finite number >= 0, got {alpha!r}")
     if value < 0:

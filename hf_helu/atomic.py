@@ -128,8 +128,9 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it replaces ``path``, on error it is removed.
 
-    Without ``overwrite``, an existing non-empty ``path`` is an error (raised before any work). Temp folders of
-    ``path`` left by killed writers are removed first.
+    Without ``overwrite``, an existing non-empty ``path`` is an error, raised before any work and again at the
+    rename (another writer may have made it meanwhile: its folder is kept). A link at ``path`` is replaced by the
+    folder, never followed. Temp folders of ``path`` left by killed writers are removed first.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -145,14 +146,26 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
+    if not overwrite and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        shutil.rmtree(tmp, ignore_errors=True)  # another writer made it meanwhile: theirs stays
+        raise FileExistsError(f"{path} appeared while it was being written (another writer?); it is left as it is")
+    if path.is_symlink() or path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder tree, or a link (never what it points to); nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 __all__ = [

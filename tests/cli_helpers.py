@@ -31,8 +31,9 @@ def save_partial_patch(src: Path, folder: Path) -> Path:
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
-    """Temp or backup folders ``atomic_directory`` may leave beside ``name``."""
-    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+    """Temp or backup folders ``atomic_directory`` may leave beside ``name`` (not the writers' lock file, which stays,
+    empty, like the Hub cache's)."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.") and p.name != f".{name}.lock"]
 
 
 def helu_modules(model) -> dict[str, float]:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
@@ -73,6 +74,19 @@ def test_bad_alpha_is_named(alpha, error):
         with pytest.raises(error, match="alpha") as info:
             make()
         assert repr(alpha) in str(info.value)
+
+
+@pytest.mark.parametrize("alpha", [10**400, Fraction(-(10**400), 7), 10**5000], ids=["1e400", "-1e400/7", "1e5000"])
+def test_alpha_beyond_float_range_is_named(alpha):
+    with pytest.raises(ValueError, match="alpha must be a finite number") as info:
+        HeLU(alpha)
+    text = str(info.value)
+    # repr of 10**5000 exceeds int's string limit: its size is named instead
+    if not (isinstance(alpha, int) and alpha.bit_length() > 10000):
+        shown = repr(alpha)
+        assert shown[:20] in text and shown[-10:] in text and f"({len(shown)} characters)" in text
+    else:
+        assert f"an integer of {alpha.bit_length()} bits" in text
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])

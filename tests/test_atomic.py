@@ -102,3 +102,29 @@ def test_a_folder_killed_between_the_renames_is_restored(tmp_path):
     assert remove_stale_temps(tmp_path) == []
     assert json.loads((tmp_path / "model" / "config.json").read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_folder_made_by_another_writer_meanwhile_is_kept(tmp_path):
+    dst = tmp_path / "model"
+    with pytest.raises(FileExistsError, match="appeared while"), atomic_directory(dst) as tmp:
+        (tmp / "config.json").write_text('{"mine": true}')
+        dst.mkdir()  # the other writer finished first
+        (dst / "config.json").write_text('{"theirs": true}')
+    assert json.loads((dst / "config.json").read_text()) == {"theirs": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folder left
+    with atomic_directory(dst, overwrite=True) as tmp:  # overwrite: replacing it is what was asked
+        (tmp / "config.json").write_text('{"mine": true}')
+    assert json.loads((dst / "config.json").read_text()) == {"mine": True}
+
+
+def test_a_link_at_the_target_is_replaced_never_followed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not the writer's")
+    dst = tmp_path / "model"
+    dst.symlink_to(elsewhere)
+    with atomic_directory(dst, overwrite=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not dst.is_symlink() and [p.name for p in dst.iterdir()] == ["config.json"]
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "model"]  # no .model.old-<pid> link left

@@ -207,6 +207,25 @@ def test_damaged_cached_library_is_rebuilt_with_one_warning(damage, clean_cache,
 
 
 @pytest.mark.slow
+def test_foreign_library_with_a_matching_checksum_is_rebuilt_with_one_warning(clean_cache, tmp_path):
+    source_cache, clean_output = clean_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(source_cache, cache)
+    libraries = sorted(cache.glob("*.so"))
+    for library in libraries:  # a foreign library whose checksum was written beside it: verification passes
+        _foreign_library(library)
+        cpu.checksum_path(library).write_text(hashlib.sha256(library.read_bytes()).hexdigest() + "\n")
+        assert cpu.verify(library) is None
+    done = _run_helu(cache, tmp_path / "tmp")
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    assert done.stdout.strip() == clean_output  # the OpenMP build, not silently the one-thread one
+    warned = _warnings(done)
+    assert len(warned) == 1 and str(libraries[0]) in warned[0] and "no HeLU kernel library" in warned[0], done.stderr
+    again = _run_helu(cache, tmp_path / "tmp")  # rebuilt in place: the next process loads it quietly
+    assert again.returncode == 0 and again.stdout.strip() == clean_output and not _warnings(again), again.stderr
+
+
+@pytest.mark.slow
 def test_unwritable_cache_builds_privately_with_one_warning(clean_cache, tmp_path):
     _, clean_output = clean_cache
     blocker = tmp_path / "not_a_folder"

@@ -8,7 +8,10 @@
 
 SRC is a local model folder or a Hugging Face Hub id (online only). DST is written through a temp
 folder beside it and renamed at the end, so a failure never leaves a partial DST. Everything in a
-local SRC that is not weights or config (tokenizer, processor, sentence-transformers files) is copied.
+local SRC that is not weights or config (tokenizer, processor, sentence-transformers files) is copied,
+never following a link out of SRC (:mod:`hf_helu.cli.extras`). DST may never be SRC, inside it or hold
+it, and one writer per DST at a time (:mod:`hf_helu.cli.destination`); all of this is checked before
+the model loads.
 
 Each subcommand is a module of this package with an ``(add_arguments, run)`` pair, listed in :data:`COMMANDS`;
 adding one is adding a module and a line. What the commands share is in :mod:`hf_helu.cli.common`.
@@ -17,10 +20,10 @@ adding one is adding a module and a line. What the commands share is in :mod:`hf
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 
+import hf_helu
 from hf_helu.cli.convert import HELP as CONVERT_HELP
 from hf_helu.cli.convert import add_convert_arguments, run_convert
 from hf_helu.cli.export import add_export_arguments, run_export
@@ -45,16 +48,9 @@ COMMANDS: list[Command] = [
 ]
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("hf-helu")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "(not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-helu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"hf-helu {_version()}")
+    parser.add_argument("--version", action="version", version=f"hf-helu {hf_helu.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)

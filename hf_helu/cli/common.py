@@ -1,11 +1,12 @@
-"""What the ``hf-helu`` commands share: the user-error type, finding SRC, loading it, and saving DST atomically."""
+"""What the ``hf-helu`` commands share: finding SRC, loading it, and saving DST atomically.
+
+The DST checks are in :mod:`hf_helu.cli.destination`, what is copied from SRC beside the weights in
+:mod:`hf_helu.cli.extras`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,11 @@ import transformers
 from torch import nn
 
 from hf_helu.atomic import atomic_directory
+from hf_helu.cli.destination import check_destination, check_not_aliased, check_writable_file, sole_writer
+from hf_helu.cli.extras import copy_extras, plan_extras
 from hf_helu.errors import UsageError
 from hf_helu.inputs import is_hub_id
 from hf_helu.patching import reapply_patch
-
-# Files ``save_pretrained`` writes (or that hold weights in another format): never copied from SRC.
-_MODEL_FILE = re.compile(
-    r"^(config\.json|generation_config\.json|.*\.safetensors(\.index\.json)?|.*\.bin(\.index\.json)?|.*\.pt|.*\.pth"
-    r"|.*\.h5|.*\.msgpack|.*\.ckpt|.*\.onnx|.*\.ot|.*\.tflite)$"
-)
-_SKIPPED_DIRS = {".git", "onnx", "openvino", "coreml", ".cache"}
 
 
 def resolve_source(src: str) -> Path:
@@ -51,12 +47,14 @@ def resolve_source(src: str) -> Path:
 
 
 def model_class(config: transformers.PretrainedConfig) -> type:
-    """The model class named in ``config.architectures`` (keeps the task head), else ``AutoModel``.
+    """The model class named in ``config.architectures`` (keeps the task head); ``AutoModel`` when it names none.
 
     Only a subclass of ``transformers.PreTrainedModel`` is used: a config is data, and naming e.g. ``pipeline``
-    must not make the CLI call it.
+    must not make the CLI call it. A name transformers does not have is refused: ``AutoModel`` would load the
+    checkpoint without its head and say nothing.
     """
-    for name in getattr(config, "architectures", None) or []:
+    names = getattr(config, "architectures", None) or []
+    for name in names:
         if not isinstance(name, str):
             raise UsageError(f"config.architectures holds {name!r}, expected the name of a transformers model class")
         cls = getattr(transformers, name, None)
@@ -68,7 +66,29 @@ def model_class(config: transformers.PretrainedConfig) -> type:
                 "(a subclass of transformers.PreTrainedModel)"
             )
         return cls
+    if names:
+        raise UsageError(
+            f"config.architectures names {', '.join(map(repr, names))}, which transformers {transformers.__version__} "
+            "does not have (a custom or newer class?); loading it as a bare AutoModel would drop its task head"
+        )
     return transformers.AutoModel
+
+
+def check_text_model(folder: Path) -> None:
+    """Refuse, before loading weights, a model whose forward does not take ``input_ids`` (speech, vision)."""
+    config = load_config(folder)
+    cls = model_class(config)
+    if cls is transformers.AutoModel:
+        try:
+            cls = transformers.AutoModel._model_mapping[type(config)]
+        except KeyError:
+            return  # loading it fails with its own UsageError
+    takes = getattr(cls, "main_input_name", "input_ids")
+    if takes != "input_ids":
+        raise UsageError(
+            f"{folder} holds a {cls.__name__}, whose input is {takes!r}, not text; this command runs text models "
+            "(input_ids) only"
+        )
 
 
 def load_config(folder: Path) -> transformers.PretrainedConfig:
@@ -99,66 +119,6 @@ def load_checkpoint(folder: Path) -> nn.Module:
     return reapply_recorded_patch(model)
 
 
-def copy_extras(src: Path, dst: Path) -> list[str]:
-    """Copy what ``save_pretrained`` did not write (tokenizer, processor, ...) from ``src`` to ``dst``.
-
-    Never the folder being written (``dst`` inside ``src``) nor another writer's hidden temp entries.
-    """
-    copied = []
-    inside = dst.resolve()
-    for entry in sorted(src.iterdir()):
-        target = dst / entry.name
-        if target.exists() or entry.name in _SKIPPED_DIRS or entry.name.endswith(".tmp"):
-            continue
-        if entry.resolve() == inside or entry.resolve() in inside.parents:
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, target)
-        elif _MODEL_FILE.match(entry.name):
-            continue
-        else:
-            shutil.copy2(entry, target)
-        copied.append(entry.name)
-    return copied
-
-
-def check_destination(dst: str, overwrite: bool) -> None:
-    """Fail before the (slow) load when DST would be refused anyway."""
-    path = Path(dst)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"DST {dst!r} exists and is not a folder")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"DST {dst!r} exists and is not empty; pass --overwrite to replace it")
-
-
-def check_not_nested(src: Path, dst: str) -> None:
-    """Refuse a DST inside SRC (it would be copied into itself as an extra) or holding SRC (replacing it deletes it)."""
-    source, target = src.resolve(), Path(dst).expanduser().resolve()
-    if source in target.parents:
-        raise UsageError(f"DST {dst!r} is inside SRC {str(src)!r}: choose a folder outside it")
-    if target in source.parents:
-        raise UsageError(f"DST {dst!r} holds SRC {str(src)!r}: writing DST would replace SRC; choose another folder")
-
-
-def check_writable_file(path: str) -> None:
-    """Fail before any work when ``path`` could not be written at the end: its folder (or the first existing one
-    above it) must be a writable folder (a probe file is created and removed), and ``path`` no folder."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UsageError(f"{path!r} is a folder, expected a file path")
-    folder = target.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {path!r}: {str(folder)!r} is a file, not a folder")
-    probe = folder / f".hf_helu_probe.{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"cannot write {path!r}: folder {str(folder)!r} is not writable ({error.strerror})") from None
-
-
 def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> None:
     """``model.save_pretrained`` plus the extras of ``src``, written to a temp folder renamed to ``dst`` at the end."""
     try:
@@ -169,17 +129,41 @@ def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> N
         raise UsageError(str(error)) from None
 
 
+def check_source_and_destination(src_arg: str, dst: str, overwrite: bool) -> Path:
+    """Every check of SRC and DST that needs no weights: DST writable and free, not aliasing SRC, SRC's config and
+    class known, no link out of SRC. Returns SRC's folder."""
+    check_destination(dst, overwrite)
+    src = resolve_source(src_arg)
+    check_not_aliased(src, dst)
+    model_class(load_config(src))
+    plan_extras(src)
+    return src
+
+
 def transform_and_save(args: argparse.Namespace, transform: Callable[[nn.Module], Any], saved_note: str = "") -> int:
     """Load SRC, apply ``transform`` (a ValueError is the user's error), save to DST atomically, print the report."""
-    check_destination(args.dst, args.overwrite)
-    src = resolve_source(args.src)
-    check_not_nested(src, args.dst)
-    model = load_checkpoint(src)
-    try:
-        report = transform(model)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    save_atomically(model, src, args.dst, args.overwrite)
+    src = check_source_and_destination(args.src, args.dst, args.overwrite)
+    with sole_writer(args.dst):
+        model = load_checkpoint(src)
+        try:
+            report = transform(model)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        save_atomically(model, src, args.dst, args.overwrite)
     print(report)
     print(f"saved to {args.dst}{saved_note}")
     return 0
+
+
+__all__ = [
+    "check_destination",
+    "check_source_and_destination",
+    "check_text_model",
+    "check_writable_file",
+    "copy_extras",
+    "load_checkpoint",
+    "load_config",
+    "model_class",
+    "resolve_source",
+    "transform_and_save",
+]

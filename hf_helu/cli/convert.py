@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from hf_helu.activation import DEFAULT_ALPHA
-from hf_helu.cli.common import check_destination, resolve_source, transform_and_save
+from hf_helu.cli.common import check_source_and_destination, check_text_model, transform_and_save
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.conversion import DEFAULT_RIDGE, check_ridge, convert_model
 from hf_helu.errors import UsageError
@@ -64,12 +64,13 @@ def calibration_texts(data: str, samples: int) -> list[tuple[str, str | None]]:
 
 def run_convert(args: argparse.Namespace) -> int:
     """``hf-helu convert``: the texts and the tokenizer first (fail fast), then load, patch, calibrate, save."""
-    check_destination(args.dst, args.overwrite)
+    src = check_source_and_destination(args.src, args.dst, args.overwrite)
+    check_text_model(src)
     texts = calibration_texts(args.data, args.samples)
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_source(args.src))
+        tokenizer = AutoTokenizer.from_pretrained(src)
     except UsageError:
         raise
     except Exception as error:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 
 from hf_helu.cli.common import (
-    check_destination,
+    check_source_and_destination,
     copy_extras,
     load_checkpoint,
     load_config,
-    resolve_source,
     transform_and_save,
 )
+from hf_helu.cli.destination import sole_writer
 from hf_helu.errors import UsageError
 from hf_helu.patching import export_for_inference
 
@@ -36,23 +36,23 @@ def run_onnx_export(args: argparse.Namespace) -> int:
     """Check the request (flags, DST, architecture, onnxruntime) before loading the weights, then export."""
     from hf_helu.onnx_export import check_onnx_request, export_onnx
 
-    check_destination(args.dst, args.overwrite)
-    src = resolve_source(args.src)
+    src = check_source_and_destination(args.src, args.dst, args.overwrite)
     try:
         check_onnx_request(load_config(src), args.quantize)
     except (ValueError, ModuleNotFoundError) as error:
         raise UsageError(str(error)) from None
-    model = load_checkpoint(src)
-    try:
-        report = export_onnx(
-            model,
-            args.dst,
-            quantize=args.quantize,
-            write_extras=lambda folder: copy_extras(src, folder),
-            overwrite=args.overwrite,
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    with sole_writer(args.dst):
+        model = load_checkpoint(src)
+        try:
+            report = export_onnx(
+                model,
+                args.dst,
+                quantize=args.quantize,
+                write_extras=lambda folder: copy_extras(src, folder),
+                overwrite=args.overwrite,
+            )
+        except (ValueError, FileExistsError) as error:
+            raise UsageError(str(error)) from None
     print(report)
     print(f"saved to {args.dst} (ONNX Runtime serves it; no torch or hf_helu needed)")
     return 0

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_helu.atomic import atomic_write_json
-from hf_helu.cli.common import check_writable_file, load_checkpoint, resolve_source
+from hf_helu.cli.common import check_text_model, check_writable_file, load_checkpoint, resolve_source
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.diagnostics import ActivationMonitor
 from hf_helu.errors import UsageError
@@ -42,6 +42,7 @@ def run_inspect_activations(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         raise UsageError(str(error)) from None
     folder = resolve_source(args.model)
+    check_text_model(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as error:

@@ -23,9 +23,9 @@ C text, the flags and the compiler); with OpenMP if the compiler can, else witho
 thread). Without a compiler :func:`available` is False and HeLU uses the torch backend.
 
 A cached library is loaded only after its bytes match the SHA-256 written beside it (``<name>.so.sha256``)
-when it was built; one that does not (truncated, replaced, corrupted) is rebuilt, with one RuntimeWarning
-naming the file. An unwritable cache folder gets the library built in a private temp folder, also with
-one warning.
+when it was built; one that does not (truncated, replaced, corrupted), or that matches but is no HeLU kernel
+library, is rebuilt, with one RuntimeWarning naming the file. An unwritable cache folder gets the library built
+in a private temp folder, also with one warning.
 """
 
 from __future__ import annotations
@@ -167,16 +167,40 @@ def _open(path: Path) -> ctypes.CDLL:
 def _load_variant(compiler: str, extra_flags: tuple[str, ...], notes: list[str]) -> ctypes.CDLL:
     """Load the verified cached library, (re)building it first when it is missing or fails verification.
 
-    A cache folder that cannot be written gets the library built in a private temp folder, loaded, and
-    deleted (the loaded copy stays mapped): slower to start, never a silent fall back to the torch backend.
-    ``notes`` collects what went wrong, for the one warning :func:`load` gives.
+    A verified library that is no HeLU kernel library (a foreign file written with its checksum) is rebuilt in
+    place too; this process loads the rebuilt bytes from a private copy, since the loader would hand back the
+    foreign library already mapped under that path. ``notes`` collects what went wrong, for the one warning
+    :func:`load` gives.
     """
     path = library_path(compiler, extra_flags)
     if path.exists():
         problem = verify(path)
         if problem is None:
-            return _open(path)
+            try:
+                return _open(path)
+            except (OSError, RuntimeError) as error:
+                notes.append(f"{path} matches its checksum but is no HeLU kernel library ({error}), so it is rebuilt")
+                return _build_and_open(compiler, extra_flags, path, notes, private_copy=True)
         notes.append(f"{path} failed verification ({problem}), so it was not loaded and is rebuilt")
+    return _build_and_open(compiler, extra_flags, path, notes, private_copy=False)
+
+
+def _open_private(library: Path, build: tuple[str, tuple[str, ...]] | None = None) -> ctypes.CDLL:
+    """Open a copy of ``library`` (or, with ``build``, a fresh build) in a temp folder deleted once it is mapped."""
+    with tempfile.TemporaryDirectory(prefix="hf_helu-") as tmp:
+        private = Path(tmp) / library.name
+        if build is None:
+            shutil.copyfile(library, private)
+        else:
+            _build(*build, private)
+        return _open(private)
+
+
+def _build_and_open(
+    compiler: str, extra_flags: tuple[str, ...], path: Path, notes: list[str], private_copy: bool
+) -> ctypes.CDLL:
+    """Build into the cache and open it; an unwritable cache gets a build in a private temp folder instead (slower
+    to start, never a silent fall back to the torch backend)."""
     try:
         _build(compiler, extra_flags, path)
     except OSError as error:
@@ -184,11 +208,8 @@ def _load_variant(compiler: str, extra_flags: tuple[str, ...], notes: list[str])
             f"cannot write the kernel cache {path.parent} ({error}); the kernels were built in a temporary folder "
             f"for this process only (set {CACHE_ENV_VAR} to a writable folder to keep them)"
         )
-        with tempfile.TemporaryDirectory(prefix="hf_helu-") as tmp:
-            private = Path(tmp) / path.name
-            _build(compiler, extra_flags, private)
-            return _open(private)
-    return _open(path)
+        return _open_private(path, build=(compiler, extra_flags))
+    return _open_private(path) if private_copy else _open(path)
 
 
 def load() -> ctypes.CDLL:
