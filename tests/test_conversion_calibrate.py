@@ -90,7 +90,7 @@ def test_calibration_is_the_ridge_fit_layer_by_layer(ridge):
     model = tiny_bert()
     original = copy.deepcopy(model)
     batches = random_batches()
-    result = conversion.convert_model(model, "calibrate", calibration_batches=batches, ridge=ridge)
+    result = conversion.convert_model(model, "calibrate", calibration_batches=batches, ridge=ridge, holdout=0)
     assert [layer.output_projection for layer in result.calibration.layers] == [
         "encoder.layer.0.output.dense",
         "encoder.layer.1.output.dense",
@@ -125,7 +125,7 @@ def test_calibration_conv1d_gpt2():
     model = tiny_gpt2()
     original = copy.deepcopy(model)
     batches = random_batches()
-    result = conversion.convert_model(model, "calibrate", calibration_batches=batches)
+    result = conversion.convert_model(model, "calibrate", calibration_batches=batches, holdout=0)
     z = collect(model, batches, {"z": "h.0.mlp.c_fc"})["z"]
     old = original.h[0].mlp.c_proj
     w0, b0 = weight_in_out(old), old.bias.detach().double().numpy()
@@ -140,7 +140,7 @@ def test_calibration_gated_llama():
     model = tiny_llama()
     original = copy.deepcopy(model)
     batches = random_batches()
-    result = conversion.convert_model(model, "calibrate", calibration_batches=batches)
+    result = conversion.convert_model(model, "calibrate", calibration_batches=batches, holdout=0)
     got = collect(model, batches, {"gate": "layers.0.mlp.gate_proj", "up": "layers.0.mlp.up_proj"})
     gate, up = got["gate"], got["up"]
     w0 = weight_in_out(original.layers[0].mlp.down_proj)
@@ -167,7 +167,7 @@ def test_calibration_shared_layers_albert():
     )
     model = AlbertModel(config).eval()
     batches = random_batches(count=2)
-    result = conversion.convert_model(model, "calibrate", calibration_batches=batches)
+    result = conversion.convert_model(model, "calibrate", calibration_batches=batches, holdout=0)
     (layer,) = result.calibration.layers
     assert layer.tokens == 3 * sum(int(b["attention_mask"].sum()) for b in batches)
     assert layer.error_after < layer.error_before
@@ -195,7 +195,7 @@ def test_calibration_reduces_heldout_error_on_minilm():
     patch_model(naive)
     calibrated = copy.deepcopy(gelu_model)
     fit = conversion.calibration_batches(tokenizer, sts_sentences(range(0, 150)), batch_size=100)
-    result = conversion.convert_model(calibrated, "calibrate", calibration_batches=fit, ridge=1e-2)
+    result = conversion.convert_model(calibrated, "calibrate", calibration_batches=fit, ridge=1e-2, holdout=0)
     held_out = conversion.calibration_batches(tokenizer, sts_sentences(range(3000, 3040)), batch_size=40)
 
     naive_errors = conversion.ffn_output_errors(naive, gelu_model, held_out)

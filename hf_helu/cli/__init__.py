@@ -6,7 +6,8 @@
     hf-helu inspect SRC [--json]
     hf-helu inspect-activations SRC --data PATH [--max-samples N] [--alpha A] [--json FILE]
 
-SRC is a local model folder or a Hugging Face Hub id (online only). DST is written through a temp
+SRC is a local model folder, a GGUF file (or a folder holding one; loaded dequantized to float32, saved as an
+ordinary model with the file's tokenizer) or a Hugging Face Hub id (online only). DST is written through a temp
 folder beside it and renamed at the end, so a failure never leaves a partial DST. Everything in a
 local SRC that is not weights or config (tokenizer, processor, sentence-transformers files) is copied,
 never following a link out of SRC (:mod:`hf_helu.cli.extras`). DST may never be SRC, inside it or hold

@@ -11,26 +11,48 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 
 from hf_helu.atomic import atomic_directory
 from hf_helu.cli.destination import check_destination, check_not_aliased, check_writable_file, sole_writer
 from hf_helu.cli.extras import copy_extras, plan_extras
+from hf_helu.conversion.gguf import drop_gguf_quantization
 from hf_helu.errors import UsageError
 from hf_helu.inputs import is_hub_id
 from hf_helu.patching import reapply_patch
 
+GGUF_SUFFIX = ".gguf"
+
+
+def gguf_file(source: Path) -> tuple[Path, str] | None:
+    """(folder, file name) when ``source`` (from :func:`resolve_source`) is a GGUF file, else None."""
+    return (source.parent, source.name) if source.suffix == GGUF_SUFFIX and source.is_file() else None
+
+
+def _local_source(src: str, path: Path) -> Path:
+    """A model folder, or the GGUF file of ``path`` (a ``.gguf`` file, or a folder without config.json but one)."""
+    if not path.is_dir():
+        if path.suffix != GGUF_SUFFIX:
+            raise UsageError(f"SRC {src!r} is a file, expected a model folder, a {GGUF_SUFFIX} file or a Hub id")
+        return path
+    if (path / "config.json").is_file():
+        return path
+    found = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise UsageError(f"SRC {src!r} holds {len(found)} GGUF files ({names}): name the one to use")
+    if not found:
+        raise UsageError(f"SRC {src!r} is not a transformers model folder (no config.json and no GGUF file in it)")
+    return found[0]
+
 
 def resolve_source(src: str) -> Path:
-    """A local folder for ``src``: the folder itself, or a Hub snapshot (online only)."""
+    """A local folder for ``src`` (the folder itself, or a Hub snapshot, online only), or a local GGUF file."""
     path = Path(src).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"SRC {src!r} is a file, expected a model folder or a Hub id")
-        if not (path / "config.json").is_file():
-            raise UsageError(f"SRC {src!r} is not a transformers model folder (no config.json in it)")
-        return path
+        return _local_source(src, path)
     if not is_hub_id(src):
         raise UsageError(f"SRC {src!r} does not exist (expected a model folder or a Hub id like 'org/name')")
     try:
@@ -77,7 +99,7 @@ def model_class(config: transformers.PretrainedConfig) -> type:
 def check_text_model(folder: Path) -> None:
     """Refuse, before loading weights, a model whose forward does not take ``input_ids`` (speech, vision)."""
     config = load_config(folder)
-    cls = model_class(config)
+    cls = source_model_class(folder, config)
     if cls is transformers.AutoModel:
         try:
             cls = transformers.AutoModel._model_mapping[type(config)]
@@ -91,11 +113,33 @@ def check_text_model(folder: Path) -> None:
         )
 
 
+def _location(source: Path) -> tuple[Path, dict[str, str]]:
+    """``from_pretrained``'s folder and extra arguments for a source of :func:`resolve_source`."""
+    gguf = gguf_file(source)
+    return (gguf[0], {"gguf_file": gguf[1]}) if gguf else (source, {})
+
+
+def source_model_class(source: Path, config: transformers.PretrainedConfig) -> type:
+    """:func:`model_class`, except that a GGUF file without ``architectures`` is a causal LM (what GGUF files hold)."""
+    if gguf_file(source) and not getattr(config, "architectures", None):
+        return transformers.AutoModelForCausalLM
+    return model_class(config)
+
+
 def load_config(folder: Path) -> transformers.PretrainedConfig:
+    """The config of a model folder, or the one transformers derives from a GGUF file's metadata."""
+    where, extra = _location(folder)
     try:
-        return transformers.AutoConfig.from_pretrained(folder)
+        return transformers.AutoConfig.from_pretrained(where, **extra)
     except Exception as error:
-        raise UsageError(f"{folder} has a config.json transformers cannot read: {error}") from None
+        what = "GGUF file" if extra else "config.json"
+        raise UsageError(f"{folder} has a {what} transformers cannot read: {error}") from None
+
+
+def load_tokenizer(source: Path):
+    """The tokenizer of a model folder, or the one stored in a GGUF file."""
+    where, extra = _location(source)
+    return transformers.AutoTokenizer.from_pretrained(where, **extra)
 
 
 def reapply_recorded_patch(model: nn.Module) -> nn.Module:
@@ -109,13 +153,20 @@ def reapply_recorded_patch(model: nn.Module) -> nn.Module:
 
 def load_checkpoint(folder: Path) -> nn.Module:
     """The checkpoint in ``folder`` as the class its ``config.architectures`` names, in its stored dtype, with any
-    partial HeLU patch recorded in its config reapplied. (The recipes' float32 training loader is another thing.)"""
+    partial HeLU patch recorded in its config reapplied. (The recipes' float32 training loader is another thing.)
+
+    A GGUF file is dequantized to float32 and loses its quantization marker: it saves as an ordinary model.
+    """
     config = load_config(folder)
-    cls = model_class(config)
+    cls = source_model_class(folder, config)
+    where, extra = _location(folder)
+    if extra:
+        extra.update(dtype=torch.float32, quantization_config=transformers.GgufConfig(dequantize=True))
     try:
-        model = cls.from_pretrained(folder, config=config)
+        model = cls.from_pretrained(where, config=config, **extra)
     except Exception as error:
         raise UsageError(f"cannot load a {cls.__name__} from {folder}: {error}") from None
+    drop_gguf_quantization(model)
     return reapply_recorded_patch(model)
 
 
@@ -124,7 +175,10 @@ def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> N
     try:
         with atomic_directory(dst, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)
-            copy_extras(src, tmp)
+            if gguf_file(src):
+                load_tokenizer(src).save_pretrained(tmp)  # the tokenizer stored in the GGUF file
+            else:
+                copy_extras(src, tmp)
     except FileExistsError as error:
         raise UsageError(str(error)) from None
 
@@ -135,8 +189,9 @@ def check_source_and_destination(src_arg: str, dst: str, overwrite: bool) -> Pat
     check_destination(dst, overwrite)
     src = resolve_source(src_arg)
     check_not_aliased(src, dst)
-    model_class(load_config(src))
-    plan_extras(src)
+    source_model_class(src, load_config(src))
+    if not gguf_file(src):
+        plan_extras(src)
     return src
 
 

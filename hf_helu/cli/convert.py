@@ -13,9 +13,10 @@ from pathlib import Path
 from torch import nn
 
 from hf_helu.activation import DEFAULT_ALPHA
-from hf_helu.cli.common import check_source_and_destination, check_text_model, transform_and_save
+from hf_helu.cli.common import check_source_and_destination, check_text_model, load_tokenizer, transform_and_save
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.conversion import DEFAULT_RIDGE, check_ridge, convert_model
+from hf_helu.conversion.auto import gated_decoder
 from hf_helu.errors import UsageError
 from hf_helu.inputs import alpha, positive_int
 
@@ -35,7 +36,9 @@ def _ridge(text: str) -> float:
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hf-helu convert`` (an entry of ``hf_helu.cli.COMMANDS``)."""
-    parser.add_argument("src", help="model folder or Hub id, with its tokenizer (text models)")
+    parser.add_argument(
+        "src", help="model folder, GGUF file (or folder with one) or Hub id, with its tokenizer (text models)"
+    )
     parser.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
     parser.add_argument(
         "--data",
@@ -68,23 +71,31 @@ def run_convert(args: argparse.Namespace) -> int:
     check_text_model(src)
     texts = calibration_texts(args.data, args.samples)
     try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer = load_tokenizer(src)
     except UsageError:
         raise
     except Exception as error:
         raise UsageError(f"cannot load a tokenizer from {args.src!r} (text models only): {error}") from None
+    if tokenizer.pad_token is None:  # decoder LMs often have none; padding is masked out of the fit anyway
+        tokenizer.pad_token = tokenizer.eos_token
     batches = list(iter_text_batches(tokenizer, texts, args.batch_size, args.max_length))
 
     def convert(model: nn.Module) -> str:
         dtype = next(model.parameters()).dtype
         model.float()  # the fit runs in float32/float64 whatever the stored dtype; saved back in it
+        target = "model" if gated_decoder(model) else "layer"  # what auto measured best per family
         result = convert_model(
-            model, "calibrate", activation="helu", alpha=args.alpha, calibration_batches=batches, ridge=args.ridge
+            model,
+            "calibrate",
+            activation="helu",
+            alpha=args.alpha,
+            calibration_batches=batches,
+            ridge=args.ridge,
+            target=target,
         )
         model.to(dtype)
-        return f"{result.patch_report}\n{result.calibration}\non {len(texts)} texts of {args.data}"
+        kept = f"\nkept {result.quality}" if result.quality is not None else ""
+        return f"{result.patch_report}\n{result.calibration}\non {len(texts)} texts of {args.data}{kept}"
 
     note = " (calibrated; annealing needs training: see hf-helu convert --help)"
     return transform_and_save(args, convert, saved_note=note)

@@ -21,7 +21,7 @@ from hf_helu.patching import export_for_inference
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="HeLU-patched model folder or Hub id")
+    parser.add_argument("src", help="HeLU-patched model folder, GGUF file (or folder with one) or Hub id")
     parser.add_argument("dst", help="output folder, loadable by stock transformers (ReLU), or ONNX with --onnx")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument(

@@ -9,24 +9,24 @@ from pathlib import Path
 import torch
 
 from hf_helu.activation import HeLU
-from hf_helu.cli.common import load_config, model_class, reapply_recorded_patch, resolve_source
+from hf_helu.cli.common import load_config, reapply_recorded_patch, resolve_source, source_model_class
 from hf_helu.errors import UsageError
 from hf_helu.families import all_activation_sites
 from hf_helu.patching import OVERRIDES_ATTR, describe_activation, read_overrides
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="model folder or Hub id")
+    parser.add_argument("src", help="model folder, GGUF file (or folder with one) or Hub id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def describe_checkpoint(folder: Path) -> dict:
     """Architecture and activation sites of the checkpoint in ``folder``, without loading its weights."""
     config = load_config(folder)
-    cls = model_class(config)
+    cls = source_model_class(folder, config)
     try:
         with torch.device("meta"):
-            model = cls(config) if cls.__name__ != "AutoModel" else cls.from_config(config)
+            model = cls.from_config(config) if cls.__name__.startswith("AutoModel") else cls(config)
     except Exception as error:
         raise UsageError(f"cannot build a {cls.__name__} from {folder}/config.json: {error}") from None
     reapply_recorded_patch(model)

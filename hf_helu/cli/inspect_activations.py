@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from transformers import AutoTokenizer
 
 from hf_helu.atomic import atomic_write_json
-from hf_helu.cli.common import check_text_model, check_writable_file, load_checkpoint, resolve_source
+from hf_helu.cli.common import check_text_model, check_writable_file, load_checkpoint, load_tokenizer, resolve_source
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.diagnostics import ActivationMonitor
 from hf_helu.errors import UsageError
@@ -44,7 +43,7 @@ def run_inspect_activations(args: argparse.Namespace) -> int:
     folder = resolve_source(args.model)
     check_text_model(folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
     except Exception as error:
         raise UsageError(f"cannot load a tokenizer from {args.model!r} (text models only): {error}") from None
     model = load_checkpoint(folder).to(args.device).eval()

@@ -12,7 +12,7 @@ from hf_helu.patching import patch_model
 
 
 def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="model folder or Hub id")
+    parser.add_argument("src", help="model folder, GGUF file (or folder with one) or Hub id")
     parser.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--alpha", type=alpha, default=DEFAULT_ALPHA, help=f"HeLU margin (default {DEFAULT_ALPHA})")
     parser.add_argument("--scope", choices=SCOPES, default="ffn", help="'ffn' (default) or 'all' config activations")

@@ -36,10 +36,10 @@ from hf_helu.conversion.calibrate import (
     LayerCalibration,
     calibrate_ffn,
     check_ridge,
-    ffn_output_errors,
 )
 from hf_helu.conversion.convert import ConversionResult, apply_conversion, convert_model, patch_activation
 from hf_helu.conversion.distill import FFNDistiller
+from hf_helu.conversion.quality import ffn_output_errors
 from hf_helu.conversion.sites import ActivationSpec, ffn_sites, original_activations
 
 __all__ = [

@@ -8,10 +8,11 @@ produced by the already calibrated layers before it. Seconds on a CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +22,31 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_helu.capture import ForwardCapture, submodules
 from hf_helu.conversion.batches import model_inputs, padding_mask
-from hf_helu.conversion.sites import ActivationFunction, ActivationSpec, ffn_sites, reference_functions
+from hf_helu.conversion.equations import NormalEquations
+from hf_helu.conversion.layerwise import (
+    BlockStack,
+    CachedBatch,
+    NotSequential,
+    advance,
+    block_stack,
+    capture_block_inputs,
+    first_tensor,
+    without_cache,
+)
+from hf_helu.conversion.sites import (
+    ActivationFunction,
+    ActivationSpec,
+    ffn_sites,
+    reference_functions,
+    reference_modules,
+)
 from hf_helu.families import ActivationSite, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RIDGE = 1e-3
+STRATEGIES = ("auto", "sequential", "rerun")
+TARGETS = ("layer", "model")
 
 
 @dataclass(frozen=True)
@@ -47,16 +67,23 @@ class CalibrationReport:
     layers: list[LayerCalibration] = field(default_factory=list)
     ridge: float = DEFAULT_RIDGE
     batches: int = 0
+    strategy: str = "sequential"  # "sequential" (one pass per block on cached states) or "rerun" (per layer)
+    target: str = "layer"  # what each FFN is fitted to: its own original output, or the original model's
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ridge": self.ridge,
             "batches": self.batches,
+            "strategy": self.strategy,
+            "target": self.target,
             "layers": [vars(layer) for layer in self.layers],
         }
 
     def __str__(self) -> str:
-        rows = [f"calibrated {len(self.layers)} FFN output projection(s), ridge {self.ridge:g}"]
+        rows = [
+            f"calibrated {len(self.layers)} FFN output projection(s), ridge {self.ridge:g}, {self.strategy}, "
+            f"target {self.target}"
+        ]
         rows.append(f"{'output projection':<48} {'tokens':>8} {'error before':>13} {'error after':>12}")
         for layer in self.layers:
             rows.append(
@@ -125,43 +152,8 @@ def _execution_order(
     return [(by_projection[name], capture.calls[name]) for name in capture.order]
 
 
-class _NormalEquations:
-    """Gram matrix ``X^T X``, cross term ``X^T Y`` and target energy of a least-squares fit, in float64."""
-
-    def __init__(self, inputs: int, outputs: int, bias: bool, device: torch.device):
-        features = inputs + int(bias)
-        self.bias, self.device = bias, device
-        self.gram = torch.zeros(features, features, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(features, outputs, dtype=torch.float64, device=device)
-        self.target_energy = torch.zeros((), dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        """Add the rows of ``x`` (tokens, inputs) and their targets (tokens, outputs)."""
-        x = x.to(self.device, torch.float64)
-        target = target.to(self.device, torch.float64)
-        if self.bias:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        self.gram += x.T @ x
-        self.cross += x.T @ target
-        self.target_energy += target.square().sum()
-        self.tokens += x.shape[0]
-
-    def solve(self, original: torch.Tensor, ridge: float) -> torch.Tensor:
-        """The fitted (inputs [+ 1], outputs) parameters, ridge-penalised towards ``original``."""
-        if ridge == 0:
-            return torch.linalg.lstsq(self.gram, self.cross).solution
-        # Ridge towards the original weights (the bias is not penalised): units that rarely fire on the
-        # calibration tokens keep their pretrained weights instead of being pulled to zero.
-        penalty = torch.full((self.gram.shape[0],), ridge * self.tokens, dtype=torch.float64, device=self.device)
-        if self.bias:
-            penalty[-1] = 0
-        return torch.linalg.solve(self.gram + torch.diag(penalty), self.cross + penalty[:, None] * original)
-
-    def relative_error(self, theta: torch.Tensor) -> float:
-        """``||X theta - Y|| / ||Y||`` over the accumulated tokens."""
-        residual = (theta * (self.gram @ theta)).sum() - 2 * (theta * self.cross).sum() + self.target_energy
-        return math.sqrt(max(residual.item(), 0.0) / max(self.target_energy.item(), 1e-300))
+# One forward of a calibration batch: (the batch, for its padding mask; a call that runs it up to the site).
+Run = tuple[Mapping[str, Any], Callable[[], Any]]
 
 
 def _accumulate(
@@ -169,10 +161,10 @@ def _accumulate(
     site: ActivationSite,
     calls_per_forward: int,
     reference: ActivationFunction,
-    batches: Sequence[dict[str, Any]],
-    equations: _NormalEquations,
+    runs: Iterable[Run],
+    equations: NormalEquations,
 ) -> None:
-    """Run ``batches`` up to ``site``'s output projection, adding its (ReLU input, original output) tokens."""
+    """Run each of ``runs`` up to ``site``'s output projection, adding its (ReLU input, original output) tokens."""
     state: dict[str, Any] = {}
 
     def on_call(name: str, args: tuple, output: Any) -> Any:
@@ -191,10 +183,10 @@ def _accumulate(
 
     modules = submodules(model, (site.name, site.output_projection))
     with ForwardCapture(modules, record="input", on_call=on_call) as capture:
-        for batch in batches:
+        for batch, run in runs:
             state["batch"], state["calls"] = batch, 0
             with contextlib.suppress(_StopForward):
-                model(**batch)
+                run()
 
 
 def _calibrate_site(
@@ -202,15 +194,19 @@ def _calibrate_site(
     site: ActivationSite,
     calls_per_forward: int,
     reference: ActivationFunction,
-    batches: Sequence[dict[str, Any]],
+    runs: Iterable[Run],
     ridge: float,
+    accumulate: Callable[..., None] | None = None,
 ) -> LayerCalibration:
     projection = model.get_submodule(site.output_projection)
     weight = _projection_weight(projection)
     has_bias = projection.bias is not None
     device = weight.device if weight.device.type in ("cpu", "cuda") else torch.device("cpu")
-    equations = _NormalEquations(weight.shape[0], weight.shape[1], has_bias, device)
-    _accumulate(model, site, calls_per_forward, reference, batches, equations)
+    equations = NormalEquations(weight.shape[0], weight.shape[1], has_bias, device)
+    if accumulate is None:
+        _accumulate(model, site, calls_per_forward, reference, runs, equations)
+    else:
+        accumulate(model, site, reference, equations=equations)
     if equations.tokens == 0:
         raise ValueError(f"no calibration tokens reached {site.output_projection} (all positions were padding?)")
 
@@ -228,12 +224,137 @@ def _calibrate_site(
     return LayerCalibration(site.name, site.output_projection, equations.tokens, error_before, error_after)
 
 
+def _by_reruns(
+    model: nn.Module,
+    sites: Sequence[ActivationSite],
+    references: Mapping[str, ActivationFunction],
+    batches: Sequence[dict[str, Any]],
+    ridge: float,
+) -> Iterator[LayerCalibration]:
+    """Each layer fitted on inputs from a forward of the whole model up to it: any model, O(depth^2) work."""
+    batches = [without_cache(model, batch) for batch in batches]
+    runs = [(batch, functools.partial(model, **batch)) for batch in batches]
+    for site, calls in _execution_order(model, sites, batches[0]):
+        yield _calibrate_site(model, site, calls, references[site.name], runs, ridge)
+
+
+def _accumulate_to_model(
+    model: nn.Module,
+    site: ActivationSite,
+    reference: ActivationFunction,
+    runs: Sequence[tuple[Mapping[str, Any], Callable[[], Any], torch.Tensor]],
+    equations: NormalEquations,
+) -> None:
+    """Like :func:`_accumulate`, but the target is the FFN output that makes the block's output the original
+    model's (``runs`` carry it): ``y + (original block output - block output)``, since the block adds ``y``."""
+    store: dict[str, torch.Tensor] = {}
+
+    def on_call(name: str, args: tuple, output: Any) -> Any:
+        if name == site.name:
+            return reference(args[0])
+        store["x"] = _relu_inputs(capture.records.pop(site.name), args[0], reference, site.gated)
+        store["y"] = output
+        return None
+
+    modules = submodules(model, (site.name, site.output_projection))
+    with ForwardCapture(modules, record="input", on_call=on_call) as capture:
+        for batch, run, wanted in runs:
+            output = first_tensor(run())
+            x, y = store.pop("x"), store.pop("y")
+            if y.shape != output.shape:
+                raise ValueError(
+                    f"{site.output_projection} outputs {tuple(y.shape)} but its block {tuple(output.shape)}: "
+                    "calibration target 'model' needs the FFN output added to the block's output"
+                )
+            target = y + (wanted - output)
+            mask = padding_mask(batch, x)
+            if mask is not None:
+                equations.add(x[mask], target[mask])
+            else:
+                equations.add(x.reshape(-1, x.shape[-1]), target.reshape(-1, target.shape[-1]))
+
+
+def _check_residual(model: nn.Module, site: ActivationSite, run: Callable[[], Any]) -> None:
+    """The block's output moves exactly as its FFN output does (a residual add, no norm after): else ValueError."""
+    shift = 1.0
+    with ForwardCapture(submodules(model, (site.output_projection,)), record=None, on_call=lambda n, a, o: o + shift):
+        shifted = first_tensor(run())
+    plain = first_tensor(run())
+    moved = shifted.double() - plain.double()
+    if not torch.allclose(moved, torch.full_like(moved, shift), atol=1e-3 * (1 + plain.abs().max().item())):
+        raise ValueError(
+            f"the output of {site.output_projection} is not added unchanged to its block's output (a norm after the "
+            "residual add?): calibration target 'model' does not apply; use target 'layer'"
+        )
+
+
+def _sequential(
+    model: nn.Module,
+    stack: BlockStack,
+    cached: Sequence[CachedBatch],
+    references: Mapping[str, ActivationFunction],
+    ridge: float,
+    target: str = "layer",
+) -> Iterator[LayerCalibration]:
+    """Each layer fitted on one pass through its block of the cached hidden states, which then go one block on.
+
+    With ``target="model"`` a second stream of hidden states, the original model's, goes along (one more block
+    pass per layer): each FFN is fitted so that its block's output matches the original model's.
+    """
+    last = max(i for i, site in enumerate(stack.sites) if site is not None)
+    original = [item.hidden for item in cached] if target == "model" else None
+    for index, (block, site) in enumerate(zip(stack.blocks, stack.sites, strict=True)):
+        if original is not None:
+            swap = {site.name: references[site.name]} if site is not None else {}
+            with reference_modules(model, swap):
+                pairs = zip(cached, original, strict=True)
+                original = [first_tensor(item.calls[index].run(block, hidden)) for item, hidden in pairs]
+        if site is not None:
+            runs = [(item.batch, functools.partial(item.calls[index].run, block, item.hidden)) for item in cached]
+            if original is None:
+                yield _calibrate_site(model, site, 1, references[site.name], runs, ridge)
+            else:
+                with reference_modules(model, {site.name: references[site.name]}):
+                    _check_residual(model, site, runs[0][1])
+                planned = [(batch, run, wanted) for (batch, run), wanted in zip(runs, original, strict=True)]
+                yield _calibrate_site(
+                    model,
+                    site,
+                    1,
+                    references[site.name],
+                    runs,
+                    ridge,
+                    accumulate=functools.partial(_accumulate_to_model, runs=planned),
+                )
+        if index == last:
+            return
+        advance(stack, index, cached)
+
+
+def _plan(
+    model: nn.Module, sites: Sequence[ActivationSite], batches: Sequence[dict[str, Any]], strategy: str
+) -> tuple[str, BlockStack | None, list[CachedBatch]]:
+    """The strategy that will run, with the stack and the first block's cached inputs when it is sequential."""
+    if strategy == "rerun":
+        return "rerun", None, []
+    try:
+        stack = block_stack(model, sites)
+        return "sequential", stack, [capture_block_inputs(model, stack, batch) for batch in batches]
+    except NotSequential as why:
+        if strategy == "sequential":
+            raise ValueError(f"calibration strategy 'sequential' is not possible for this model: {why}") from None
+        logger.info("calibrating by re-running the model for every layer: %s", why)
+        return "rerun", None, []
+
+
 def calibrate_ffn(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
     reference: ActivationSpec | Mapping[str, ActivationSpec],
     ridge: float = DEFAULT_RIDGE,
     sites: Sequence[ActivationSite] | None = None,
+    strategy: str = "auto",
+    target: str = "layer",
 ) -> CalibrationReport:
     """Refit the FFN output projections of a patched (ReLU/HeLU) model to match its original activation.
 
@@ -245,8 +366,24 @@ def calibrate_ffn(
     For each FFN in execution order, weight and bias of its output projection minimise
     ``||W' relu(z) + b' - (W act(z) + b)||^2 + ridge * N * ||W' - W||^2`` over the N collected
     tokens, in float64, where ``z`` comes from the model with every earlier FFN already calibrated.
+
+    ``strategy``: ``"sequential"`` caches the hidden states between blocks and runs each block once per layer
+    (work linear in depth; :mod:`hf_helu.conversion.layerwise` says which models allow it and what it holds in
+    memory), ``"rerun"`` runs the model from its inputs up to each layer (any model, work quadratic in depth),
+    ``"auto"`` (default) the first when the model allows it. Both give the same fit up to float rounding.
+
+    ``target``: ``"layer"`` (default) fits each FFN to its own original output on the converted model's inputs, as
+    above; ``"model"`` (sequential only; blocks that add their FFN output to the residual stream, as pre-norm
+    decoders do) fits it to the output that makes its block's output the original model's, so that each FFN also
+    corrects what the converted layers before it changed (one more block pass per layer for the original stream).
     """
     ridge = check_ridge(ridge)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"calibration strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if target not in TARGETS:
+        raise ValueError(f"calibration target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target == "model" and strategy == "rerun":
+        raise ValueError("calibration target 'model' needs strategy 'sequential' (or 'auto')")
     model = unwrap_model(model)
     sites = ffn_sites(model) if sites is None else list(sites)
     unfittable = [site.name for site in sites if site.output_projection is None]
@@ -259,15 +396,19 @@ def calibrate_ffn(
         raise ValueError("calibrate_ffn needs at least one batch of calibration inputs, got none")
     was_training = model.training
     model.eval()
-    report = CalibrationReport(ridge=ridge, batches=len(batches))
     try:
         with torch.no_grad():
-            for site, calls in _execution_order(model, sites, batches[0]):
-                layer = _calibrate_site(model, site, calls, references[site.name], batches, ridge)
+            strategy, stack, cached = _plan(model, sites, batches, "sequential" if target == "model" else strategy)
+            report = CalibrationReport(ridge=ridge, batches=len(batches), strategy=strategy, target=target)
+            if strategy == "sequential":
+                layers = _sequential(model, stack, cached, references, ridge, target)
+            else:
+                layers = _by_reruns(model, sites, references, batches, ridge)
+            for layer in layers:
                 report.layers.append(layer)
                 logger.info(
                     "calibrated %s on %d tokens: relative error %.4f -> %.4f",
-                    site.output_projection,
+                    layer.output_projection,
                     layer.tokens,
                     layer.error_before,
                     layer.error_after,
@@ -275,47 +416,3 @@ def calibrate_ffn(
     finally:
         model.train(was_training)
     return report
-
-
-def ffn_output_errors(
-    model: nn.Module,
-    reference_model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    sites: Sequence[ActivationSite] | None = None,
-) -> dict[str, float]:
-    """Relative error ``||y - y_ref|| / ||y_ref||`` of every FFN output projection's output.
-
-    Both models run the same batches end to end (so errors accumulate through the layers, as in
-    use); padding positions are left out. Keyed by output projection name.
-    """
-    model, reference_model = unwrap_model(model), unwrap_model(reference_model)
-    sites = ffn_sites(model) if sites is None else list(sites)
-    projections = [site.output_projection for site in sites]
-    sums = {name: [0.0, 0.0] for name in projections}
-    device = next(model.parameters()).device
-    modes = (model.training, reference_model.training)
-    model.eval()
-    reference_model.eval()
-    got = ForwardCapture(submodules(model, projections))
-    want = ForwardCapture(submodules(reference_model, projections))
-    try:
-        with torch.no_grad():
-            for raw in batches:
-                batch = model_inputs(raw, device)
-                got.clear()
-                want.clear()
-                model(**batch)
-                reference_model(**batch)
-                for name, totals in sums.items():
-                    y, y_ref = got.records[name], want.records[name]
-                    mask = padding_mask(batch, y_ref)
-                    if mask is not None:
-                        y, y_ref = y[mask], y_ref[mask]
-                    totals[0] += (y.double() - y_ref.double()).square().sum().item()
-                    totals[1] += y_ref.double().square().sum().item()
-    finally:
-        got.remove()
-        want.remove()
-        model.train(modes[0])
-        reference_model.train(modes[1])
-    return {name: math.sqrt(err / max(energy, 1e-300)) for name, (err, energy) in sums.items()}

@@ -6,7 +6,8 @@ result = convert_model(model, "auto", calibration_batches=batches)   # patch + t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,11 @@ from hf_helu.activation import DEFAULT_ALPHA, HeLU
 from hf_helu.conversion.anneal import DEFAULT_ANNEAL_FRACTION, ActivationAnnealer
 from hf_helu.conversion.auto import ConversionChoice, check_conversion_method, resolve_conversion
 from hf_helu.conversion.calibrate import DEFAULT_RIDGE, CalibrationReport, calibrate_ffn
-from hf_helu.conversion.sites import ActivationSpec, ffn_sites, original_activations
-from hf_helu.families import Scope, unwrap_model
-from hf_helu.patching import PatchReport, patch_model, unpatch_model
+from hf_helu.conversion.gguf import drop_gguf_quantization
+from hf_helu.conversion.quality import ConversionQuality, measure_quality
+from hf_helu.conversion.sites import ActivationSpec, ffn_sites, original_activations, reference_functions
+from hf_helu.families import ActivationSite, Scope, unwrap_model
+from hf_helu.patching import PatchReport, UnconvertedSwapWarning, patch_model, unpatch_model
 
 PATCH_TARGETS = ("helu", "relu")
 
@@ -33,6 +36,7 @@ class ConversionResult:
     calibration: CalibrationReport | None = None
     annealer: ActivationAnnealer | None = None
     choice: ConversionChoice | None = None
+    quality: ConversionQuality | None = None  # measured on held-out calibration batches (calibrating methods)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (for results.json)."""
@@ -41,6 +45,8 @@ class ConversionResult:
             summary.update(requested=self.choice.requested, reason=self.choice.reason)
         if self.calibration is not None:
             summary["calibration"] = self.calibration.to_dict()
+        if self.quality is not None:
+            summary["quality"] = self.quality.to_dict()
         if self.annealer is not None:
             summary["anneal"] = {"anneal_fraction": self.annealer.anneal_fraction, "mode": self.annealer.mode}
         return summary
@@ -54,10 +60,41 @@ def patch_activation(model: nn.Module, to: str, alpha: float = DEFAULT_ALPHA, sc
     """
     if to not in PATCH_TARGETS:
         raise ValueError(f"activation must be 'helu' or 'relu', got {to!r}")
-    report = patch_model(model, alpha=alpha, scope=scope)
+    drop_gguf_quantization(model)
+    with warnings.catch_warnings():  # the caller chose the conversion (possibly "none"): no advice to convert
+        warnings.simplefilter("ignore", UnconvertedSwapWarning)
+        report = patch_model(model, alpha=alpha, scope=scope)
     if to == "relu":
         report = unpatch_model(model, to="relu")
     return report
+
+
+def split_holdout(batches: Sequence[Mapping[str, Any]], holdout: int | None) -> tuple[list, list]:
+    """(fit batches, held-out batches): the last ``holdout`` batches held out; None: an eighth, at least one, when
+    there are two batches or more."""
+    batches = list(batches)
+    if holdout is None:
+        holdout = max(1, len(batches) // 8) if len(batches) >= 2 else 0
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout < len(batches):
+        raise ValueError(f"holdout must be an integer from 0 to {len(batches) - 1} (batches - 1), got {holdout!r}")
+    return batches[: len(batches) - holdout], batches[len(batches) - holdout :]
+
+
+def _projection_weights(model: nn.Module, sites: Sequence[ActivationSite]) -> dict[str, Any]:
+    """Copies of the output projections' parameters (what calibration changes), by parameter name."""
+    names = {site.output_projection for site in sites}
+    return {
+        name: param.detach().clone() for name, param in model.named_parameters() if name.rpartition(".")[0] in names
+    }
+
+
+def _check_quality(quality: ConversionQuality, method: str) -> None:
+    if not quality.kept:
+        warnings.warn(
+            f"conversion {method!r} did not keep the model's quality {quality}. Calibrate on more tokens, or "
+            "fine-tune after conversion (e.g. with annealing).",
+            stacklevel=3,
+        )
 
 
 def apply_conversion(
@@ -69,11 +106,15 @@ def apply_conversion(
     ridge: float = DEFAULT_RIDGE,
     total_steps: int | None = None,
     anneal_fraction: float = DEFAULT_ANNEAL_FRACTION,
+    target: str = "layer",
+    holdout: int | None = None,
 ) -> ConversionResult:
     """Apply ``method`` to a model already patched with HeLU/ReLU; ``original`` from :func:`original_activations`.
 
     Only the FFN sites named in ``original`` that now hold HeLU/ReLU are converted (a layer-restricted
-    patch leaves the others alone).
+    patch leaves the others alone). Calibration fits on all but ``holdout`` of the batches (see
+    :func:`split_holdout`) and measures what it kept on those (``result.quality``); it warns when that is not
+    enough (:data:`hf_helu.conversion.quality.KEPT_PERPLEXITY_RATIO`, ``KEPT_FFN_ERROR``).
     """
     check_conversion_method(method)
     result = ConversionResult(method)
@@ -91,7 +132,13 @@ def apply_conversion(
     if not sites:
         raise ValueError("no FFN activation of the model is both patched (HeLU/ReLU) and named in `original`")
     if calibrate:
-        result.calibration = calibrate_ffn(inner, calibration_batches, original, ridge=ridge, sites=sites)
+        fit, held_out = split_holdout(calibration_batches, holdout)
+        before = _projection_weights(inner, sites) if held_out else {}
+        result.calibration = calibrate_ffn(inner, fit, original, ridge=ridge, sites=sites, target=target)
+        if held_out:
+            functions = reference_functions(original, sites)
+            result.quality = measure_quality(inner, functions, before, held_out, sites)
+            _check_quality(result.quality, method)
     if anneal:
         # A calibrated model's projections expect ReLU inputs: anneal only the gradient then.
         mode = "gradient" if calibrate else "blend"
@@ -110,6 +157,8 @@ def convert_model(
     ridge: float = DEFAULT_RIDGE,
     total_steps: int | None = None,
     anneal_fraction: float = DEFAULT_ANNEAL_FRACTION,
+    target: str | None = None,
+    holdout: int | None = None,
 ) -> ConversionResult:
     """Patch a pretrained ``model``'s FFN blocks with HeLU (``activation="helu"``, ``alpha``) or ReLU, then apply
     ``method`` to keep the checkpoint's quality.
@@ -120,12 +169,16 @@ def convert_model(
     ``annealer`` must be stepped once per optimizer step over ``total_steps``, or driven by
     ``result.annealer.callback()`` in the HF Trainer, which supplies the total), or ``"calibrate+anneal"``
     (calibrate, then anneal the gradient only: the forward stays the calibrated ReLU model).
-    ``result.choice`` says which method ran and why.
+    ``result.choice`` says which method ran and why; ``target`` (``"layer"`` or ``"model"``, see
+    :func:`calibrate_ffn`) defaults to what ``auto`` measured best for the model's family. ``holdout`` calibration
+    batches (default an eighth) are kept out of the fit to measure what the conversion kept: ``result.quality``,
+    with a warning when it was not kept. A model loaded from a GGUF file becomes an ordinary (saveable) model.
     """
     if activation not in PATCH_TARGETS:
         raise ValueError(f"activation must be 'helu' or 'relu', got {activation!r}")
     choice = resolve_conversion(method, activation=activation, model=model)
     method = choice.method
+    target = choice.target if target is None else target
     originals = original_activations(model) if method != "none" else {}
     patch_report = patch_activation(model, activation, alpha=alpha, scope=scope)
     result = apply_conversion(
@@ -136,6 +189,8 @@ def convert_model(
         ridge=ridge,
         total_steps=total_steps,
         anneal_fraction=anneal_fraction,
+        target=target,
+        holdout=holdout,
     )
     result.patch_report, result.choice = patch_report, choice
     return result

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -66,3 +67,30 @@ def original_activations(model: nn.Module, sites: Sequence[ActivationSite] | Non
             "take the original activations before patching the model"
         )
     return originals
+
+
+class _Function(nn.Module):
+    """An activation function as a module (to stand in for an activation module)."""
+
+    def __init__(self, function: ActivationFunction):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)
+
+
+@contextlib.contextmanager
+def reference_modules(model: nn.Module, functions: Mapping[str, ActivationFunction]) -> Iterator[None]:
+    """Inside the block, the activation modules named in ``functions`` compute those functions instead."""
+    saved = {}
+    try:
+        for name, function in functions.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            saved[name] = (parent, child, getattr(parent, child))
+            setattr(parent, child, function if isinstance(function, nn.Module) else _Function(function))
+        yield
+    finally:
+        for parent, child, module in saved.values():
+            setattr(parent, child, module)

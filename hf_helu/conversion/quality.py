@@ -1,0 +1,201 @@
+"""What a conversion kept: FFN output errors against the original model, and a causal LM's loss ratio.
+
+:func:`measure_quality` compares a converted model with its own forward before conversion (the original activations
+and the refitted parameters swapped back in place, so no copy of the model is kept) on held-out calibration batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_helu.capture import ForwardCapture, submodules
+from hf_helu.conversion.batches import model_inputs, padding_mask
+from hf_helu.conversion.sites import ActivationFunction, ffn_sites, reference_modules
+from hf_helu.families import ActivationSite, unwrap_model
+
+
+def ffn_output_errors(
+    model: nn.Module,
+    reference_model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    sites: Sequence[ActivationSite] | None = None,
+) -> dict[str, float]:
+    """Relative error ``||y - y_ref|| / ||y_ref||`` of every FFN output projection's output.
+
+    Both models run the same batches end to end (so errors accumulate through the layers, as in
+    use); padding positions are left out. Keyed by output projection name.
+    """
+    model, reference_model = unwrap_model(model), unwrap_model(reference_model)
+    sites = ffn_sites(model) if sites is None else list(sites)
+    projections = [site.output_projection for site in sites]
+    sums = {name: [0.0, 0.0] for name in projections}
+    device = next(model.parameters()).device
+    modes = (model.training, reference_model.training)
+    model.eval()
+    reference_model.eval()
+    got = ForwardCapture(submodules(model, projections))
+    want = ForwardCapture(submodules(reference_model, projections))
+    try:
+        with torch.no_grad():
+            for raw in batches:
+                batch = model_inputs(raw, device)
+                got.clear()
+                want.clear()
+                model(**batch)
+                reference_model(**batch)
+                for name, totals in sums.items():
+                    y, y_ref = got.records[name], want.records[name]
+                    mask = padding_mask(batch, y_ref)
+                    if mask is not None:
+                        y, y_ref = y[mask], y_ref[mask]
+                    totals[0] += (y.double() - y_ref.double()).square().sum().item()
+                    totals[1] += y_ref.double().square().sum().item()
+    finally:
+        got.remove()
+        want.remove()
+        model.train(modes[0])
+        reference_model.train(modes[1])
+    return {name: math.sqrt(err / max(energy, 1e-300)) for name, (err, energy) in sums.items()}
+
+
+# What "kept" means: a causal LM's held-out perplexity at most 1.5x the original's (issue 23's goal); otherwise the
+# pooled relative error of the FFN outputs under 0.5 (the outputs differ by less than half their size).
+KEPT_PERPLEXITY_RATIO = 1.5
+KEPT_FFN_ERROR = 0.5
+
+
+@dataclass
+class ConversionQuality:
+    """What a conversion kept, measured on held-out calibration batches against the original model's forward."""
+
+    batches: int
+    tokens: int
+    ffn_relative_error: float  # ||y - y_ref|| / ||y_ref|| pooled over every FFN output projection and token
+    ffn_errors: dict[str, float] = field(default_factory=dict)
+    loss_original: float | None = None  # causal LMs: mean next-token loss
+    loss_converted: float | None = None
+
+    @property
+    def loss_ratio(self) -> float | None:
+        if self.loss_original is None or self.loss_converted is None:
+            return None
+        return self.loss_converted / max(self.loss_original, 1e-12)
+
+    @property
+    def perplexity_ratio(self) -> float | None:
+        if self.loss_original is None or self.loss_converted is None:
+            return None
+        return math.exp(self.loss_converted - self.loss_original)
+
+    @property
+    def kept(self) -> bool:
+        if self.perplexity_ratio is not None:
+            return self.perplexity_ratio <= KEPT_PERPLEXITY_RATIO
+        return self.ffn_relative_error <= KEPT_FFN_ERROR
+
+    def __str__(self) -> str:
+        text = f"on {self.tokens} held-out tokens: FFN output relative error {self.ffn_relative_error:.3f}"
+        if self.loss_ratio is not None:
+            text += (
+                f", loss {self.loss_original:.3f} -> {self.loss_converted:.3f} (ratio {self.loss_ratio:.3f}, "
+                f"perplexity x{self.perplexity_ratio:.2f})"
+            )
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = {key: value for key, value in vars(self).items()}
+        summary.update(loss_ratio=self.loss_ratio, perplexity_ratio=self.perplexity_ratio, kept=self.kept)
+        return summary
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for a transformers causal-LM class (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(unwrap_model(model)).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+@contextlib.contextmanager
+def original_forward(
+    model: nn.Module, originals: Mapping[str, ActivationFunction], weights: Mapping[str, torch.Tensor]
+) -> Iterator[None]:
+    """Inside the block ``model`` computes as before conversion: the ``originals`` activations, and the
+    parameters in ``weights`` (``{parameter name: value before conversion}``, e.g. the refitted projections)."""
+    params = dict(model.named_parameters())
+    current = {name: params[name].data for name in weights}
+    try:
+        for name, value in weights.items():
+            params[name].data = value
+        with reference_modules(model, originals):
+            yield
+    finally:
+        for name, value in current.items():
+            params[name].data = value
+
+
+def _loss_and_outputs(model: nn.Module, batch: dict[str, Any], capture: ForwardCapture, causal: bool):
+    capture.clear()
+    if not causal:
+        model(**batch)
+        return None, dict(capture.records)
+    labels = batch["input_ids"].clone()
+    if batch.get("attention_mask") is not None:
+        labels[batch["attention_mask"] == 0] = -100
+    loss = model(**batch, labels=labels).loss.item()
+    return loss, dict(capture.records)
+
+
+def measure_quality(
+    model: nn.Module,
+    originals: Mapping[str, ActivationFunction],
+    weights: Mapping[str, torch.Tensor],
+    batches: Sequence[Mapping[str, Any]],
+    sites: Sequence[ActivationSite],
+) -> ConversionQuality:
+    """Held-out figures of a converted ``model`` against its own forward before conversion (``original_forward``)."""
+    model = unwrap_model(model)
+    causal = is_causal_lm(model)
+    projections = [site.output_projection for site in sites]
+    sums = {name: [0.0, 0.0] for name in projections}
+    losses: list[tuple[float, float, int]] = []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    capture = ForwardCapture(submodules(model, projections))
+    tokens = 0
+    try:
+        with torch.no_grad():
+            for raw in batches:
+                batch = model_inputs(raw, device)
+                with original_forward(model, originals, weights):
+                    loss_ref, want = _loss_and_outputs(model, batch, capture, causal)
+                loss, got = _loss_and_outputs(model, batch, capture, causal)
+                mask = padding_mask(batch, next(iter(want.values())))
+                count = int(mask.sum()) if mask is not None else next(iter(want.values())).shape[:-1].numel()
+                tokens += count
+                if causal:
+                    losses.append((loss_ref, loss, count))
+                for name, totals in sums.items():
+                    y, y_ref = got[name], want[name]
+                    if mask is not None:
+                        y, y_ref = y[mask], y_ref[mask]
+                    totals[0] += (y.double() - y_ref.double()).square().sum().item()
+                    totals[1] += y_ref.double().square().sum().item()
+    finally:
+        capture.remove()
+        model.train(was_training)
+    pooled = math.sqrt(sum(e for e, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1e-300))
+    quality = ConversionQuality(len(batches), tokens, pooled)
+    quality.ffn_errors = {name: math.sqrt(err / max(energy, 1e-300)) for name, (err, energy) in sums.items()}
+    if losses:
+        weight = sum(n for _, _, n in losses)
+        quality.loss_original = sum(a * n for a, _, n in losses) / weight
+        quality.loss_converted = sum(b * n for _, b, n in losses) / weight
+    return quality
