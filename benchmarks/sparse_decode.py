@@ -16,7 +16,8 @@ every Linear weight a decode step reads (attention, FFN, lm_head; not the cached
 of which the sparse FFN skips, per layer at sparsity s, s x (up + down) bytes (gated, dense gate) or s x down
 (plain, dense up). Ceiling = bytes dense / bytes sparse.
 
-    flock /tmp/cpu.lock nice -n 5 python benchmarks/sparse_decode.py --markdown /tmp/sparse_decode.md
+    HF_HELU_DATA_DIR=/path/to/data flock /tmp/cpu.lock nice -n 5 python benchmarks/sparse_decode.py \\
+        --markdown /tmp/sparse_decode.md
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,9 +44,12 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 import hf_helu
-from hf_helu.training.paths import data_root, fsdd_dir
-from hf_helu.training.speech.audio import Clip, load_waveform
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # recipe_support lives beside the recipes
+from recipe_support.paths import DATA_DIR_ENV, data_path
+from recipe_support.speech.audio import Clip, load_waveform
+
+MODELS = ("smollm", "whisper", "minilm")
 PROMPTS = (
     "The history of the city begins",
     "Here is a short recipe for bread:",
@@ -155,11 +160,11 @@ def bench_smollm(args, rows: list[dict], notes: list[str]) -> None:
 
 
 def bench_whisper(args, rows: list[dict], notes: list[str]) -> None:
-    folder = data_root() / "whisper-tiny.en"
+    folder, fsdd = data_path("whisper-tiny.en"), data_path("fsdd")  # checked in parse_args
     processor = WhisperProcessor.from_pretrained(folder)
     model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     hf_helu.patch_model(model)
-    clips = [load_waveform(Clip(str(fsdd_dir() / "recordings" / c))) for c in CLIPS]
+    clips = [load_waveform(Clip(str(fsdd / "recordings" / c))) for c in CLIPS]
     features = [processor(c, sampling_rate=16000, return_tensors="pt").input_features for c in clips]
     n = args.new_tokens
     for threads in args.threads:
@@ -242,9 +247,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--pairs", type=int, default=1, help="interleaved dense/sparse pairs per prompt")
-    parser.add_argument("--models", nargs="+", default=["smollm", "whisper", "minilm"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--markdown", default=None, help="write the report (Markdown) to this file as well")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if "whisper" in args.models and data_path("whisper-tiny.en") is None:
+        parser.error(f"the Whisper rows need ${DATA_DIR_ENV} (a folder holding whisper-tiny.en/ and fsdd/)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

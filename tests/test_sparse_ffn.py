@@ -10,6 +10,11 @@ error (plus a few fp32 ulps of the values). No order of summation is assumed.
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +23,7 @@ from torch import nn
 
 import hf_helu
 from hf_helu.errors import UsageError
-from hf_helu.ops import sparse_ffn_cpu
+from hf_helu.ops import c_library, sparse_ffn_cpu
 from hf_helu.sparse_ffn import GatedSparseFFN, PlainSparseFFN, torch_sparse_ffn
 
 kernel = pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the sparse FFN kernel")
@@ -236,6 +241,67 @@ def test_kernel_skips_inactive_rows():
     down_t[dead] = float("nan")
     out, active = sparse_ffn_cpu.sparse_ffn(x, first, None, second, None, down_t, None)
     assert active == int((~dead).sum()) and torch.isfinite(out).all()
+
+
+# --- the kernel's cache gets the HeLU kernels' damaged-cache treatment (c_library) ---------------------------------
+
+_RUN_KERNEL = """
+import hashlib, torch
+from hf_helu.ops import sparse_ffn_cpu
+from hf_helu.sparse_ffn import torch_sparse_ffn
+g = torch.Generator().manual_seed(0)
+x, first, down_t = torch.randn(2, 48, generator=g), torch.randn(640, 48, generator=g), torch.randn(640, 24, generator=g)
+out, active = sparse_ffn_cpu.sparse_ffn(x, first, None, None, None, down_t, None)
+ref, ref_active = torch_sparse_ffn(x, first, None, None, None, down_t, None)
+assert active == ref_active and torch.allclose(out, ref, rtol=1e-4, atol=1e-3)
+print("TEAM", sparse_ffn_cpu.team_size(640, 4), "OUT", hashlib.sha256(out.numpy().tobytes()).hexdigest())
+"""
+
+
+def _run_kernel(cache: Path) -> subprocess.CompletedProcess:
+    """One sparse FFN kernel call, checked against torch ops, in a fresh process using the kernel cache ``cache``."""
+    env = {k: v for k, v in os.environ.items() if k != "CC"}
+    env.update({c_library.CACHE_ENV_VAR: str(cache), "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "2"})
+    return subprocess.run([sys.executable, "-c", _RUN_KERNEL], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _kernel_warnings(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stderr.splitlines() if "RuntimeWarning: sparse FFN CPU kernel" in line]
+
+
+def _foreign_with_checksum(path: Path) -> None:
+    """A library without the kernel's symbols, its checksum written beside it: verification alone passes it."""
+    source = path.with_suffix(".foreign.c")
+    source.write_text("int not_sparse_ffn(void) { return 1; }\n")
+    subprocess.run([c_library.compiler(), "-shared", "-fPIC", "-o", str(path), str(source)], check=True)
+    source.unlink()
+    c_library.checksum_path(path).write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+
+
+_KERNEL_DAMAGE = {
+    "truncated": (lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]), "failed verification"),
+    "foreign": (_foreign_with_checksum, "no sparse FFN kernel library"),
+}
+
+
+@kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(_KERNEL_DAMAGE))
+def test_damaged_kernel_cache_is_rebuilt_with_one_warning(damage, tmp_path):
+    clean = _run_kernel(tmp_path / "cache")
+    assert clean.returncode == 0 and not _kernel_warnings(clean), clean.stderr[-3000:]
+    libraries = sorted((tmp_path / "cache").glob("sparse_ffn_*.so"))
+    assert len(libraries) == 1, list((tmp_path / "cache").iterdir())
+    hurt, said = _KERNEL_DAMAGE[damage]
+    hurt(libraries[0])
+    done = _run_kernel(tmp_path / "cache")
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    assert done.stdout == clean.stdout  # the same OpenMP build and the same output bits as from a clean cache
+    warned = _kernel_warnings(done)
+    assert len(warned) == 1 and str(libraries[0]) in warned[0] and said in warned[0], done.stderr[-3000:]
+    assert c_library.verify(libraries[0]) is None  # rebuilt in place, checksum beside it
+    again = _run_kernel(tmp_path / "cache")
+    assert again.returncode == 0 and again.stdout == clean.stdout and not _kernel_warnings(again), again.stderr
 
 
 @pytest.mark.parametrize("factory", [llama, gpt2, bert, whisper])

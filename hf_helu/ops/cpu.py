@@ -17,46 +17,27 @@ OpenMP. Built with ``-fopenmp``, the library links ``libgomp.so.1``, which resol
 PyTorch has already loaded, so the kernels run on PyTorch's own warm thread team: waking Python threads
 instead costs as much as a medium-sized relu (figures in BENCHMARKS.md).
 
-The library is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
-``$HF_HELU_CACHE_DIR`` (default ``~/.cache/hf_helu``) once per source version (the file name hashes the
-C text, the flags and the compiler); with OpenMP if the compiler can, else without (one
-thread). Without a compiler :func:`available` is False and HeLU uses the torch backend.
-
-A cached library is loaded only after its bytes match the SHA-256 written beside it (``<name>.so.sha256``)
-when it was built; one that does not (truncated, replaced, corrupted), or that matches but is no HeLU kernel
-library, is rebuilt, with one RuntimeWarning naming the file. An unwritable cache folder gets the library built
-in a private temp folder, also with one warning.
+The library is built, cached, verified and loaded by :mod:`hf_helu.ops.c_library` (cache folder
+``$HF_HELU_CACHE_DIR``, SHA-256 check before loading, rebuild with one RuntimeWarning when damaged, private build
+when the cache is unwritable), with OpenMP if the compiler can, else without (one thread). Without a compiler
+:func:`available` is False and HeLU uses the torch backend.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import importlib.resources
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
-from hf_helu.ops import layout
+from hf_helu.ops import c_library, layout
+from hf_helu.ops.c_library import CACHE_ENV_VAR as CACHE_ENV_VAR  # re-exported: the cache's public names
+from hf_helu.ops.c_library import checksum_path as checksum_path
+from hf_helu.ops.c_library import verify as verify
 
-CACHE_ENV_VAR = "HF_HELU_CACHE_DIR"
 _HALF_INF_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SOURCE_FILE = "helu_cpu.c"
-
-
-@functools.cache
-def source() -> str:
-    """The C source of the kernels (``hf_helu/ops/helu_cpu.c``, shipped as package data)."""
-    return importlib.resources.files(__package__).joinpath(SOURCE_FILE).read_text(encoding="utf-8")
-
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -72,144 +53,30 @@ _BACKWARD_BY_SIZE = {2: "helu_backward_u16", 4: "helu_backward_u32", 8: "helu_ba
 
 # Fewest elements worth a thread of their own: PyTorch's own grain size for elementwise ops.
 GRAIN = 32768
-_CFLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", f"-DHELU_GRAIN={GRAIN}")
-# Tried in order: with OpenMP (which joins PyTorch's OpenMP runtime when it is already loaded, so
-# the kernels share its warm thread team), then without (one thread).
-_VARIANTS = (("-fopenmp",), ())
+KERNELS = c_library.CLibrary(
+    source_file=SOURCE_FILE,
+    prefix="helu_cpu",
+    title="HeLU CPU kernels",
+    kind="HeLU kernel library",
+    signatures=_SIGNATURES,
+    cflags=(*c_library.BASE_CFLAGS, f"-DHELU_GRAIN={GRAIN}"),
+)
+_VARIANTS = c_library.OPENMP_VARIANTS
+_compiler = c_library.compiler
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 _parallel = False
 
 
-def _compiler() -> str | None:
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"])
-    return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+def source() -> str:
+    """The C source of the kernels (``hf_helu/ops/helu_cpu.c``, shipped as package data)."""
+    return KERNELS.source()
 
 
 def library_path(compiler: str, extra_flags: tuple[str, ...]) -> Path:
     """Where the library built from this source by ``compiler`` (with ``extra_flags``) is cached."""
-    root = os.environ.get(CACHE_ENV_VAR) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf_helu"
-    key = "\0".join((source(), *_CFLAGS, *extra_flags, compiler, platform.system(), platform.machine()))
-    return Path(root) / f"helu_cpu_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-
-
-def checksum_path(path: Path) -> Path:
-    """The file beside a cached library that holds the SHA-256 of the bytes built there."""
-    return path.with_name(path.name + ".sha256")
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def verify(path: Path) -> str | None:
-    """None when ``path`` holds exactly the bytes whose checksum was written beside it at build time, else why not.
-
-    A library is never loaded unverified: a truncated one dies with SIGBUS when the loader touches a
-    missing page, and a foreign one lacks our symbols or runs other code.
-    """
-    try:
-        expected = checksum_path(path).read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        return f"no checksum file {checksum_path(path).name} beside it"
-    except (OSError, UnicodeDecodeError) as error:
-        return f"its checksum file cannot be read ({error})"
-    try:
-        actual = _digest(path)
-    except OSError as error:
-        return f"it cannot be read ({error})"
-    if actual != expected:
-        return "its bytes do not match the checksum written when it was built (truncated, replaced or corrupted)"
-    return None
-
-
-def _build(compiler: str, extra_flags: tuple[str, ...], path: Path) -> None:
-    """Compile in a temp folder beside ``path``, then rename the library and its checksum into place.
-
-    Each rename is atomic, so a reader never sees a half-written file; the build is deterministic (same
-    source, flags and compiler give the same bytes, checked on gcc), so two processes building at once agree.
-    Raises RuntimeError when the compiler fails, OSError when the folder cannot be written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as tmp:
-        code, target = Path(tmp) / SOURCE_FILE, Path(tmp) / path.name
-        code.write_text(source(), encoding="utf-8")
-        done = subprocess.run(
-            [compiler, *_CFLAGS, *extra_flags, "-o", target.name, code.name],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=tmp,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build the HeLU CPU kernels:\n{done.stderr[-2000:]}")
-        checksum = Path(tmp) / checksum_path(path).name
-        checksum.write_text(_digest(target) + "\n", encoding="ascii")
-        # Checksum first: a process that looks in between sees no library yet (and builds the same bytes), never
-        # a fresh library without its checksum.
-        os.replace(checksum, checksum_path(path))
-        os.replace(target, path)
-
-
-def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    for name, (argtypes, restype) in _SIGNATURES.items():
-        try:
-            function = getattr(lib, name)
-        except AttributeError:
-            raise RuntimeError(f"{path} does not export {name}: not a HeLU kernel library") from None
-        function.argtypes, function.restype = argtypes, restype
-    return lib
-
-
-def _load_variant(compiler: str, extra_flags: tuple[str, ...], notes: list[str]) -> ctypes.CDLL:
-    """Load the verified cached library, (re)building it first when it is missing or fails verification.
-
-    A verified library that is no HeLU kernel library (a foreign file written with its checksum) is rebuilt in
-    place too; this process loads the rebuilt bytes from a private copy, since the loader would hand back the
-    foreign library already mapped under that path. ``notes`` collects what went wrong, for the one warning
-    :func:`load` gives.
-    """
-    path = library_path(compiler, extra_flags)
-    if path.exists():
-        problem = verify(path)
-        if problem is None:
-            try:
-                return _open(path)
-            except (OSError, RuntimeError) as error:
-                notes.append(f"{path} matches its checksum but is no HeLU kernel library ({error}), so it is rebuilt")
-                return _build_and_open(compiler, extra_flags, path, notes, private_copy=True)
-        notes.append(f"{path} failed verification ({problem}), so it was not loaded and is rebuilt")
-    return _build_and_open(compiler, extra_flags, path, notes, private_copy=False)
-
-
-def _open_private(library: Path, build: tuple[str, tuple[str, ...]] | None = None) -> ctypes.CDLL:
-    """Open a copy of ``library`` (or, with ``build``, a fresh build) in a temp folder deleted once it is mapped."""
-    with tempfile.TemporaryDirectory(prefix="hf_helu-") as tmp:
-        private = Path(tmp) / library.name
-        if build is None:
-            shutil.copyfile(library, private)
-        else:
-            _build(*build, private)
-        return _open(private)
-
-
-def _build_and_open(
-    compiler: str, extra_flags: tuple[str, ...], path: Path, notes: list[str], private_copy: bool
-) -> ctypes.CDLL:
-    """Build into the cache and open it; an unwritable cache gets a build in a private temp folder instead (slower
-    to start, never a silent fall back to the torch backend)."""
-    try:
-        _build(compiler, extra_flags, path)
-    except OSError as error:
-        notes.append(
-            f"cannot write the kernel cache {path.parent} ({error}); the kernels were built in a temporary folder "
-            f"for this process only (set {CACHE_ENV_VAR} to a writable folder to keep them)"
-        )
-        return _open_private(path, build=(compiler, extra_flags))
-    return _open_private(path) if private_copy else _open(path)
+    return KERNELS.library_path(compiler, extra_flags, source())
 
 
 def load() -> ctypes.CDLL:
@@ -223,24 +90,12 @@ def load() -> ctypes.CDLL:
         return _library
     if _failure is not None:
         raise RuntimeError(_failure)
-    errors: list[str] = []
-    notes: list[str] = []
-    compiler = _compiler()
-    if compiler is None:
-        errors.append("no C compiler found (set CC, or install cc/gcc/clang)")
-    for extra_flags in _VARIANTS if compiler else ():
-        try:
-            _library, _parallel = _load_variant(compiler, extra_flags, notes), bool(extra_flags)
-            break
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            errors.append(f"[{' '.join(extra_flags) or 'plain'}] {error}")
-    if _library is None:
-        _failure = "HeLU CPU kernels unavailable: " + "; ".join(errors)
-    if notes or (_library is None and compiler is not None):
-        fallback = "" if _library is not None else f" The torch backend is used instead. {_failure}"
-        warnings.warn("HeLU CPU kernels: " + "; ".join(notes) + fallback, RuntimeWarning, stacklevel=2)
-    if _library is None:
-        raise RuntimeError(_failure)
+    try:
+        library, extra_flags = KERNELS.load(_VARIANTS, fallback="The torch backend is used instead.")
+    except RuntimeError as error:
+        _failure = str(error)
+        raise
+    _library, _parallel = library, bool(extra_flags)
     return _library
 
 
