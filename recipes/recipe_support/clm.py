@@ -1,0 +1,297 @@
+"""Causal-LM pieces of recipes/run_clm.py: the model source (folder, hub id or GGUF), the text, its token blocks,
+perplexity, and the greedy-generation check of the stock-ReLU export.
+
+Perplexity is ``exp(sum of token NLLs / predicted tokens)`` over contiguous ``block_size`` blocks of the validation
+text (each block predicts its tokens 2..block_size; the remainder shorter than a block is dropped), summed over
+processes with ``accelerator.gather_for_metrics`` so every block counts once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_helu.errors import UsageError
+from hf_helu.inputs import is_hub_id
+
+DATA_DIR_ENV = "HF_HELU_DATA_DIR"
+WIKITEXT = "wikitext-2"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model source
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``--model`` points: a folder or hub id (``location``) and, for a GGUF checkpoint, the file in it."""
+
+    location: str
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def model_source(model: str) -> ModelSource:
+    """``--model`` as a :class:`ModelSource`: a ``.gguf`` file, a folder with config.json or with one ``.gguf``
+    file, or a hub id; anything else is a UsageError (before any loading)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"--model {model} is a file but not a .gguf file; give a checkpoint folder or a .gguf")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(str(path))
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0])
+        found = f"several .gguf files ({', '.join(ggufs)}): name one" if ggufs else "no config.json and no .gguf file"
+        raise UsageError(f"--model {model}: {found}")
+    if not is_hub_id(model):
+        raise UsageError(f"--model {model}: no such file or folder (and not a hub model id)")
+    return ModelSource(model)
+
+
+def load_causal_lm(source: ModelSource) -> tuple[nn.Module, Any]:
+    """The float32 causal LM and its tokenizer from ``source``.
+
+    A GGUF checkpoint is dequantized by transformers on loading; its quantizer record is then cleared so that the
+    float32 model saves like any other (transformers refuses to ``save_pretrained`` a gguf-"quantized" model).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs())
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **source.kwargs())
+    if source.gguf_file:
+        model.hf_quantizer = None
+        model.is_quantized = False
+        for attribute in ("quantization_config", "_is_quantized"):
+            if hasattr(model.config, attribute):
+                delattr(model.config, attribute)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text and token blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """The run's text: two files (``train``/``validation``; ``train`` None for --eval_only) or a hub dataset."""
+
+    train: Path | None = None
+    validation: Path | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    text_column: str = "text"
+
+
+def text_source(args: Any) -> TextSource:
+    """``--dataset_name``, ``--train_file/--validation_file`` or ``--data_dir`` (default $HF_HELU_DATA_DIR/wikitext-2,
+    with train.txt/valid.txt), checked to exist before anything is loaded."""
+    files = args.train_file or args.validation_file
+    if sum(bool(x) for x in (args.dataset_name, files, args.data_dir)) > 1:
+        raise UsageError("give one of --dataset_name, --train_file/--validation_file or --data_dir, not several")
+    if args.dataset_name:
+        return TextSource(
+            dataset=args.dataset_name, dataset_config=args.dataset_config_name, text_column=args.text_column
+        )
+    if files:
+        train, validation = args.train_file, args.validation_file
+    else:
+        root = args.data_dir or (Path(os.environ[DATA_DIR_ENV]) / WIKITEXT if os.environ.get(DATA_DIR_ENV) else None)
+        if root is None:
+            raise UsageError(
+                f"no data: give --data_dir, --train_file/--validation_file or --dataset_name (or set {DATA_DIR_ENV})"
+            )
+        train, validation = Path(root) / "train.txt", Path(root) / "valid.txt"
+    needs_train = needs_training_text(args)
+    needed = {"--validation_file": validation} | ({"--train_file": train} if needs_train else {})
+    for flag, path in needed.items():
+        if path is None or not Path(path).is_file():
+            raise UsageError(f"{flag}: {path} is not a text file" if path else f"{flag} is needed")
+    return TextSource(train=Path(train) if needs_train else None, validation=Path(validation))
+
+
+def needs_training_text(args: Any) -> bool:
+    """Training, or calibrating a conversion (also for --eval_only), reads the training text."""
+    return not args.eval_only or "calibrate" in args.conversion
+
+
+def read_texts(source: TextSource, with_train: bool) -> dict[str, str]:
+    """``{"validation": ...}`` and, ``with_train``, ``"train"``, each as a single string."""
+    if source.dataset is None:
+        texts = {"validation": source.validation.read_text(encoding="utf-8")}
+        if with_train:
+            texts["train"] = source.train.read_text(encoding="utf-8")
+        return texts
+    import datasets
+
+    loaded = datasets.load_dataset(source.dataset, source.dataset_config)
+    splits = {"validation": "validation" if "validation" in loaded else "test"}
+    if with_train:
+        splits["train"] = "train"
+    texts = {}
+    for name, split in splits.items():
+        if split not in loaded or source.text_column not in loaded[split].column_names:
+            raise UsageError(
+                f"--dataset_name {source.dataset}: no {split!r} split with a {source.text_column!r} column"
+            )
+        rows = loaded[split][source.text_column]
+        texts[name] = "".join(row if row.endswith("\n") else row + "\n" for row in rows)
+    return texts
+
+
+def token_blocks(tokenizer: Any, text: str, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The text's tokens (no special tokens added), the first ``max_tokens`` of them, as ``(blocks, block_size)``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    blocks = len(ids) // block_size
+    return torch.tensor(ids[: blocks * block_size], dtype=torch.long).view(blocks, block_size)
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Token blocks as causal-LM examples (``labels`` = ``input_ids``; the model shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Perplexity and FFN statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool = True) -> dict[str, Any]:
+    """Perplexity of ``model`` over the blocks of ``dataloader`` (see the module doc) and, with ``monitor``, the
+    FFN dead/zero-unit statistics of :class:`hf_helu.ActivationMonitor` (summed over processes)."""
+    from hf_helu import ActivationMonitor
+
+    model.eval()
+    sums, counts = [], []
+    inner = accelerator.unwrap_model(model)
+    watcher = ActivationMonitor(inner) if monitor else None
+    with watcher if watcher is not None else contextlib.nullcontext():
+        for batch in dataloader:
+            ids = batch["input_ids"]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            block_sums, block_counts = accelerator.gather_for_metrics(
+                (nll.sum(1).double(), torch.full_like(nll[:, 0], nll.shape[1]).double())
+            )
+            sums.append(block_sums.cpu())
+            counts.append(block_counts.cpu())
+    tokens = float(torch.cat(counts).sum())
+    loss = float(torch.cat(sums).sum()) / tokens
+    result: dict[str, Any] = {"perplexity": math.exp(loss), "loss": loss, "tokens": int(tokens)}
+    if watcher is not None:
+        result["ffn"] = watcher.stats(accelerator).to_dict()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stock-ReLU export, generating without hf_helu
+# ----------------------------------------------------------------------------------------------------------------
+
+# Runs in `python -I` with hf_helu blocked from import: stock transformers loads the export and generates greedily.
+_STOCK_GENERATE = """
+import sys
+sys.modules["hf_helu"] = None  # any `import hf_helu` now fails
+import torch, transformers
+export_dir, prompts_path, out_path, new_tokens = sys.argv[1:5]
+torch.set_num_threads(1)
+model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+prompts = torch.load(prompts_path)
+tokens = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                        max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens), pad_token_id=0)
+torch.save(tokens, out_path)
+"""
+
+
+def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``model``'s greedy continuation of ``prompts`` (one thread, float32 on the CPU, exactly ``new_tokens``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return (
+                model.cpu()
+                .float()
+                .eval()
+                .generate(
+                    prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    do_sample=False,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=0,
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_export_generation(
+    export_dir: str | os.PathLike, model: nn.Module, prompts: torch.Tensor, new_tokens: int = 16
+) -> dict[str, Any]:
+    """Generate greedily from ``prompts`` with ``model`` here and with ``export_dir`` in a Python process where
+    hf_helu cannot be imported; ``{"prompts", "new_tokens", "identical"}``. A failed subprocess raises RuntimeError."""
+    import copy
+
+    expected = greedy_tokens(copy.deepcopy(model), prompts, new_tokens)
+    with tempfile.TemporaryDirectory(prefix="hf_helu_clm_export_") as tmp:
+        prompts_path, out_path = f"{tmp}/prompts.pt", f"{tmp}/tokens.pt"
+        torch.save(prompts, prompts_path)
+        command = [
+            sys.executable,
+            "-I",
+            "-c",
+            _STOCK_GENERATE,
+            str(export_dir),
+            prompts_path,
+            out_path,
+            str(new_tokens),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the stock-transformers generation of {export_dir} failed:\n{done.stderr[-2000:]}")
+        got = torch.load(out_path)
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "identical": bool(torch.equal(got, expected))}
+
+
+__all__ = [
+    "BlockDataset",
+    "ModelSource",
+    "TextSource",
+    "check_export_generation",
+    "evaluate",
+    "greedy_tokens",
+    "load_causal_lm",
+    "model_source",
+    "needs_training_text",
+    "read_texts",
+    "text_source",
+    "token_blocks",
+]

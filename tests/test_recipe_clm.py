@@ -1,0 +1,310 @@
+"""The causal-LM recipe (recipes/run_clm.py) on a tiny random LLaMA with a tokenizer trained here (no hub):
+perplexity equals an independent computation, the stock-ReLU export generates the HeLU model's greedy tokens in a
+process that cannot import hf_helu, a resumed run ends with the uninterrupted run's weights, bad flags exit 2 before
+anything is loaded, and two torchrun processes run it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, load_script
+
+import hf_helu
+
+RECIPE = REPO / "recipes" / "run_clm.py"
+BLOCK = 16
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "log",
+    "big",
+    "small",
+    "red",
+    "blue",
+    "and",
+    "then",
+]
+
+
+@functools.cache
+def recipe():
+    return load_script(RECIPE, "run_clm")
+
+
+def _text(rng: random.Random, lines: int) -> str:
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + " ." for _ in range(lines))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random LlamaForCausalLM (SiLU, gated FFN) with a word-level tokenizer, and train/valid text files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("clm")
+    rng = random.Random(0)
+    (root / "train.txt").write_text(_text(rng, 120), encoding="utf-8")
+    (root / "valid.txt").write_text(_text(rng, 40), encoding="utf-8")
+    vocab = {word: i for i, word in enumerate(["<unk>", ".", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>")
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        hidden_act="silu",
+    )
+    torch.manual_seed(0)
+    model_dir = root / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return {"model": model_dir, "train": root / "train.txt", "valid": root / "valid.txt"}
+
+
+def clm_args(tiny: dict[str, Path], out: Path, **extra) -> list[str]:
+    args = {
+        "model": tiny["model"],
+        "train_file": tiny["train"],
+        "validation_file": tiny["valid"],
+        "block_size": BLOCK,
+        "batch_size": 4,
+        "max_eval_tokens": 20 * BLOCK,
+        "lr": 1e-3,
+        "seed": 0,
+        "output_dir": out,
+        **extra,
+    }
+    argv = []
+    for key, value in args.items():
+        argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return [*argv, "--no_progress"]
+
+
+def reference_perplexity(model_dir: Path, text_file: Path, max_tokens: int) -> float:
+    """exp of the mean of HF's own per-block loss (equal blocks: the same as the token mean), written apart from
+    the recipe: whole-text tokens, cut to ``max_tokens``, in BLOCK-token rows, the remainder dropped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(text_file.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"][:max_tokens]
+    rows = [ids[i : i + BLOCK] for i in range(0, len(ids) - BLOCK + 1, BLOCK)]
+    with torch.no_grad():
+        losses = [model(input_ids=torch.tensor([row]), labels=torch.tensor([row])).loss.item() for row in rows]
+    return math.exp(sum(losses) / len(losses))
+
+
+# Generates greedily with stock transformers in a process where `import hf_helu` fails.
+STOCK_GENERATE = """
+import sys
+sys.modules["hf_helu"] = None
+import torch, transformers
+torch.set_num_threads(1)
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+prompts = torch.tensor(eval(sys.argv[2]))
+out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=12,
+                     min_new_tokens=12, pad_token_id=0)
+print(out.tolist())
+"""
+
+
+def test_helu_calibrate_run_perplexity_and_export(tmp_path, tiny, one_thread):
+    """--activation helu --conversion calibrate: results.json's perplexities equal the reference computed on the
+    checkpoint and on the saved model; the FFN statistics see ReLU zeros; model_relu, loaded where hf_helu cannot
+    be imported, generates the HeLU model's greedy tokens (and the recipe's own --check_export agrees)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    results = recipe().main(
+        clm_args(tiny, out, activation="helu", conversion="calibrate", max_steps=4, check_export=True)
+    )
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and saved["status"] == "complete"
+    assert saved["model"]["conversion"]["method"] == "calibrate" and saved["train"]["completed_steps"] == 4
+    max_tokens = 20 * BLOCK
+    perplexity = saved["perplexity"]
+    assert perplexity["original"] == pytest.approx(
+        reference_perplexity(tiny["model"], tiny["valid"], max_tokens), rel=1e-5
+    )
+    assert perplexity["final"] == pytest.approx(
+        reference_perplexity(out / "model", tiny["valid"], max_tokens), rel=1e-5
+    )
+    assert perplexity["converted"] != perplexity["original"] and perplexity["final"] != perplexity["converted"]
+    evaluations = saved["evaluations"]
+    assert evaluations["original"]["ffn"]["zero_fraction"] == 0.0  # SiLU is never exactly 0 on random weights
+    assert 0.2 < evaluations["final"]["ffn"]["zero_fraction"] < 0.9  # ReLU forward: about half the units off
+    assert evaluations["final"]["tokens"] == 20 * (BLOCK - 1)
+    assert saved["export_check"] == {"prompts": 4, "new_tokens": 16, "identical": True}
+
+    helu_model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    assert any(isinstance(m, hf_helu.HeLU) for m in helu_model.modules())
+    prompts = torch.tensor([[2, 5, 7, 3], [4, 9, 1, 6], [8, 8, 10, 12]])
+    expected = helu_model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=False,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        pad_token_id=0,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", STOCK_GENERATE, str(out / "model_relu"), str(prompts.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected.tolist()
+    config = json.loads((out / "model_relu" / "config.json").read_text())
+    assert "helu" not in json.dumps(config)
+
+
+# Runs recipes/run_clm.py's main with an abrupt exit (like a kill) right after the checkpoint at step argv[3].
+CRASHING = """
+import os, sys
+recipes, recipe_path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, recipes)
+import importlib.util
+spec = importlib.util.spec_from_file_location("run_clm", recipe_path)
+recipe = importlib.util.module_from_spec(spec)
+sys.modules["run_clm"] = recipe
+spec.loader.exec_module(recipe)
+save = recipe.save_checkpoint
+def crashing(accelerator, state):
+    save(accelerator, state)
+    if state.completed_steps >= steps:
+        os._exit(3)
+recipe.save_checkpoint = crashing
+recipe.main(sys.argv[4:])
+"""
+
+
+def _run(argv: list[str], script: str | None = None, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", script, *extra, *argv] if script else [sys.executable, str(RECIPE), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=REPO)
+
+
+def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny):
+    """A run killed right after its step-2 checkpoint, resumed with --resume_from_checkpoint latest, ends with the
+    weights of the same run left alone (4 steps, HeLU, calibrated and annealed: optimizer, schedule, data order
+    and annealer all resume). Both run on one thread in fresh processes."""
+    from safetensors.torch import load_file
+
+    common = dict(activation="helu", conversion="calibrate+anneal", max_steps=4, checkpointing_steps=2)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    done = _run(clm_args(tiny, whole, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    crashed = _run(clm_args(tiny, broken, **common), CRASHING, [str(REPO / "recipes"), str(RECIPE), "2"])
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+    assert not (broken / "model").exists()
+    resumed = _run(clm_args(tiny, broken, **common, resume_from_checkpoint="latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((broken / "results.json").read_text())
+    assert results["resumed_from"].endswith("checkpoint_0") and results["train"]["completed_steps"] == 4
+    expected, got = load_file(whole / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    start = load_file(tiny["model"] / "model.safetensors")
+    moved = max((expected[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3  # training changed the weights far more than the tolerance below
+    for key in expected:
+        # Same code, data and thread count: equal but for float rounding (a lost optimizer state or a different
+        # batch order would move weights by about lr = 1e-3).
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert json.loads((whole / "results.json").read_text())["perplexity"]["final"] == pytest.approx(
+        results["perplexity"]["final"], rel=1e-5
+    )
+
+
+def test_eval_only_reads_a_dataset_through_datasets(tmp_path, tiny, one_thread):
+    """--dataset_name goes through datasets.load_dataset (here a local folder of train.txt/validation.txt, which
+    it reads as the "text" builder, as it would a hub repository): the original checkpoint's perplexity is the
+    reference on the same text, written to eval_results.json."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.txt").write_text(tiny["train"].read_text())
+    (folder / "validation.txt").write_text(tiny["valid"].read_text())
+    out = tmp_path / "eval"
+    argv = clm_args(tiny, out, eval_only=True, dataset_name=folder)
+    argv = [a for i, a in enumerate(argv) if not (a.endswith("_file") or argv[i - 1].endswith("_file"))]
+    results = recipe().main(argv)
+    assert json.loads((out / "eval_results.json").read_text())["perplexity"] == results["perplexity"]
+    assert list(results["perplexity"]) == ["original"] and not (out / "results.json").exists()
+    reference = reference_perplexity(tiny["model"], tiny["valid"], 20 * BLOCK)
+    assert results["perplexity"]["original"] == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"block_size": 1}, "--block_size 1: a block needs at least 2 tokens"),
+        ({"conversion": "calibrate"}, "--conversion calibrate converts to relu/helu"),
+        ({"activation": "relu", "check_export": True}, "--check_export checks the stock-ReLU export"),
+        ({"train_file": "/no/such.txt"}, "--train_file: /no/such.txt is not a text file"),
+        ({"eval_only": True, "resume_from_checkpoint": "latest"}, "--eval_only does not train"),
+    ],
+)
+def test_bad_flags_are_refused_before_loading(tmp_path, tiny, flags, message):
+    """Each bad flag raises a UsageError naming it before the model is read (the --model folder here has a broken
+    config.json, which loading would fail on with another error) and before OUTPUT_DIR is made."""
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    out = tmp_path / "out"
+    with pytest.raises(hf_helu.UsageError, match="^" + message.replace("(", r"\(")):
+        recipe().main(clm_args(tiny, out, **{**flags, "model": broken}))
+    assert not out.exists()
+
+
+def test_usage_error_exits_2_and_a_missing_model_is_named(tmp_path, tiny):
+    """As a script: a UsageError prints one `error: ...` line and exits 2 (here a --model that does not exist)."""
+    proc = _run(clm_args(tiny, tmp_path / "out", model=tmp_path / "nothing"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --model {tmp_path / 'nothing'}: no such file or folder (and not a hub model id)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_with_torchrun(tmp_path, tiny):
+    """torchrun --nproc_per_node 2 (CPU): the run sees 2 processes, and its perplexity, gathered over both, is the
+    reference perplexity of the checkpoint and of the saved model (each block counted once)."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RECIPE)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    argv = clm_args(tiny, out, activation="helu", conversion="none", max_steps=2, max_eval_tokens=19 * BLOCK)
+    proc = subprocess.run([*command, *argv], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["train"]["completed_steps"] == 2
+    assert results["evaluations"]["final"]["tokens"] == 19 * (BLOCK - 1)  # 19 blocks: odd, one process gets fewer
+    reference = reference_perplexity(tiny["model"], tiny["valid"], 19 * BLOCK)
+    assert results["perplexity"]["original"] == pytest.approx(reference, rel=1e-5)
+    final = reference_perplexity(out / "model", tiny["valid"], 19 * BLOCK)
+    assert results["perplexity"]["final"] == pytest.approx(final, rel=1e-5)
