@@ -3,7 +3,9 @@
 At batch-1 decoding every FFN is a matrix-vector product bound by the bytes of weights read, and a unit whose
 ReLU output is 0 needs neither its row of the up projection nor its row of the down projection. These modules
 hold a transposed copy of the down projection (one contiguous row per unit) and call the fused kernel of
-:mod:`hf_helu.ops.sparse_ffn_cpu` for a few rows; otherwise they run the original modules (dense).
+:mod:`hf_helu.ops.sparse_ffn_cpu` for a few rows; otherwise they run dense: without autograd as the bare ops
+the original modules run (``F.linear``, ``torch.relu``: the same results without the module calls, so the swap
+adds little to a dense call), under autograd or in training mode through the original modules.
 
 Which path a call takes (:class:`Dispatch`): dense under autograd, in training mode, off the CPU, for a dtype
 the kernel lacks, or for more rows than ``max_rows``; else sparse while the measured share of inactive units
@@ -71,6 +73,13 @@ def torch_sparse_ffn(
     return out, active.numel()
 
 
+def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a Linear without the module call; other projections (Conv1D) through their module."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
 @dataclass
 class Dispatch:
     """The per-module choice between the kernel and the dense modules, and what it has measured."""
@@ -111,10 +120,10 @@ class SparseFFN(nn.Module):
         self.dispatch = dispatch
         self._copy_key: tuple | None = None
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _modules_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _dense_activation(self, x: torch.Tensor) -> torch.Tensor:
+    def _ops_forward(self, x: torch.Tensor, probe: bool) -> torch.Tensor:
         raise NotImplementedError
 
     def _operands(self) -> tuple:
@@ -131,12 +140,13 @@ class SparseFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         dispatch = self.dispatch
+        if dispatch.mode != "sparse" and (rows > dispatch.max_rows or dispatch.mode == "dense"):
+            dispatch.dense_calls += 1  # the common dense case (prefill, encoders) with no further checks
+            return self._dense(x, probe=False)
         if rows == 0 or not self._usable(x) or not dispatch.wants_sparse(rows):
             dispatch.dense_calls += 1
             probe = dispatch.mode == "auto" and dispatch.dense_calls % PROBE_EVERY == 0
-            if probe and 0 < rows <= dispatch.max_rows and self._usable(x):
-                return self._measured_dense(x, rows)
-            return self._dense(x)
+            return self._dense(x, probe=probe and rows > 0 and self._usable(x))
         dispatch.sparse_calls += 1
         operands = self._operands()
         flat = x.reshape(rows, x.shape[-1])
@@ -149,11 +159,16 @@ class SparseFFN(nn.Module):
         dispatch.record(active, self.units, rows)
         return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
-    def _measured_dense(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        act = self._dense_activation(x).reshape(rows, self.units)
-        nonzero = act.ne(0)
-        self.dispatch.record(int(nonzero.any(0).sum()), self.units, rows, int(nonzero.sum()))
-        return self._dense(x)
+    def _dense(self, x: torch.Tensor, probe: bool) -> torch.Tensor:
+        """The FFN as the original model computes it; without autograd as bare ops (no module calls), else the
+        original modules (HeLU's backward, dropout in training mode). ``probe``: measure the zeros on the way."""
+        if self.training or torch.is_grad_enabled():
+            return self._modules_forward(x)
+        return self._ops_forward(x, probe)
+
+    def _record_zeros(self, act: torch.Tensor) -> None:
+        nonzero = act.reshape(-1, self.units).ne(0)
+        self.dispatch.record(int(nonzero.any(0).sum()), self.units, nonzero.shape[0], int(nonzero.sum()))
 
     def _stale(self) -> bool:
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in self._sources())
@@ -212,11 +227,15 @@ class GatedSparseFFN(SparseFFN):
             bias(self.down_proj),
         )
 
-    def _dense_activation(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act_fn(self.gate_proj(x))
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _modules_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def _ops_forward(self, x: torch.Tensor, probe: bool) -> torch.Tensor:
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        act = torch.relu_(F.linear(x, gate.weight, gate.bias))  # ReLU/HeLU in eval mode is torch.relu
+        if probe:
+            self._record_zeros(act)
+        return F.linear(act * F.linear(x, up.weight, up.bias), down.weight, down.bias)
 
 
 class DeferredProjection(nn.Module):
@@ -272,10 +291,13 @@ class PlainSparseFFN(SparseFFN):
         down_bias = None if self.bias is None else self.bias.detach()
         return (self.up_rows, up_bias, None, None, self.down_t, down_bias)
 
-    def _dense_activation(self, x: torch.Tensor) -> torch.Tensor:
-        up, activation, _ = self.original
-        return activation(up(x))
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _modules_forward(self, x: torch.Tensor) -> torch.Tensor:
         up, activation, down = self.original
         return down(activation(up(x)))
+
+    def _ops_forward(self, x: torch.Tensor, probe: bool) -> torch.Tensor:
+        up, _, down = self.original
+        act = torch.relu_(_project(up, x))  # ReLU/HeLU in eval mode is torch.relu
+        if probe:
+            self._record_zeros(act)
+        return _project(down, act)

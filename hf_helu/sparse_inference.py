@@ -187,7 +187,7 @@ def sparse_inference(
     """Swap the FFN blocks of a ReLU/HeLU ``model`` (in eval mode) for sparse ones, in place; returns the handle.
 
     ``mode="auto"`` runs the fused CPU kernel for calls of at most ``max_rows`` rows (batch x new tokens: decode
-    steps) while the measured share of inactive units is at least ``min_sparsity``, and the original dense
+    steps) while the measured share of inactive units is at least ``min_sparsity``, and the dense
     modules otherwise, so turning it on does not cost speed; ``"sparse"`` always takes the sparse path (the
     kernel, or torch ops where it cannot run), ``"dense"`` never. The sparse path runs without autograd only
     (``torch.no_grad``/``inference_mode``, as ``generate`` does); under autograd the dense modules run.

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,7 +71,27 @@ def _checkpoint(item: str) -> tuple[str, str]:
     return name, path
 
 
-def main(argv: list[str] | None = None) -> dict:
+def read_data(args: argparse.Namespace) -> tuple[tuple, list[str]]:
+    """(STS-B dev pairs and scores, the calibration sentences: both sentences of the first train pairs)."""
+    data_dir = Path(args.data_dir) if args.data_dir else glue.default_data_dir()
+    dev = read_stsb(data_dir / "STS-B" / "dev.tsv", args.max_eval_pairs)
+    train_first, train_second, _ = read_stsb(data_dir / "STS-B" / "train.tsv", args.calibration_pairs)
+    return dev, train_first + train_second
+
+
+def check_output(output: Path) -> None:
+    """``--output``'s folder exists (or can be made) and takes a new file; ``--output`` is not a folder."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.is_dir():
+            raise UsageError(f"--output {output} is a folder; give a .json file name")
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".probe."):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output {output}: its folder is not writable ({error.strerror or error})") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Default: the packaged all-MiniLM-L6-v2.")
     parser.add_argument("--data_dir", default=None, help="Folder with STS-B/{train,dev}.tsv (GLUE layout).")
@@ -88,16 +110,23 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--skip_probe", action="store_true", help="Only score --checkpoints.")
     parser.add_argument("--output", default="runs/conversion_zeroshot.json")
-    args = parser.parse_args(argv)
-    checkpoints = [_checkpoint(item) for item in args.checkpoints]
+    return parser.parse_args(argv)
 
-    data_dir = Path(args.data_dir) if args.data_dir else glue.default_data_dir()
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # Every flag, the output folder and the data are checked before any model loads.
+    checkpoints = [_checkpoint(item) for item in args.checkpoints]
+    for ridge in args.ridges:
+        if not 0 <= ridge < math.inf:
+            raise UsageError(f"--ridges must be finite numbers >= 0, got {ridge}")
+    output = Path(args.output)
+    check_output(output)
+    dev, calibration_texts = read_data(args)
+
     model_path = args.model or glue.default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     original = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
-    dev = read_stsb(data_dir / "STS-B" / "dev.tsv", args.max_eval_pairs)
-    train_first, train_second, _ = read_stsb(data_dir / "STS-B" / "train.tsv", args.calibration_pairs)
-    calibration_texts = train_first + train_second
 
     rows = []
 
@@ -140,7 +169,6 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
     }
-    output = Path(args.output)
     atomic_write_json(output, summary)
     table = ["| model | STS-B dev Spearman (zero-shot) | calibration s |", "|---|---|---|"]
     for row in rows:

@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 from accelerate.utils import set_seed
 from recipe_support import glue
@@ -31,15 +32,33 @@ from recipe_support.args import (
     add_conversion_args,
     add_training_args,
     check_conversion_args,
-    fit_config,
+    check_training_args,
     lora_settings,
     run_config,
 )
-from recipe_support.loop import FitHooks, fit, make_accelerator
-from recipe_support.models import check_stock_export, prepare_model
+from recipe_support.evaluation import default_eval_step, evaluate_only, make_evaluator
+from recipe_support.models import check_model_source, check_stock_export, prepare_model
 from recipe_support.output_dir import claim_output_dir
-from recipe_support.results import RESULTS_FILE, results_file, write_results
+from recipe_support.results import (
+    RESULTS_FILE,
+    finish_training,
+    log_metrics,
+    new_results,
+    results_file,
+    write_results,
+)
+from recipe_support.training import (
+    RunState,
+    check_checkpoint,
+    check_finite_loss,
+    create_optimizer_and_scheduler,
+    make_accelerator,
+    resume,
+    save_checkpoint,
+    total_training_steps,
+)
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 import hf_helu  # noqa: F401  (registers "helu" so patched checkpoints load)
@@ -75,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "predictions with the trained model's (recorded in results.json as export_check).",
     )
     args = parser.parse_args(argv)
+    check_training_args(args)
     check_conversion_args(args)
     if args.compare_keep and (args.eval_only or args.activation == "keep"):
         raise UsageError("--compare_keep compares a relu/helu training run with keep; drop it for this run")
@@ -82,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--compare_keep runs in one process; launch without accelerate/torchrun")
     args.task = glue.get_task(args.task).name  # unknown task: clear error before anything is loaded
     args.model = args.model or glue.default_model()
+    # A missing folder, a file, a speech checkpoint: refused before any loading.
+    check_model_source(args.model, ("SEQUENCE_CLASSIFICATION",), "a text encoder with a sequence-classification head")
     method = ("" if args.conversion == "auto" else f"_{args.conversion}") + (
         f"_distill{args.distill_weight:g}" if args.distill_weight else ""
     )
@@ -94,9 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
-    accelerator = make_accelerator(args.mixed_precision, args.gradient_accumulation_steps, args.seed)
+    accelerator = make_accelerator(args)
     # The output folder (writable, locked, no other run's files) is checked before any data or model is loaded.
-    with claim_output_dir(accelerator, fit_config(args), inputs=[args.model]):
+    with claim_output_dir(accelerator, args, inputs=[args.model]):
+        if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
+            check_checkpoint(args.output_dir, args.resume_from_checkpoint)
         results = _run(args, accelerator)
     baseline = _run_keep_baseline(args, sys.argv[1:] if argv is None else argv) if args.compare_keep else None
     if accelerator.is_main_process:
@@ -133,7 +157,14 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
         train_set = glue.tokenize_glue(train_set, tokenizer, task, args.max_length)
         eval_sets = {k: glue.tokenize_glue(v, tokenizer, task, args.max_length) for k, v in eval_sets.items()}
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if args.mixed_precision != "no" else None)
-    train_dataloader = DataLoader(train_set, shuffle=True, batch_size=args.batch_size, collate_fn=collator)
+    # Its own generator: a new epoch's iterator seeds from it, not from the global RNG a resume restores.
+    train_dataloader = DataLoader(
+        train_set,
+        shuffle=True,
+        batch_size=args.batch_size,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     eval_dataloaders = {
         split: DataLoader(ds, batch_size=eval_batch_size, collate_fn=collator) for split, ds in eval_sets.items()
@@ -151,24 +182,36 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
         distiller = conversion.FFNDistiller(model, teacher, args.distill_weight, teacher_context=accelerator.autocast)
         model_info["distill_weight"] = args.distill_weight
 
-    # Train, evaluate every epoch, checkpoint, save: all in the shared Accelerate loop.
-    results = fit(
-        accelerator,
-        model,
-        train_dataloader,
-        eval_dataloaders,
-        glue.make_compute_metrics(task, args.metric_backend),
-        fit_config(args),
-        hooks=FitHooks(
-            on_step=converted.annealer.on_step if converted is not None and converted.annealer else None,
+    results = new_results(accelerator, run_config(args), model_info)
+    compute_metrics = glue.make_compute_metrics(task, args.metric_backend)
+    evaluator = make_evaluator(accelerator, model, compute_metrics, default_eval_step, args.scope)
+    if args.eval_only:
+        model, *loaders = accelerator.prepare(model, *eval_dataloaders.values())
+        eval_dataloaders = dict(zip(eval_dataloaders, loaders, strict=True))
+        results = evaluate_only(accelerator, model, eval_dataloaders, evaluator, args, results)
+    else:
+        annealer = converted.annealer if converted is not None else None
+        model, results = train(
+            args,
+            accelerator,
+            model,
+            train_dataloader,
+            eval_dataloaders,
+            evaluator,
+            results,
+            annealer=annealer,
             compute_loss=distiller,
-        ),
-        processor=tokenizer,
-        run_config=run_config(args),
-        model_info=model_info,
-    )
+            processor=tokenizer,
+        )
     _add_baselines(args, accelerator, task, model, results, train_set, eval_sets, eval_dataloaders)
     write_results(accelerator, Path(args.output_dir), results, results_file(args.eval_only))
+    _print_outputs(args, accelerator, task, results)
+    accelerator.end_training()
+    return results
+
+
+def _print_outputs(args, accelerator, task: glue.GlueTask, results: dict) -> None:
+    """The final dev metrics and where the results and the model are."""
     for split, metrics in results["final"].items():
         accelerator.print(f"{task.name} {split}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     accelerator.print(f"results: {args.output_dir}/{results_file(args.eval_only)}")
@@ -177,8 +220,85 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
             f"model: {results['model_dir']}"
             + (f", ReLU export: {results['relu_export_dir']}" if results.get("relu_export_dir") else "")
         )
-    accelerator.end_training()
-    return results
+
+
+def train(
+    args,
+    accelerator,
+    model,
+    train_dataloader,
+    eval_dataloaders,
+    evaluator,
+    results,
+    *,
+    annealer,
+    compute_loss,
+    processor,
+) -> tuple:
+    """The training loop: optimizer and schedule, resume, epochs of steps, evaluation and a checkpoint per epoch,
+    the final model saved. Returns the prepared model and the results."""
+    total_steps = total_training_steps(
+        args.epochs, args.max_steps, args.gradient_accumulation_steps, len(train_dataloader), accelerator.num_processes
+    )
+    # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
+    optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps * accelerator.num_processes)
+    names = list(eval_dataloaders)
+    model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
+    )
+    eval_dataloaders = dict(zip(names, loaders, strict=True))
+    state = RunState()  # step counters and per-epoch history, saved and restored with the checkpoints
+    accelerator.register_for_checkpointing(state)
+    if args.resume_from_checkpoint:
+        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+        results["epochs"] = state.history
+    if annealer is not None:
+        annealer.on_step(state.completed_steps, total_steps)
+    progress = tqdm(
+        total=total_steps,
+        initial=state.completed_steps,
+        disable=args.no_progress or not accelerator.is_local_main_process,
+        desc="train",
+    )
+    for epoch in range(state.epoch, args.epochs):
+        if state.completed_steps >= total_steps:
+            break
+        model.train()
+        # The seedable sampler's order depends on seed + epoch only; a resumed epoch skips the batches it has seen.
+        skip = state.batches_in_epoch
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        batches.set_epoch(epoch)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
+                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.lr)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            state.add_batch(loss, batch, accelerator.num_processes)
+            if accelerator.sync_gradients:
+                state.completed_steps += 1
+                progress.update(1)
+                if args.checkpointing_steps and state.completed_steps % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}")
+                if annealer is not None:
+                    annealer.on_step(state.completed_steps, total_steps)
+                if state.completed_steps >= total_steps:
+                    break
+        metrics, dead = evaluator(model, eval_dataloaders)
+        log_metrics(accelerator, f"epoch {epoch}", metrics)
+        lr = lr_scheduler.get_last_lr()[0]
+        state.end_epoch(accelerator, epoch, {"lr": lr, "eval": metrics, "dead_units": dead})
+        results["epochs"] = state.history
+        write_results(accelerator, Path(args.output_dir), results)
+        save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}")
+    progress.close()
+
+    # The final metrics, the model (and its stock-ReLU export), results.json.
+    return model, finish_training(accelerator, model, evaluator, eval_dataloaders, state, results, args, processor)
 
 
 def _convert(args, accelerator, model, choice, originals, calibration_set, model_info: dict):

@@ -37,14 +37,15 @@ from pathlib import Path
 import numpy as np
 from recipe_support import glue
 from recipe_support.args import ACTIVATION_CHOICES
-from recipe_support.checkpoints import checkpoint_names
 from recipe_support.results import RESULTS_FILE
+from recipe_support.training import checkpoint_names
 
 from hf_helu.activation import DEFAULT_ALPHA
 from hf_helu.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hf_helu.conversion import AUTO, CONVERSION_CHOICES
 from hf_helu.diagnostics import plot_dead_fraction
 from hf_helu.errors import UsageError
+from hf_helu.inputs import alpha as alpha_value
 
 RUN_GLUE = Path(__file__).resolve().with_name("run_glue.py")
 
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     parser.add_argument("--tasks", nargs="+", default=["rte", "mrpc", "stsb", "cola"])
     parser.add_argument("--activations", nargs="+", choices=ACTIVATION_CHOICES, default=list(ACTIVATION_CHOICES))
-    parser.add_argument("--alphas", nargs="+", type=float, default=[DEFAULT_ALPHA], help="HeLU margins to sweep.")
+    parser.add_argument("--alphas", nargs="+", type=alpha_value, default=[DEFAULT_ALPHA], help="HeLU margins to sweep.")
     parser.add_argument(
         "--conversions",
         nargs="+",

@@ -1,4 +1,4 @@
-"""Pretrain a BERT from scratch with masked LM (no NSP) and a chosen FFN activation, on the shared Accelerate loop.
+"""Pretrain a BERT from scratch with masked LM (no NSP) and a chosen FFN activation, with an Accelerate loop.
 
     python recipes/run_mlm.py --hidden_act helu --size mini --max_tokens 2000000 --output_dir runs/mlm_helu
     python recipes/run_mlm.py --hidden_act helu_0.5 --train_files a.txt b.txt --valid_files c.txt --max_steps 500
@@ -23,7 +23,6 @@ model_relu/ (the stock-ReLU export).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.resources
 import logging
 import math
@@ -32,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 import transformers
 from accelerate.utils import set_seed
 from recipe_support import mlm
-from recipe_support.args import add_training_args, fit_config, run_config
-from recipe_support.evaluation import DeadUnitTracker, Evaluator
-from recipe_support.loop import FitHooks, fit, make_accelerator
+from recipe_support.args import add_training_args, check_training_args, run_config
+from recipe_support.evaluation import make_evaluator
 from recipe_support.mlm_model import (
     SIZE_PRESETS,
     FiringCounts,
@@ -48,7 +47,25 @@ from recipe_support.mlm_model import (
     parse_overrides,
 )
 from recipe_support.models import load_model
+from recipe_support.output_dir import claim_output_dir
+from recipe_support.results import (
+    finish_training,
+    log_metrics,
+    new_results,
+    write_results,
+)
+from recipe_support.training import (
+    RunState,
+    check_checkpoint,
+    check_finite_loss,
+    create_optimizer_and_scheduler,
+    make_accelerator,
+    resume,
+    save_checkpoint,
+    total_training_steps,
+)
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
 import hf_helu  # noqa: F401  (registers "helu" so hidden_act="helu" builds)
@@ -92,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flags of the shared parser that mean nothing here, and an unclear budget, before any work."""
+    check_training_args(args)
     check_hidden_act(args.hidden_act)
     parse_overrides(args.config_overrides)
     refused = {
@@ -146,7 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
-    accelerator = make_accelerator(args.mixed_precision, args.gradient_accumulation_steps, args.seed)
+    accelerator = make_accelerator(args)
+    # The output folder (writable, locked, no other run's files) is checked before any data or model is loaded.
+    with claim_output_dir(accelerator, args):
+        if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
+            check_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        return _run(args, accelerator)
+
+
+def _run(args: argparse.Namespace, accelerator: Any) -> dict:
     set_seed(args.seed)
     budget = plan_budget(args, accelerator.num_processes)
 
@@ -156,8 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
     train_set = mlm.BlockRounds(train_blocks, budget["round_blocks"], seed=args.seed)
     valid_set = mlm.masked_eval_set(valid_blocks, collator, seed=args.seed)
+    # Its own generator: a new round's iterator seeds from it, not from the global RNG a resume restores.
     train_dataloader = DataLoader(
-        train_set, batch_size=args.batch_size, collate_fn=mlm.SeededMasking(collator, args.seed)
+        train_set,
+        batch_size=args.batch_size,
+        collate_fn=mlm.SeededMasking(collator, args.seed),
+        generator=torch.Generator().manual_seed(args.seed),
     )
     eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     valid_dataloader = DataLoader(valid_set, batch_size=eval_batch_size, collate_fn=mlm.stack_batch)
@@ -182,17 +212,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.hidden_act} {args.size}: {model_info['params'] / 1e6:.1f} M parameters, {budget['steps']} steps "
         f"({budget['tokens']:,} tokens) in {budget['rounds']} rounds; {len(train_blocks)} train blocks"
     )
-    results = fit(
+    results = new_results(accelerator, {**run_config(args), "budget": budget}, model_info)
+    evaluator = make_evaluator(accelerator, model, mlm_metrics, sparse.eval_step, args.scope)
+    rounds = argparse.Namespace(**{**vars(args), "epochs": budget["rounds"], "max_steps": budget["steps"]})
+    _, results = train(
+        rounds,
         accelerator,
         model,
         train_dataloader,
         {"valid": valid_dataloader},
-        mlm_metrics,
-        dataclasses.replace(fit_config(args), epochs=budget["rounds"], max_steps=budget["steps"]),
-        hooks=FitHooks(compute_loss=sparse.loss, eval_step=sparse.eval_step),
+        evaluator,
+        results,
+        annealer=None,
+        compute_loss=sparse.loss,
         processor=tokenizer,
-        run_config={**run_config(args), "budget": budget},
-        model_info=model_info,
     )
     if accelerator.is_main_process:
         plot_dead_fraction({args.hidden_act: dead_unit_history(results)}, Path(args.output_dir) / PLOT_FILE)
@@ -206,10 +239,88 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def train(
+    args,
+    accelerator,
+    model,
+    train_dataloader,
+    eval_dataloaders,
+    evaluator,
+    results,
+    *,
+    annealer,
+    compute_loss,
+    processor,
+) -> tuple:
+    """The training loop, as in run_glue.py: optimizer and schedule, resume, rounds of steps, evaluation and a
+    checkpoint per round, the final model saved. Returns the prepared model and the results."""
+    total_steps = total_training_steps(
+        args.epochs, args.max_steps, args.gradient_accumulation_steps, len(train_dataloader), accelerator.num_processes
+    )
+    # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
+    optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps * accelerator.num_processes)
+    names = list(eval_dataloaders)
+    model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
+    )
+    eval_dataloaders = dict(zip(names, loaders, strict=True))
+    state = RunState()  # step counters and per-epoch history, saved and restored with the checkpoints
+    accelerator.register_for_checkpointing(state)
+    if args.resume_from_checkpoint:
+        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+        results["epochs"] = state.history
+    if annealer is not None:
+        annealer.on_step(state.completed_steps, total_steps)
+    progress = tqdm(
+        total=total_steps,
+        initial=state.completed_steps,
+        disable=args.no_progress or not accelerator.is_local_main_process,
+        desc="train",
+    )
+    for epoch in range(state.epoch, args.epochs):
+        if state.completed_steps >= total_steps:
+            break
+        model.train()
+        # The seedable sampler's order depends on seed + epoch only; a resumed epoch skips the batches it has seen.
+        skip = state.batches_in_epoch
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        batches.set_epoch(epoch)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
+                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.lr)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            state.add_batch(loss, batch, accelerator.num_processes)
+            if accelerator.sync_gradients:
+                state.completed_steps += 1
+                progress.update(1)
+                if args.checkpointing_steps and state.completed_steps % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}")
+                if annealer is not None:
+                    annealer.on_step(state.completed_steps, total_steps)
+                if state.completed_steps >= total_steps:
+                    break
+        metrics, dead = evaluator(model, eval_dataloaders)
+        log_metrics(accelerator, f"epoch {epoch}", metrics)
+        lr = lr_scheduler.get_last_lr()[0]
+        state.end_epoch(accelerator, epoch, {"lr": lr, "eval": metrics, "dead_units": dead})
+        results["epochs"] = state.history
+        write_results(accelerator, Path(args.output_dir), results)
+        save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}")
+    progress.close()
+
+    # The final metrics, the model (and its stock-ReLU export), results.json.
+    return model, finish_training(accelerator, model, evaluator, eval_dataloaders, state, results, args, processor)
+
+
 def initial_evaluation(accelerator: Any, model: Any, dataloader: Any, sparse: SparsePrediction, scope: Any) -> dict:
     """The valid metrics and dead units of the randomly initialised model (step 0 of the curves)."""
-    tracker = DeadUnitTracker.create(model, accelerator, scope)
-    evaluator = Evaluator(accelerator, mlm_metrics, sparse.eval_step, tracker)
+    evaluator = make_evaluator(accelerator, model, mlm_metrics, sparse.eval_step, scope)
     metrics, dead = evaluator(model.to(accelerator.device), {"valid": accelerator.prepare(dataloader)})
     return {"eval": metrics, "dead_units": dead}
 

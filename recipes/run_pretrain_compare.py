@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 from recipe_support import glue
-from recipe_support.checkpoints import checkpoint_names
 from recipe_support.mlm_model import check_hidden_act
 from recipe_support.results import RESULTS_FILE
+from recipe_support.training import checkpoint_names
 
 from hf_helu.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from hf_helu.diagnostics import plot_dead_fraction

@@ -1,6 +1,6 @@
 """Train and evaluate Wav2Vec2 or Whisper with HeLU on speech: keyword/digit classification or speech recognition.
 
-An Accelerate script (no Trainer), on the training loop of :mod:`recipe_support.loop`::
+An Accelerate script (no Trainer) with its own training loop::
 
     # From scratch on the Free Spoken Digit Dataset (offline), HeLU in the FFN blocks:
     python recipes/run_speech.py --task classify --dataset ../shared/data/fsdd --init scratch --model_size small \\
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import logging
 import sys
 from pathlib import Path
@@ -45,15 +44,32 @@ from recipe_support.args import (
     add_conversion_args,
     add_training_args,
     check_conversion_args,
-    fit_config,
+    check_training_args,
     lora_settings,
     run_config,
 )
-from recipe_support.evaluation import default_eval_step
-from recipe_support.loop import FitHooks, fit, make_accelerator
-from recipe_support.models import has_trained_head, prepare_model, trainable_parameters
+from recipe_support.evaluation import evaluate_only, make_evaluator
+from recipe_support.models import check_model_source, prepare_model, trainable_parameters
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.paths import DATA_DIR_ENV, data_path
+from recipe_support.results import (
+    finish_training,
+    log_metrics,
+    new_results,
+    write_results,
+)
+from recipe_support.speech.setups import load_task_model, train_new_head, wav2vec2_setup, whisper_setup
+from recipe_support.training import (
+    RunState,
+    check_checkpoint,
+    check_finite_loss,
+    create_optimizer_and_scheduler,
+    make_accelerator,
+    resume,
+    save_checkpoint,
+    total_training_steps,
+)
+from tqdm.auto import tqdm
 
 import hf_helu  # noqa: F401  (registers "helu" in transformers' ACT2FN, for checkpoints that use it)
 from hf_helu import conversion
@@ -65,7 +81,6 @@ logger = logging.getLogger("speech")
 DEFAULT_PRETRAINED = "facebook/wav2vec2-base"
 DEFAULT_LR = {"scratch": 1e-3, "pretrained": 5e-5}
 LORA_TARGET_MODULES = ("q_proj", "v_proj")  # Wav2Vec2/HuBERT/WavLM attention projections
-HEAD_MODULES = {"classify": ("projector", "classifier"), "asr": ("lm_head",), "whisper_asr": ()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_args(parser, lr=None, batch_size=16)
     add_conversion_args(parser)
     args = parser.parse_args(argv)
+    check_training_args(args)
     check_conversion_args(args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.init]
@@ -119,30 +135,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dataset = args.dataset or str(fsdd)
     if args.config_overrides and args.model is not None:
         parser.error("--config_overrides applies to a scratch model built from --model_size; drop --model")
+    if args.model is not None:  # a missing folder, a file, a text checkpoint: refused before any loading
+        kinds = ("AUDIO_CLASSIFICATION", "CTC", "SPEECH_SEQ_2_SEQ")
+        check_model_source(args.model, kinds, "a speech model (Wav2Vec2-style or Whisper)")
     return args
 
 
 # --- model and processor -------------------------------------------------------------------------
-
-
-def load_processor(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
-    """(feature extractor, CTC tokenizer or None) of ``--model``, or new ones for a scratch config."""
-    from transformers import AutoFeatureExtractor, Wav2Vec2CTCTokenizer
-
-    if args.model is None:
-        return speech.scratch_feature_extractor(config), None
-    try:
-        feature_extractor = AutoFeatureExtractor.from_pretrained(args.model)
-    except OSError:
-        logger.warning("%s has no feature extractor config; using the default for its architecture", args.model)
-        feature_extractor = speech.scratch_feature_extractor(config)
-    tokenizer = None
-    if args.task == "asr":
-        try:
-            tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None  # no vocabulary in the checkpoint: one is built from the training transcripts
-    return feature_extractor, tokenizer
 
 
 def model_config(args: argparse.Namespace):
@@ -151,14 +150,6 @@ def model_config(args: argparse.Namespace):
     if args.model is None:
         return speech.scratch_config(args.model_size, args.config_overrides)
     return AutoConfig.from_pretrained(args.model)
-
-
-def train_new_head(model: torch.nn.Module, task: str) -> None:
-    """Under LoRA, the task head (new, randomly initialised) must still be trained in full."""
-    heads = HEAD_MODULES[task]
-    for name, param in model.named_parameters():
-        if any(f".{head}." in f".{name}" for head in heads):
-            param.requires_grad_(True)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -205,118 +196,6 @@ def waveforms(clips: list[speech.Clip], setup: speech.TaskSetup, args: argparse.
     )
 
 
-# --- the task's head, targets and metrics ---------------------------------------------------------
-
-
-def classify_labels(args: argparse.Namespace, config, train_split: list[speech.Clip]) -> list[str]:
-    """The checkpoint's trained labels, else the train split's classes (at least two)."""
-    if args.model is not None and has_trained_head(config, "classification"):
-        return [config.id2label[i] for i in range(config.num_labels)]  # keep the checkpoint's label ids
-    labels = speech.label_names(train_split)
-    if len(labels) < 2:
-        raise UsageError(
-            f"dataset {args.dataset} has {len(labels)} class(es) {labels} in split {args.train_split!r}: "
-            "classification needs at least 2"
-        )
-    return labels
-
-
-def classify_setup(args, config, train_split, feature_extractor, common: dict[str, Any]) -> speech.TaskSetup:
-    labels = classify_labels(args, config, train_split)
-    encode = functools.partial(speech.label_ids, label2id={name: i for i, name in enumerate(labels)})
-    step, metrics = default_eval_step, speech.classify_metrics
-    return speech.TaskSetup(
-        {"labels": labels}, encode, feature_extractor, eval_step=step, compute_metrics=metrics, **common
-    )
-
-
-def wav2vec2_setup(args: argparse.Namespace, config, train_split: list[speech.Clip]) -> speech.TaskSetup:
-    feature_extractor, tokenizer = load_processor(args, config)
-    common = {
-        "collator": speech.SpeechCollator(
-            return_attention_mask=bool(feature_extractor.return_attention_mask),
-            padding_value=float(feature_extractor.padding_value),
-        ),
-        "sampling_rate": feature_extractor.sampling_rate,
-        "max_seconds": args.max_seconds,
-        "normalize": getattr(feature_extractor, "do_normalize", True),
-        "min_samples": speech.min_input_samples(config),
-    }
-    if args.task == "classify":
-        return classify_setup(args, config, train_split, feature_extractor, common)
-    from transformers import Wav2Vec2Processor
-
-    if tokenizer is None:
-        train_texts = [speech.clean_transcript(c.transcript, c.source) for c in train_split]
-        if not train_texts:
-            raise UsageError(
-                f"no CTC vocabulary: {args.model} has no vocab.json and there is no {args.train_split!r} split "
-                "to build one from"
-            )
-        tokenizer = speech.ctc_tokenizer(speech.build_vocabulary(train_texts))
-    vocabulary = tokenizer.get_vocab()
-
-    def encode(clips):
-        return [tokenizer(text).input_ids for text in speech.check_transcripts(clips, vocabulary)]
-
-    processor = Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
-    step, metrics = speech.make_ctc_eval_step(tokenizer), speech.ctc_metrics
-    return speech.TaskSetup(
-        {"vocabulary": vocabulary}, encode, processor, eval_step=step, compute_metrics=metrics, **common
-    )
-
-
-def whisper_setup(args: argparse.Namespace, config, train_split: list[speech.Clip]) -> speech.TaskSetup:
-    """Whisper: log-mel features of the (possibly shortened) window; asr targets are the tokenized transcripts."""
-    from transformers import WhisperProcessor, WhisperTokenizer
-
-    seconds = args.encoder_seconds or speech.window_seconds(config)
-    speech.encoder_positions(seconds, config.max_source_positions)  # a bad window is refused before any decoding
-    feature_extractor = speech.load_feature_extractor(args.model, seconds)
-    common = {
-        "sampling_rate": feature_extractor.sampling_rate,
-        "max_seconds": min(args.max_seconds, seconds),
-        "cap_name": "the encoder window of" if seconds < args.max_seconds else "--max_seconds",
-        "normalize": False,
-        "whisper": True,
-    }
-    if args.task == "classify":
-        common["collator"] = speech.WhisperCollator(feature_extractor)
-        return classify_setup(args, config, train_split, feature_extractor, common)
-    tokenizer = WhisperTokenizer.from_pretrained(args.model)
-
-    def encode(clips):
-        texts = [speech.clean_transcript(clip.transcript, clip.source) for clip in clips]
-        return speech.transcript_ids(tokenizer, texts)
-
-    processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
-    collator = speech.WhisperCollator(feature_extractor, pad_token_id=tokenizer.pad_token_id)
-    step = speech.make_whisper_eval_step(tokenizer, args.generation_max_tokens)
-    return speech.TaskSetup({}, encode, processor, collator, step, speech.whisper_asr_metrics, **common)
-
-
-def load_task_model(args: argparse.Namespace, config, setup: speech.TaskSetup) -> torch.nn.Module:
-    """The task's float32 model, its encoder window cut (Whisper) or its feature encoder frozen if asked."""
-    if setup.whisper:
-        labels = setup.head.get("labels")
-        model = speech.build_whisper_model(args.task, args.model, args.init, labels)
-        if args.encoder_seconds is not None:
-            speech.shorten_encoder(model, args.encoder_seconds)
-        if args.freeze_feature_encoder:  # off unless asked
-            speech.freeze_conv_frontend(model)
-        return model
-    model = speech.build_model(
-        args.task,
-        model_name_or_path=args.model,
-        init=args.init,
-        config=config if args.model is None else None,
-        **setup.head,
-    )
-    if args.freeze_feature_encoder:
-        model.freeze_feature_encoder()
-    return model
-
-
 def build_model(
     args: argparse.Namespace, config, setup: speech.TaskSetup
 ) -> tuple[torch.nn.Module, dict[str, Any], Any]:
@@ -340,9 +219,9 @@ def build_model(
 
 
 def convert(args, accelerator, model, setup, train_data, state, model_info) -> tuple[Any, Any]:
-    """Calibrate / set up annealing (the resolved method) and the distiller; returns (on_step, compute_loss)."""
+    """Calibrate / set up annealing (the resolved method) and the distiller; returns (annealer, compute_loss)."""
     originals, teacher, choice = state
-    on_step = None
+    annealer = None
     if choice.method != "none":
         converted = conversion.apply_conversion(
             model.to(accelerator.device),
@@ -361,13 +240,92 @@ def convert(args, accelerator, model, setup, train_data, state, model_info) -> t
         model_info["conversion"] = converted.to_dict()
         if converted.calibration is not None:
             accelerator.print(converted.calibration)
-        on_step = converted.annealer.on_step if converted.annealer else None
+        annealer = converted.annealer
     distiller = None
     if teacher is not None:
         teacher.to(accelerator.device)
         distiller = conversion.FFNDistiller(model, teacher, args.distill_weight, teacher_context=accelerator.autocast)
         model_info["distill_weight"] = args.distill_weight
-    return on_step, distiller
+    return annealer, distiller
+
+
+def train(
+    args,
+    accelerator,
+    model,
+    train_dataloader,
+    eval_dataloaders,
+    evaluator,
+    results,
+    *,
+    annealer,
+    compute_loss,
+    processor,
+) -> tuple:
+    """The training loop, as in run_glue.py: optimizer and schedule, resume, epochs of steps, evaluation and a
+    checkpoint per epoch, the final model saved. Returns the prepared model and the results."""
+    total_steps = total_training_steps(
+        args.epochs, args.max_steps, args.gradient_accumulation_steps, len(train_dataloader), accelerator.num_processes
+    )
+    # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
+    optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps * accelerator.num_processes)
+    names = list(eval_dataloaders)
+    model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
+    )
+    eval_dataloaders = dict(zip(names, loaders, strict=True))
+    state = RunState()  # step counters and per-epoch history, saved and restored with the checkpoints
+    accelerator.register_for_checkpointing(state)
+    if args.resume_from_checkpoint:
+        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+        results["epochs"] = state.history
+    if annealer is not None:
+        annealer.on_step(state.completed_steps, total_steps)
+    progress = tqdm(
+        total=total_steps,
+        initial=state.completed_steps,
+        disable=args.no_progress or not accelerator.is_local_main_process,
+        desc="train",
+    )
+    for epoch in range(state.epoch, args.epochs):
+        if state.completed_steps >= total_steps:
+            break
+        model.train()
+        # The seedable sampler's order depends on seed + epoch only; a resumed epoch skips the batches it has seen.
+        skip = state.batches_in_epoch
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        batches.set_epoch(epoch)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
+                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.lr)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            state.add_batch(loss, batch, accelerator.num_processes)
+            if accelerator.sync_gradients:
+                state.completed_steps += 1
+                progress.update(1)
+                if args.checkpointing_steps and state.completed_steps % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}")
+                if annealer is not None:
+                    annealer.on_step(state.completed_steps, total_steps)
+                if state.completed_steps >= total_steps:
+                    break
+        metrics, dead = evaluator(model, eval_dataloaders)
+        log_metrics(accelerator, f"epoch {epoch}", metrics)
+        lr = lr_scheduler.get_last_lr()[0]
+        state.end_epoch(accelerator, epoch, {"lr": lr, "eval": metrics, "dead_units": dead})
+        results["epochs"] = state.history
+        write_results(accelerator, Path(args.output_dir), results)
+        save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}")
+    progress.close()
+
+    # The final metrics, the model (and its stock-ReLU export), results.json.
+    return model, finish_training(accelerator, model, evaluator, eval_dataloaders, state, results, args, processor)
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -377,9 +335,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    accelerator = make_accelerator(args.mixed_precision, args.gradient_accumulation_steps, args.seed)
+    accelerator = make_accelerator(args)
     # The output folder (writable, locked, no other run's files) is checked before any data or model is loaded.
-    with claim_output_dir(accelerator, fit_config(args), inputs=[args.model] if args.model else []):
+    with claim_output_dir(accelerator, args, inputs=[args.model] if args.model else []):
+        if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
+            check_checkpoint(args.output_dir, args.resume_from_checkpoint)
         return _run(args, accelerator)
 
 
@@ -406,12 +366,17 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
 
     eval_batch_size = args.eval_batch_size or 2 * args.batch_size
     eval_loader = torch.utils.data.DataLoader(eval_data, batch_size=eval_batch_size, collate_fn=setup.collator)
-    train_loader, on_step, distiller = None, None, None
+    train_loader, annealer, distiller = None, None, None
     if train_data is not None:
+        # Its own generator: a new epoch's iterator seeds from it, not from the global RNG a resume restores.
         train_loader = torch.utils.data.DataLoader(
-            train_data, batch_size=args.batch_size, shuffle=True, collate_fn=setup.collator
+            train_data,
+            batch_size=args.batch_size,
+            shuffle=True,
+            collate_fn=setup.collator,
+            generator=torch.Generator().manual_seed(args.seed),
         )
-        on_step, distiller = convert(args, accelerator, model, setup, train_data, state, model_info)
+        annealer, distiller = convert(args, accelerator, model, setup, train_data, state, model_info)
     head = setup.head
     run = {
         **run_config(args),
@@ -426,18 +391,24 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
             **({"encoder_seconds": speech.window_seconds(model.config)} if whisper else {}),
         },
     }
-    results = fit(
-        accelerator,
-        model,
-        train_loader,
-        {clips.eval_split: eval_loader},
-        setup.compute_metrics,
-        fit_config(args),
-        hooks=FitHooks(eval_step=setup.eval_step, on_step=on_step, compute_loss=distiller),
-        processor=setup.processor,
-        run_config=run,
-        model_info=model_info,
-    )
+    results = new_results(accelerator, run, model_info)
+    evaluator = make_evaluator(accelerator, model, setup.compute_metrics, setup.eval_step, args.scope)
+    if args.eval_only:
+        model, eval_loader = accelerator.prepare(model, eval_loader)
+        results = evaluate_only(accelerator, model, {clips.eval_split: eval_loader}, evaluator, args, results)
+    else:
+        _, results = train(
+            args,
+            accelerator,
+            model,
+            train_loader,
+            {clips.eval_split: eval_loader},
+            evaluator,
+            results,
+            annealer=annealer,
+            compute_loss=distiller,
+            processor=setup.processor,
+        )
     accelerator.end_training()
     return results
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import GLUE_DIR, MINILM, REPO, load_script
-from recipe_support.checkpoints import checkpoint_names
+from recipe_support.training import checkpoint_names
 
 from hf_helu.errors import UsageError
 
@@ -122,6 +122,65 @@ runpy.run_path(recipe, run_name="__main__")
 """
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--lr", "inf", "--lr must be a finite number > 0, got inf"),
+        ("--lr", "-1", "--lr must be a finite number > 0, got -1.0"),
+        ("--weight_decay", "-5", "--weight_decay must be a finite number >= 0, got -5.0"),
+    ],
+)
+def test_hyperparameters_that_cannot_train_are_refused_before_any_loading(tmp_path, flag, value, message):
+    """Refused before the model (a missing folder here) or the data (none) is looked at."""
+    argv = ["--task", "rte", "--model", tmp_path / "no_model", "--data_dir", tmp_path / "no_data"]
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        run_recipe(*argv, "--output_dir", tmp_path / "out", flag, value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_is_not_a_text_checkpoint_is_refused_before_any_loading(tmp_path):
+    from transformers import Wav2Vec2Config
+
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"\0" * 64)
+    wav2vec2 = tmp_path / "wav2vec2"
+    Wav2Vec2Config(num_hidden_layers=1).save_pretrained(wav2vec2)
+    cases = {
+        tmp_path / "missing": "no such folder",
+        a_file: "is a file; give the checkpoint folder",
+        wav2vec2: "is a 'wav2vec2' checkpoint; this recipe needs a text encoder",
+    }
+    for model, message in cases.items():
+        argv = [sys.executable, str(RECIPE), "--task", "rte", "--model", str(model), "--data_dir", str(tmp_path)]
+        proc = subprocess.run([*argv, "--output_dir", str(tmp_path / "out")], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --model {model}")
+        assert message in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_data
+def test_a_checkpoint_folder_of_garbage_is_refused_naming_it(tmp_path, tiny_bert_dir):
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for name in (
+        "model.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "custom_checkpoint_0.pkl",
+    ):
+        (garbage / name).write_bytes(os.urandom(256))
+    # No data there: the checkpoint must be refused before the data is looked for.
+    out = tmp_path / "out"
+    argv = [*tiny_args(tiny_bert_dir, out, resume_from_checkpoint=garbage, data_dir=tmp_path / "none"), "--no_progress"]
+    proc = subprocess.run([sys.executable, str(RECIPE), *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --resume_from_checkpoint '{garbage}': {garbage} is not a readable checkpoint (")
+    assert "Traceback" not in proc.stderr
+
+
 @needs_data
 def test_a_bug_inside_a_library_keeps_its_traceback(tmp_path, tiny_bert_dir):
     """Only UsageError is reported as ``error: ...`` with exit status 2: a ValueError from a library call is a bug."""
@@ -140,9 +199,10 @@ HOLD = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
 from accelerate import Accelerator
-from recipe_support.args import FitConfig
+from argparse import Namespace
 from recipe_support.output_dir import claim_output_dir
-with claim_output_dir(Accelerator(cpu=True), FitConfig(output_dir=sys.argv[1])):
+flags = Namespace(output_dir=sys.argv[1], overwrite_output_dir=False, resume_from_checkpoint=None, eval_only=False)
+with claim_output_dir(Accelerator(cpu=True), flags):
     print("holding", flush=True)
     time.sleep(120)
 """
@@ -207,7 +267,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_bert_dir):
 
     resumed = run_recipe(*tiny_args(tiny_bert_dir, out, resume_from_checkpoint="latest", **common))
     expected = read_results(full)
-    assert resumed["resumed_from"].endswith("step_6")
+    assert resumed["resumed_from"]["label"] == "step_6"
     assert resumed["completed_steps"] == expected["completed_steps"] == 10
     assert resumed["final"]["dev"] == pytest.approx(expected["final"]["dev"], abs=1e-6)
     assert resumed["epochs"][0]["eval"]["dev"] == pytest.approx(expected["epochs"][0]["eval"]["dev"], abs=1e-6)

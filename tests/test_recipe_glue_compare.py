@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +103,23 @@ def test_compare_columns_cross_activations_alphas_and_conversions():
     assert columns[-1] == ("helu_0.5+calibrate", "helu", 0.5, "calibrate")
     with pytest.raises(ValueError, match="--conversion is set per run"):
         compare().parse_args(["--tasks", "rte", "--", "--conversion", "anneal"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--alphas", "-1"], "error: argument --alphas: HeLU alpha must be >= 0"),
+        (["--alphas", "0.05", "nan"], "error: argument --alphas: HeLU alpha must be a finite number >= 0, got nan"),
+        (["--tasks", "sst3"], "error: unknown GLUE task 'sst3'"),
+    ],
+)
+def test_bad_columns_are_refused_before_any_training(tmp_path, argv, message):
+    """Exit status 2 and one error line, and no run folder: nothing was trained (the keep and relu columns come
+    before helu's alpha)."""
+    root = tmp_path / "cmp"
+    command = [sys.executable, str(REPO / "recipes" / "run_glue_compare.py"), "--activations", "keep", "relu", "helu"]
+    command += [*argv, "--seeds", "0", "--output_dir", str(root), "--", "--data_dir", str(tmp_path / "none")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not root.exists()

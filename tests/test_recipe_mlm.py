@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import GLUE_DIR, MINILM, REPO, WIKITEXT_DIR, load_script
-from recipe_support.checkpoints import checkpoint_names
+from recipe_support.training import checkpoint_names
+
+from hf_helu.errors import UsageError
 
 CRASH = Path(__file__).with_name("crash_recipe.py")
 RUN_MLM = REPO / "recipes" / "run_mlm.py"
@@ -123,7 +125,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, corpus):
 
     resumed = recipe().main(mlm_args(corpus, out, resume_from_checkpoint="latest", **common))
     expected = read_results(full)
-    assert resumed["resumed_from"].endswith("step_4") and resumed["completed_steps"] == 6
+    assert resumed["resumed_from"]["label"] == "step_4" and resumed["completed_steps"] == 6
     assert resumed["final"]["valid"] == pytest.approx(expected["final"]["valid"], abs=1e-6)
     assert [e["train_loss"] for e in resumed["epochs"]][:1] == pytest.approx([expected["epochs"][0]["train_loss"]])
     from safetensors.torch import load_file
@@ -143,12 +145,27 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, corpus):
         ({"max_steps": 2, "epochs": 3}, "--epochs"),
         ({"max_steps": 2, "activation": "relu"}, "--hidden_act"),
         ({"max_steps": 2, "config_overrides": "hidden_size"}, "key=value"),
+        ({"max_steps": 2, "config_overrides": "hidden_size=abc"}, "hidden_size=abc: .* takes a int value, got 'abc'"),
+        ({"max_steps": 2, "config_overrides": "hidden_dropout_prob=x"}, "hidden_dropout_prob=x: .* float value"),
+        ({"max_steps": 2, "lr": "inf"}, "--lr must be a finite number > 0, got inf"),
+        ({"max_steps": 2, "weight_decay": -5}, "--weight_decay must be a finite number >= 0, got -5"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, corpus, extra, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageError, match=message):
         recipe().parse_args(mlm_args(corpus, tmp_path / "never", **extra))
     assert not (tmp_path / "never").exists()
+
+
+def test_a_corpus_file_that_is_not_utf8_is_named_with_its_line(tmp_path, corpus, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("first line\nsecond line\ncaf\u00e9 au lait\n".encode("latin-1"))
+    argv = mlm_args(corpus, tmp_path / "out", train_files=latin1, max_steps=2)
+    proc = subprocess.run([sys.executable, str(RUN_MLM), *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: corpus file {latin1} is not UTF-8 text: line 3 holds byte 0xe9 (invalid continuation byte)"
+    )
 
 
 def test_runner_table_and_curves(tmp_path):

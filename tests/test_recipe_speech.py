@@ -40,6 +40,30 @@ def run(recipe, tmp_path: Path, name: str, *argv: str) -> dict:
 # --- bad input -----------------------------------------------------------------------------------
 
 
+def test_a_text_checkpoint_is_refused_before_any_loading(recipe, tmp_path, tiny_bert_dir):
+    from hf_helu.errors import UsageError
+
+    argv = ["--model", str(tiny_bert_dir), "--dataset", str(tmp_path / "no_data"), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(
+        UsageError, match=rf"--model {tiny_bert_dir} is a 'bert' checkpoint; this recipe needs a speech"
+    ):
+        recipe.main(argv)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_wav_with_a_nan_sample_is_rejected_naming_the_file(recipe, tmp_path):
+    from hf_helu.errors import UsageError
+
+    data = tmp_path / "data"
+    write_audiofolder(data, {"train/1": ["1_theo_5.wav", "1_theo_6.wav"], "train/2": ["2_theo_5.wav", "2_theo_6.wav"]})
+    poisoned = data / "train" / "2" / "2_theo_6.wav"
+    samples, rate = sf.read(poisoned, dtype="float32")
+    samples[10] = np.nan
+    sf.write(poisoned, samples, rate, subtype="FLOAT")
+    with pytest.raises(UsageError, match=r"2_theo_6\.wav.* 1 non-finite sample\(s\)"):
+        recipe.main([*TINY, "--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--eval_fraction", "0.5"])
+
+
 def test_unknown_eval_label_is_an_error(recipe, tmp_path):
     data = tmp_path / "data"
     write_audiofolder(data, {"train/1": ["1_theo_5.wav"], "train/2": ["2_theo_5.wav"], "test/3": ["3_theo_0.wav"]})

@@ -24,7 +24,7 @@ from torch import nn
 import hf_helu
 from hf_helu.errors import UsageError
 from hf_helu.ops import c_library, sparse_ffn_cpu
-from hf_helu.sparse_ffn import GatedSparseFFN, PlainSparseFFN, torch_sparse_ffn
+from hf_helu.sparse_ffn import PROBE_EVERY, GatedSparseFFN, PlainSparseFFN, torch_sparse_ffn
 
 kernel = pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the sparse FFN kernel")
 EPS32 = torch.finfo(torch.float32).eps
@@ -174,6 +174,69 @@ def test_hidden_states_within_rounding(case, backend, monkeypatch):
         dense_error = (d - e).abs().max().item()
         allowed = 4 * dense_error + 16 * EPS32 * e.abs().max().item()
         assert (s - e).abs().max().item() <= allowed
+
+
+def _outputs_and_grads(model, inputs):
+    model.zero_grad()
+    out = model(**inputs, output_hidden_states=True)
+    names = ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
+    hidden = [h for name in names for h in (getattr(out, name, None) or ())]
+    sum(h.square().sum() for h in hidden).backward()
+    return [h.detach() for h in hidden] + [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def _first_projection(module):
+    return module.gate_proj if isinstance(module, GatedSparseFFN) else module.original[0]
+
+
+@pytest.mark.parametrize("case", list(HIDDEN_CASES))
+def test_auto_dense_path_is_the_original_computation(case):
+    """Calls of several rows run dense in "auto" mode: as bare ops without autograd (bit-identical, no Linear
+    module called) and through the original modules under autograd (bert and whisper use HeLU, whose backward differs
+    from torch.relu's: the gradients would differ if the bare ops ran there)."""
+    factory, make_inputs = HIDDEN_CASES[case]
+    model = build(factory)
+    torch.manual_seed(2)
+    inputs = make_inputs()
+    dense = _hidden(model, inputs)
+    dense_grads = _outputs_and_grads(model, inputs)
+    handle = hf_helu.sparse_inference(model)
+    calls = []  # GPT-2's Conv1D projections are still called as modules: watch the Linear ones
+    firsts = [p for p in map(_first_projection, handle.modules) if isinstance(p, nn.Linear)]
+    hooks = [p.register_forward_hook(lambda *_: calls.append(1)) for p in firsts]
+    swapped = _hidden(model, inputs)
+    assert not calls and handle.sparse_calls == 0 and handle.dense_calls == len(handle.blocks)
+    swapped_grads = _outputs_and_grads(model, inputs)
+    assert len(calls) == len(firsts)
+    for hook in hooks:
+        hook.remove()
+    handle.remove()
+    assert len(dense) == len(swapped) > 0 and all(torch.equal(a, b) for a, b in zip(dense, swapped, strict=True))
+    assert len(dense_grads) == len(swapped_grads) > len(dense)
+    assert all(torch.equal(a, b) for a, b in zip(dense_grads, swapped_grads, strict=True))
+
+
+@pytest.mark.parametrize("factory", [llama, bert])
+def test_auto_dense_calls_probe_sparsity(factory):
+    """A dense call of at most max_rows rows measures the zeros every PROBE_EVERY calls, on the bare-ops path."""
+    model = build(factory)
+    ids = torch.tensor([[5, 17, 42, 9, 77]])
+    acts = []
+    hooks = [
+        s.module.register_forward_hook(lambda m, i, o: acts.append(o)) for s in hf_helu.find_activation_sites(model)
+    ]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    handle = hf_helu.sparse_inference(model, max_rows=8)
+    for module in handle.modules:  # measured below min_sparsity: dense, and the next call is a probe
+        module.dispatch.sparsity, module.dispatch.dense_calls = 0.0, PROBE_EVERY - 1
+    with torch.no_grad():
+        model(ids)
+    assert handle.sparse_calls == 0
+    assert handle.sparsity == pytest.approx([float(a.eq(0).double().mean()) for a in acts])
+    handle.remove()
 
 
 def _operands(m, d, dout, dtype, gated, bias, seed):

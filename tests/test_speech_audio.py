@@ -37,3 +37,19 @@ def test_unreadable_audio_names_the_file(tmp_path):
     (clip,) = speech.load_splits(tmp_path)["train"]
     with pytest.raises(UsageError, match=r"broken\.wav"):
         speech.load_waveform(clip)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_sample_is_rejected_naming_the_file(tmp_path, bad):
+    import soundfile as sf
+
+    path = tmp_path / "label" / "poisoned.wav"
+    path.parent.mkdir()
+    samples = np.sin(np.arange(800, dtype=np.float32) / 10)
+    samples[123] = bad
+    sf.write(path, samples, 8000, subtype="FLOAT")
+    (clip,) = speech.load_splits(tmp_path)["train"]
+    with pytest.raises(
+        UsageError, match=r"poisoned\.wav.* 1 non-finite sample\(s\) \(NaN or inf\), the first at sample 123"
+    ):
+        speech.load_waveform(clip)

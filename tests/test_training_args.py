@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 from recipe_support import args as flags
 
 from hf_helu.activation import DEFAULT_ALPHA
+from hf_helu.errors import UsageError
 
 
 def parse(*argv: str, **defaults) -> argparse.Namespace:
@@ -16,12 +16,12 @@ def parse(*argv: str, **defaults) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_defaults_overrides_and_the_fit_config():
+def test_defaults_and_overrides():
     args = parse("--output_dir", "out", "--epochs", "2", "--no_progress", "--scope", "0,1", lr=1e-3)
     assert args.lr == 1e-3 and args.alpha == DEFAULT_ALPHA and args.activation == "keep"
     assert flags.ACTIVATION_CHOICES == ("keep", "relu", "helu")
-    config = flags.fit_config(args)
-    assert config == flags.FitConfig(output_dir=Path("out"), epochs=2, lr=1e-3, progress=False, monitor_scope="0,1")
+    assert (args.output_dir, args.epochs, args.no_progress, args.scope) == ("out", 2, True, "0,1")
+    flags.check_training_args(args)  # the defaults and these values are accepted
     recorded = flags.run_config(args)
     assert recorded == vars(args) and list(recorded) == sorted(vars(args))
 
@@ -34,6 +34,31 @@ def test_bad_values_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
         parse(*argv)
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--lr", "inf"),
+        ("--lr", "-1"),
+        ("--lr", "0"),
+        ("--lr", "nan"),
+        ("--weight_decay", "-5"),
+        ("--weight_decay", "inf"),
+        ("--max_grad_norm", "-1"),
+        ("--max_grad_norm", "nan"),
+    ],
+)
+def test_hyperparameters_that_cannot_train_are_refused(flag, value):
+    with pytest.raises(UsageError, match=rf"^{flag} must be a finite number .*, got {float(value)}$"):
+        flags.check_training_args(parse(flag, value))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.1", "1.5"])
+def test_a_warmup_ratio_outside_0_1_is_refused_by_the_parser(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--warmup_ratio", value)
+    assert exit_info.value.code == 2 and "--warmup_ratio" in capsys.readouterr().err
 
 
 def test_lora_settings():

@@ -1,78 +1,83 @@
-"""The Accelerate loop (recipe_support.loop) on a tiny BERT classifier and random tokens: the step hook's calls,
-a run stopped by its hook and resumed to the uninterrupted run's weights, the step count, and bad calls."""
+"""The recipes' training loop (recipes/run_glue.py on a tiny BERT): the annealer sees every optimizer step, a run
+stopped mid-epoch resumes to the uninterrupted run's weights (a killed final save's temp copy removed), the output
+folder keeps what is not the run's, a diverging run stops naming the step and saves nothing non-finite, and the
+step count."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import tiny_bert
-from recipe_support.args import FitConfig
-from recipe_support.checkpoints import checkpoint_names
-from recipe_support.loop import FitHooks, fit, make_accelerator, total_training_steps
-from torch.utils.data import DataLoader
-from transformers import BertForSequenceClassification
+from accelerate.optimizer import AcceleratedOptimizer
+from helpers import GLUE_DIR, REPO, load_script
+from recipe_support.training import checkpoint_names, total_training_steps
 
-from hf_helu import patch_model
+from hf_helu.conversion import ActivationAnnealer
 from hf_helu.errors import UsageError
 
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+pytestmark = [
+    pytest.mark.usefixtures("fresh_accelerate_state"),
+    pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"GLUE data not found at {GLUE_DIR}"),
+]
 
 
-def rows(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 100, (n, 12), generator=generator)
-    labels = torch.randint(0, 2, (n,), generator=generator)
-    return [
-        {"input_ids": ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": labels[i]} for i in range(n)
-    ]
-
-
-def accuracy(outputs: dict) -> dict[str, float]:
-    return {"accuracy": float((np.argmax(outputs["predictions"], axis=-1) == outputs["labels"]).mean())}
-
-
-def run(out: Path, hooks: FitHooks = FitHooks(), helu: bool = False, **overrides) -> dict:  # noqa: B008
-    torch.manual_seed(0)
-    model = tiny_bert(0, BertForSequenceClassification).train()
-    if helu:
-        patch_model(model)
-    settings = {"epochs": 2, "lr": 1e-3, "progress": False, "checkpointing_steps": 2, **overrides}
-    config = FitConfig(output_dir=out, **settings)
-    train = DataLoader(rows(24, 1), batch_size=4, shuffle=True)  # 6 steps per epoch
-    dev = DataLoader(rows(10, 2), batch_size=4)
-    accelerator = make_accelerator(seed=config.seed)
-    return fit(accelerator, model, train, {"dev": dev}, accuracy, config, hooks=hooks)
+def run(model: Path, out: Path, *extra: str) -> dict:
+    recipe = load_script(REPO / "recipes" / "run_glue.py", "run_glue_loop_test")
+    argv = ["--task", "rte", "--model", model, "--data_dir", GLUE_DIR, "--output_dir", out, "--max_train_samples", 48]
+    argv += ["--max_eval_samples", 10, "--batch_size", 4, "--max_length", 32, "--epochs", 2, "--lr", 1e-3, "--seed", 0]
+    return recipe.main([*map(str, argv), "--checkpointing_steps", "2", "--no_progress", *extra])
 
 
 class Stop(Exception):
     pass
 
 
-def test_step_hook_sees_every_step_and_a_stopped_run_resumes_to_the_same_weights(tmp_path):
-    calls = []
-    full = run(tmp_path / "full", FitHooks(on_step=lambda done, total: calls.append((done, total))))
-    assert calls == [(step, 12) for step in range(13)]  # before the first step, then after each of the 12
-    assert full["completed_steps"] == 12 and full["status"] == "complete" and full["final"]["dev"]["num_samples"] == 10
+def stop_before_step(monkeypatch, step: int) -> None:
+    """Make the optimizer step ``step`` raise :class:`Stop` before it changes anything."""
+    original, done = AcceleratedOptimizer.step, [0]
 
-    def stop_after_7(done: int, total: int) -> None:
-        if done == 7:
-            raise Stop
+    def step_or_stop(self, *args, **kwargs):
+        if self.gradient_state.sync_gradients:
+            if done[0] == step - 1:
+                raise Stop
+            done[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", step_or_stop)
+
+
+def test_the_annealer_sees_every_step_and_a_stopped_run_resumes_to_the_same_weights(
+    tmp_path, tiny_bert_dir, monkeypatch
+):
+    calls = []
+    on_step = ActivationAnnealer.on_step
+
+    def record(self, done, total):
+        calls.append((done, total))
+        return on_step(self, done, total)
+
+    monkeypatch.setattr(ActivationAnnealer, "on_step", record)
+    anneal = ("--activation", "helu", "--conversion", "anneal")
+    full = run(tiny_bert_dir, tmp_path / "full", *anneal)
+    assert calls == [(step, 24) for step in range(25)]  # before the first step, then after each of the 24
+    assert full["completed_steps"] == 24 and full["status"] == "complete" and full["final"]["dev"]["num_samples"] == 10
 
     out = tmp_path / "stopped"
-    with pytest.raises(Stop):
-        run(out, FitHooks(on_step=stop_after_7))
-    assert checkpoint_names(out) == ["step_2", "step_4", "step_6", "epoch_1"]  # epoch 1 ends at step 6, saved last
+    with monkeypatch.context() as patch:
+        stop_before_step(patch, 8)
+        with pytest.raises(Stop):
+            run(tiny_bert_dir, out, *anneal)
+    names = ["step_2", "step_4", "step_6"]  # epoch 1 ends at step 12
+    assert checkpoint_names(out) == names
     killed_save = out / ".model.k3j4h5.tmp"  # what a kill -9 during a final save leaves (an older version's name)
     killed_save.mkdir()
     (killed_save / "model.safetensors").write_bytes(b"\0" * 4096)
-    resumed = []
-    again = run(out, FitHooks(on_step=lambda done, total: resumed.append(done)), resume_from_checkpoint="latest")
-    assert again["resumed_from"].endswith(("step_6", "epoch_1")) and resumed == [6, 7, 8, 9, 10, 11, 12]
+    calls.clear()
+    again = run(tiny_bert_dir, out, *anneal, "--resume_from_checkpoint", "latest")
+    assert again["resumed_from"]["label"] == "step_6" and calls == [(step, 24) for step in range(6, 25)]
     assert again["final"]["dev"] == pytest.approx(full["final"]["dev"])
     assert not killed_save.exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     from safetensors.torch import load_file
@@ -82,36 +87,52 @@ def test_step_hook_sees_every_step_and_a_stopped_run_resumes_to_the_same_weights
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_eval_only_and_bad_calls(tmp_path):
-    results = run(tmp_path / "eval", eval_only=True)
-    assert results["status"] == "complete" and results["epochs"] == [] and results["final"]["dev"]["num_samples"] == 10
-    assert results["config"]["eval_only"] is True  # the FitConfig, recorded when no run_config is given
-    accelerator = make_accelerator()
-    config = FitConfig(output_dir=tmp_path / "bad")
-    with pytest.raises(ValueError, match="at least one eval dataloader"):
-        fit(accelerator, torch.nn.Linear(1, 1), None, {}, accuracy, config)
-    with pytest.raises(ValueError, match="needs a train dataloader"):
-        fit(accelerator, torch.nn.Linear(1, 1), None, {"dev": []}, accuracy, dataclasses.replace(config, epochs=1))
-
-
-def test_the_output_folder_keeps_what_is_not_this_runs(tmp_path):
+def test_the_output_folder_keeps_what_is_not_this_runs(tmp_path, tiny_bert_dir):
     out = tmp_path / "run"
     (out / "model").mkdir(parents=True)
     (out / "model" / "mine.txt").write_text("mine")
+    one = ("--epochs", "1")
     with pytest.raises(UsageError, match="not empty and no hf_helu run made it"):
-        run(out, epochs=1)
+        run(tiny_bert_dir, out, *one)
     assert (out / "model" / "mine.txt").read_text() == "mine"
-    helu = run(out, epochs=1, helu=True, overwrite_output_dir=True)
+    helu = run(tiny_bert_dir, out, *one, "--activation", "helu", "--overwrite_output_dir")
     assert helu["relu_export_dir"] and (out / "model_relu" / "config.json").is_file()
     assert not (out / "model" / "mine.txt").exists()
     with pytest.raises(UsageError, match="already holds a run"):
-        run(out, epochs=1)
-    relu = run(out, epochs=1, overwrite_output_dir=True)  # no stale model_relu/ of the HeLU run beside its model/
+        run(tiny_bert_dir, out, *one)
+    relu = run(tiny_bert_dir, out, *one, "--overwrite_output_dir")  # no stale model_relu/ beside the new model/
     assert relu["relu_export_dir"] is None and not (out / "model_relu").exists()
     trained = (out / "results.json").read_bytes()
-    evaluated = run(out, eval_only=True)  # into the finished run's folder: its results.json stays
+    evaluated = run(out / "model", out, "--eval_only")  # into the finished run's folder: its results.json stays
     assert (out / "results.json").read_bytes() == trained
+    assert evaluated["status"] == "complete" and evaluated["epochs"] == [] and evaluated["config"]["eval_only"]
     assert json.loads((out / "eval_results.json").read_text())["final"] == evaluated["final"]
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert_dir):
+    """A loss that turns NaN at step 5 (a model that divides by zero from then on) stops the run there: the
+    step_4 checkpoint is the newest, no model/ is written, and no saved weight is NaN."""
+    from transformers import BertForSequenceClassification
+
+    original, calls = BertForSequenceClassification.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        outputs = original(self, *args, **kwargs)
+        calls[0] += self.training
+        if self.training and calls[0] >= 5 and outputs.loss is not None:
+            outputs.loss = outputs.loss * math.inf
+        return outputs
+
+    out = tmp_path / "diverged"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BertForSequenceClassification, "forward", forward)
+        with pytest.raises(UsageError, match=r"the training loss became (nan|inf) at optimizer step 5: .*--lr"):
+            run(tiny_bert_dir, out)
+    assert checkpoint_names(out) == ["step_2", "step_4"] and not (out / "model").exists()
+    from safetensors.torch import load_file
+
+    for file in out.glob("checkpoints/*/model.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(file).values())
 
 
 @pytest.mark.parametrize(
@@ -125,7 +146,4 @@ def test_the_output_folder_keeps_what_is_not_this_runs(tmp_path):
     ],
 )
 def test_total_training_steps(batches, accumulation, processes, epochs, max_steps, expected):
-    config = FitConfig(
-        output_dir=Path("x"), epochs=epochs, gradient_accumulation_steps=accumulation, max_steps=max_steps
-    )
-    assert total_training_steps(config, batches, processes) == expected
+    assert total_training_steps(epochs, max_steps, accumulation, batches, processes) == expected

@@ -4,6 +4,7 @@ and temp copies left by killed writers are removed."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
-from recipe_support.args import FitConfig
 from recipe_support.output_dir import LOCK_FILE, MARKER_FILE, claim_output_dir
 
 from hf_helu.errors import UsageError
@@ -28,7 +28,8 @@ class OneProcess:
 
 
 def claim(out: Path, inputs=(), **flags):
-    return claim_output_dir(OneProcess(), FitConfig(output_dir=out, **flags), inputs)
+    settings = {"overwrite_output_dir": False, "resume_from_checkpoint": None, "eval_only": False, **flags}
+    return claim_output_dir(OneProcess(), argparse.Namespace(output_dir=out, **settings), inputs)
 
 
 def earlier_helu_run(out: Path) -> None:
@@ -95,15 +96,17 @@ def test_overwrite_never_deletes_what_the_run_reads(tmp_path):
 
 HOLD = """
 import sys, time
+from argparse import Namespace
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
-from recipe_support.args import FitConfig
 from recipe_support.output_dir import claim_output_dir
 
 class OneProcess:
     is_main_process, num_processes = True, 1
 
-with claim_output_dir(OneProcess(), FitConfig(output_dir=Path(sys.argv[1]))):
+flags = Namespace(output_dir=Path(sys.argv[1]), overwrite_output_dir=False, resume_from_checkpoint=None,
+                  eval_only=False)
+with claim_output_dir(OneProcess(), flags):
     print("holding", flush=True)
     time.sleep(120)
 """

@@ -6,8 +6,9 @@ datasets, peft, scipy and soundfile.
 
 - :mod:`~recipe_support.args`: the shared flags and the settings they become.
 - :mod:`~recipe_support.models`: one float32 model loader, the trained-head check, activation and LoRA.
-- :mod:`~recipe_support.loop`, :mod:`~recipe_support.evaluation`, :mod:`~recipe_support.checkpoints`,
-  :mod:`~recipe_support.results`, :mod:`~recipe_support.output_dir`: training, evaluation, checkpoints, outputs.
+- :mod:`~recipe_support.training`, :mod:`~recipe_support.evaluation`, :mod:`~recipe_support.results`,
+  :mod:`~recipe_support.output_dir`: the helpers of the recipes' own training loops (optimizer, checkpoints on
+  accelerate's ``save_state``, resume, non-finite checks), evaluation, outputs.
 - :mod:`~recipe_support.glue`, :mod:`~recipe_support.speech`, :mod:`~recipe_support.mlm`: task data and metrics.
 - :mod:`~recipe_support.paths`: local data under ``$HF_HELU_DATA_DIR``.
 """

@@ -1,12 +1,9 @@
 """The recipes' command-line flags, and the settings objects the library takes in their place.
 
-Library functions take explicit values (:class:`FitConfig`, :class:`LoraSettings`, keyword arguments), not an
-``argparse.Namespace``; the functions here are the one place that reads a parsed Namespace:
-
-- :func:`add_training_args`: the knobs every recipe shares; :func:`add_conversion_args` /
-  :func:`check_conversion_args`: ``--conversion`` and its calibration/annealing/distillation knobs.
-- :func:`fit_config`, :func:`lora_settings`, :func:`run_config`: a parsed Namespace as what ``fit``,
-  ``prepare_model`` and results.json take.
+- :func:`add_training_args` / :func:`check_training_args`: the knobs every recipe shares;
+  :func:`add_conversion_args` / :func:`check_conversion_args`: ``--conversion`` and its calibration, annealing and
+  distillation knobs.
+- :func:`lora_settings`, :func:`run_config`: a parsed Namespace as what ``prepare_model`` and results.json take.
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hf_helu.activation import DEFAULT_ALPHA
@@ -30,33 +26,6 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # ----------------------------------------------------------------------------------------------------------------
 # The settings the library takes
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """How :func:`recipe_support.loop.fit` trains, evaluates and checkpoints (the flags of add_training_args).
-
-    ``monitor_scope``: which activations the dead-unit monitor watches; ``track_dead_units``: whether it runs.
-    """
-
-    output_dir: Path
-    epochs: int = 3
-    max_steps: int | None = None
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    eval_only: bool = False
-    resume_from_checkpoint: str | None = None
-    overwrite_output_dir: bool = False
-    checkpointing_steps: int | None = None
-    save_total_limit: int | None = None
-    progress: bool = True
-    monitor_scope: Any = "ffn"
-    track_dead_units: bool = True
-    save_predictions: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +104,19 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     return parser
 
 
+def check_training_args(args: argparse.Namespace) -> None:
+    """Refuse a learning rate, weight decay or clipping norm that cannot train, before anything is loaded (the
+    warmup ratio is checked by its argparse type: a number in [0, 1))."""
+    checks = {
+        "--lr": (args.lr, lambda v: 0 < v < math.inf, "a finite number > 0"),
+        "--weight_decay": (args.weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+        "--max_grad_norm": (args.max_grad_norm, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: no clipping)"),
+    }
+    for flag, (value, valid, expected) in checks.items():
+        if value is not None and not valid(value):
+            raise UsageError(f"{flag} must be {expected}, got {value}")
+
+
 def add_conversion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The conversion flags of a recipe: ``--conversion``, the calibration and annealing knobs, ``--distill_weight``."""
     from hf_helu.conversion import CONVERSION_CHOICES, DEFAULT_ANNEAL_FRACTION, DEFAULT_RIDGE, RECOMMENDED_METHOD
@@ -210,36 +192,6 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     return dict(sorted(vars(args).items()))
 
 
-# FitConfig fields that are the flag of the same name.
-_FIT_FLAGS = (
-    "epochs",
-    "max_steps",
-    "lr",
-    "weight_decay",
-    "warmup_ratio",
-    "gradient_accumulation_steps",
-    "max_grad_norm",
-    "seed",
-    "eval_only",
-    "resume_from_checkpoint",
-    "overwrite_output_dir",
-    "checkpointing_steps",
-    "save_total_limit",
-    "save_predictions",
-)
-
-
-def fit_config(args: argparse.Namespace) -> FitConfig:
-    """The :class:`FitConfig` of a Namespace parsed with :func:`add_training_args`."""
-    flags = vars(args)
-    return FitConfig(
-        output_dir=Path(args.output_dir),
-        progress=not args.no_progress,
-        monitor_scope=args.scope,
-        **{name: flags[name] for name in _FIT_FLAGS},
-    )
-
-
 def lora_settings(args: argparse.Namespace, task_type: str | None = None) -> LoraSettings | None:
     """``--lora*`` as :class:`LoraSettings` (PEFT ``task_type``), or None without ``--lora``."""
     if not args.lora:
@@ -257,12 +209,11 @@ __all__ = [
     "ACTIVATION_CHOICES",
     "INITS",
     "MIXED_PRECISION",
-    "FitConfig",
     "LoraSettings",
     "add_conversion_args",
     "add_training_args",
     "check_conversion_args",
-    "fit_config",
+    "check_training_args",
     "lora_settings",
     "run_config",
 ]

@@ -1,5 +1,5 @@
-"""Evaluation for the loop: one pass over a dataloader with outputs gathered across processes, and the dead-unit
-statistics of that pass (:class:`hf_helu.diagnostics.ActivationMonitor`, reduced over processes).
+"""Evaluation for the recipes' loops: one pass over a dataloader with outputs gathered across processes, and the
+dead-unit statistics of that pass (:class:`hf_helu.diagnostics.ActivationMonitor`, reduced over processes).
 
 ``eval_step(model, batch) -> dict[str, Tensor | list]`` returns per-sample outputs (first dim = batch). Tensors are
 gathered as tensors and concatenated into numpy arrays; lists (e.g. decoded strings, variable-length ids) are
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,4 +147,51 @@ class Evaluator:
         return metrics, dead
 
 
-__all__ = ["DeadUnitTracker", "Evaluator", "default_eval_step", "evaluate"]
+def make_evaluator(
+    accelerator: Any, model: nn.Module, compute_metrics: ComputeMetrics, eval_step: EvalStep, scope: Any
+) -> Evaluator:
+    """An :class:`Evaluator` that also reports the dead units of ``model``'s activations in ``scope``."""
+    return Evaluator(accelerator, compute_metrics, eval_step, DeadUnitTracker.create(model, accelerator, scope))
+
+
+def evaluate_only(
+    accelerator: Any,
+    model: nn.Module,
+    dataloaders: dict[str, Any],
+    evaluator: Evaluator,
+    args: Any,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    """--eval_only: evaluate the prepared ``model`` once, write OUTPUT_DIR/eval_results.json (and predictions)."""
+    from recipe_support.results import log_metrics, results_file, write_predictions, write_results
+
+    start = time.perf_counter()
+    metrics, dead = evaluator(model, dataloaders)
+    log_metrics(accelerator, "eval", metrics)
+    results.update(status="complete", final=metrics, dead_units=dead, wall_time_s=time.perf_counter() - start)
+    write_results(accelerator, Path(args.output_dir), results, results_file(eval_only=True))
+    if args.save_predictions:
+        write_predictions(accelerator, Path(args.output_dir), evaluator.last_outputs, eval_only=True)
+    return results
+
+
+def final_metrics(
+    evaluator: Evaluator, model: nn.Module, dataloaders: Mapping[str, Any], history: list, step: int, outputs: bool
+) -> tuple[dict[str, Any], dict | None]:
+    """The last epoch's metrics if they are of the final weights (and their outputs are not wanted, or held),
+    else a new evaluation (after a resume past the last epoch's checkpoint)."""
+    last = history[-1] if history else None
+    if last is None or last["step"] != step or (outputs and not evaluator.last_outputs):
+        return evaluator(model, dataloaders)
+    return last["eval"], last["dead_units"]
+
+
+__all__ = [
+    "DeadUnitTracker",
+    "Evaluator",
+    "default_eval_step",
+    "evaluate",
+    "evaluate_only",
+    "final_metrics",
+    "make_evaluator",
+]

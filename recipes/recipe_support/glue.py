@@ -342,7 +342,7 @@ def glue_score(task: GlueTask, metrics: Mapping[str, float]) -> float:
 
 
 def make_compute_metrics(task: GlueTask, backend: str = "local"):
-    """A ``compute_metrics(outputs)`` for :func:`recipe_support.loop.fit`: GLUE metrics plus ``score``."""
+    """A ``compute_metrics(outputs)`` for :class:`recipe_support.evaluation.Evaluator`: GLUE metrics plus ``score``."""
     if backend not in ("local", "evaluate"):
         raise UsageError(f"metric backend must be 'local' or 'evaluate', got {backend!r}")
     metric_fn = glue_metrics if backend == "local" else evaluate_glue_metrics

@@ -35,7 +35,15 @@ def read_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     for path in map(Path, paths):
         if not path.is_file():
             raise UsageError(f"corpus file {path} not found")
-        text = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise UsageError(
+                f"corpus file {path} is not UTF-8 text: line {line} holds byte 0x{data[error.start]:02x} "
+                f"({error.reason})"
+            ) from None
         if not any(line.strip() for line in text):
             raise UsageError(f"corpus file {path} holds no text")
         lines += text

@@ -55,7 +55,24 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
         if not sep or not key.strip() or not value.strip():
             raise UsageError(f"--config_overrides must be key=value[,key=value...], got part {part!r} of {text!r}")
         overrides[key.strip()] = _number(value.strip())
+    _check_override_types(overrides)
     return overrides
+
+
+def _check_override_types(overrides: dict[str, Any]) -> None:
+    """Each value of a BertConfig int or float field is a number of that type (a float field takes an int too)."""
+    from transformers import BertConfig
+
+    default = BertConfig()
+    for key, value in overrides.items():
+        if not isinstance(getattr(default, key, None), int | float):
+            continue  # unknown fields and hidden_act are refused by bert_config
+        expected = type(getattr(default, key))
+        accepted = (int, float) if expected is float else (expected,)
+        if type(value) not in accepted:
+            raise UsageError(
+                f"--config_overrides {key}={value}: BertConfig.{key} takes a {expected.__name__} value, got {value!r}"
+            )
 
 
 def _number(text: str) -> Any:
@@ -137,8 +154,8 @@ class FiringCounts:
 class SparsePrediction:
     """The LM head of a ``BertForMaskedLM`` at the labelled positions only (a forward pre-hook on ``model.cls``).
 
-    ``loss(model, batch)`` is the training loss (a ``FitHooks.compute_loss``); ``eval_step(model, batch)`` gives
-    per-sequence loss sums, correct predictions and masked counts (a ``FitHooks.eval_step``);
+    ``loss(model, batch)`` is the training loss (run_mlm.py's loop calls it); ``eval_step(model, batch)`` gives
+    per-sequence loss sums, correct predictions and masked counts (the evaluator's ``eval_step``);
     :func:`mlm_metrics` turns those into loss, accuracy and perplexity.
     """
 

@@ -85,6 +85,34 @@ class Head:
             raise ValueError(f"head kind must be one of {sorted(HEAD_SUFFIXES)}, got {self.kind!r}")
 
 
+def check_model_source(source: str, kinds: tuple[str, ...], what: str) -> None:
+    """Refuse ``--model`` when it is a local path that is missing, a file, or a checkpoint whose ``model_type`` has
+    no model for ``kinds`` (names of transformers' ``MODEL_FOR_<KIND>_MAPPING_NAMES``); a hub id is left to the hub.
+    """
+    import json
+    from pathlib import Path
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers.models.auto import modeling_auto
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        try:
+            validate_repo_id(source)
+        except HFValidationError:
+            raise UsageError(f"--model {source}: no such folder (and not a hub model id)") from None
+        return
+    if not path.is_dir():
+        raise UsageError(f"--model {source} is a file; give the checkpoint folder (with config.json)")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model {source} is not a transformers checkpoint (config.json: {error})") from None
+    supported = set().union(*(getattr(modeling_auto, f"MODEL_FOR_{kind}_MAPPING_NAMES") for kind in kinds))
+    if model_type not in supported:
+        raise UsageError(f"--model {source} is a {model_type!r} checkpoint; this recipe needs {what}")
+
+
 def has_trained_head(config: Any, kind: str = "classification") -> bool:
     """Whether a checkpoint's config says it was saved with a trained head of ``kind`` (classification or ctc)."""
     suffix = HEAD_SUFFIXES[kind]
@@ -261,6 +289,7 @@ __all__ = [
     "apply_activation",
     "apply_lora",
     "check_head",
+    "check_model_source",
     "check_stock_export",
     "has_trained_head",
     "load_model",

@@ -1,6 +1,6 @@
 """The output folder of a run: checked writable, claimed, locked, and cleared of an earlier run before any work.
 
-:func:`claim_output_dir` is called by each recipe before it loads data (and by ``fit``, for library callers). It
+:func:`claim_output_dir` is called by each recipe before it loads data. It
 
 - checks the folder is writable (creates and removes a probe file), so a read-only folder fails at once;
 - holds an exclusive lock for the run (``filelock.FileLock`` on OUTPUT_DIR/.hf_helu_run.lock, which records the
@@ -27,8 +27,6 @@ from filelock import FileLock, Timeout
 
 from hf_helu.atomic import atomic_write_json, remove_stale_temps
 from hf_helu.errors import UsageError
-from recipe_support.args import FitConfig
-from recipe_support.checkpoints import CHECKPOINTS_DIR, has_checkpoints
 from recipe_support.results import (
     EVAL_PREDICTIONS_FILE,
     EVAL_RESULTS_FILE,
@@ -37,6 +35,7 @@ from recipe_support.results import (
     RELU_SUFFIX,
     RESULTS_FILE,
 )
+from recipe_support.training import CHECKPOINTS_DIR, has_checkpoints
 
 MARKER_FILE = ".hf_helu_run.json"
 LOCK_FILE = ".hf_helu_run.lock"
@@ -90,7 +89,7 @@ def _entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name not in _BOOKKEEPING)
 
 
-def _refuse_foreign(folder: Path, config: FitConfig) -> None:
+def _refuse_foreign(folder: Path, config: Any) -> None:
     """A non-empty folder no hf_helu run made is the user's: refused unless ``overwrite``."""
     entries = _entries(folder)
     ours = (folder / MARKER_FILE).is_file() or (has_checkpoints(folder) and config.resume_from_checkpoint)
@@ -102,7 +101,7 @@ def _refuse_foreign(folder: Path, config: FitConfig) -> None:
         )
 
 
-def _check_contents(folder: Path, config: FitConfig, inputs: Sequence[str | os.PathLike]) -> list[Path]:
+def _check_contents(folder: Path, config: Any, inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """The run artifacts to remove (``overwrite``), or an error saying why the folder cannot be used as it is."""
     _refuse_foreign(folder, config)
     artifacts = [p for p in _entries(folder) if p.name in RUN_ARTIFACTS]
@@ -125,7 +124,7 @@ def _check_contents(folder: Path, config: FitConfig, inputs: Sequence[str | os.P
     return artifacts
 
 
-def _claim_main(folder: Path, config: FitConfig, inputs: Sequence[str | os.PathLike]) -> Any:
+def _claim_main(folder: Path, config: Any, inputs: Sequence[str | os.PathLike]) -> Any:
     """The main process's part: writable, locked, contents checked, old artifacts and stale temps removed."""
     check_writable(folder)
     if not (folder / LOCK_FILE).exists():
@@ -148,9 +147,11 @@ def _claim_main(folder: Path, config: FitConfig, inputs: Sequence[str | os.PathL
 
 
 def claim_output_dir(
-    accelerator: Any, config: FitConfig, inputs: Sequence[str | os.PathLike] = ()
+    accelerator: Any, config: Any, inputs: Sequence[str | os.PathLike] = ()
 ) -> contextlib.AbstractContextManager:
     """Check, lock and prepare ``config.output_dir`` for a run (see the module doc); call before loading data.
+
+    ``config``: the parsed flags (``output_dir``, ``overwrite_output_dir``, ``resume_from_checkpoint``, ``eval_only``).
 
     ``inputs``: paths the run reads (``--model``): ``overwrite`` refuses to delete them. Claiming a folder this
     process already holds only counts the claim. Every process calls it; the main process does the work and holds

@@ -100,6 +100,47 @@ def save_model(accelerator: Any, model: nn.Module, path: Path, processor: Any = 
     return exported
 
 
+def finish_training(
+    accelerator: Any,
+    model: nn.Module,
+    evaluator: Any,
+    eval_dataloaders: dict[str, Any],
+    state: Any,
+    results: dict[str, Any],
+    args: Any,
+    processor: Any = None,
+) -> dict[str, Any]:
+    """After the last step: the final metrics (the last epoch's when they are of the final weights), the model in
+    OUTPUT_DIR/model (and its stock-ReLU export) unless a weight is non-finite, results.json complete."""
+    from recipe_support.evaluation import final_metrics
+    from recipe_support.training import check_finite_weights
+
+    output_dir = Path(args.output_dir)
+    step = state.completed_steps
+    metrics, dead = final_metrics(evaluator, model, eval_dataloaders, state.history, step, args.save_predictions)
+    check_finite_weights(accelerator, model, step)
+    model_dir = output_dir / MODEL_DIR
+    save_model(accelerator, model, model_dir, processor)
+    exported = relu_export_dir(model_dir) if has_helu(accelerator.unwrap_model(model)) else None
+    wall_time = state.elapsed()
+    results.update(
+        status="complete",
+        final=metrics,
+        dead_units=dead,
+        completed_steps=step,
+        train_samples=state.train_samples,
+        wall_time_s=wall_time,
+        train_samples_per_s=state.train_samples / wall_time if wall_time > 0 else None,
+        model_dir=str(model_dir),
+        relu_export_dir=str(exported) if exported is not None else None,
+    )
+    write_results(accelerator, output_dir, results)
+    if args.save_predictions:  # the outputs of the evaluation the final metrics come from
+        write_predictions(accelerator, output_dir, evaluator.last_outputs, eval_only=False)
+    log_metrics(accelerator, "final", metrics)
+    return results
+
+
 def _save(path: Path, model: nn.Module, processor: Any, state_dict: dict | None = None) -> Path:
     with atomic_directory(path, overwrite=True) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
@@ -114,6 +155,7 @@ __all__ = [
     "MODEL_DIR",
     "PREDICTIONS_FILE",
     "RESULTS_FILE",
+    "finish_training",
     "has_helu",
     "log_metrics",
     "new_results",

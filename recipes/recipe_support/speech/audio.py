@@ -44,6 +44,13 @@ def read_audio(clip: Clip | str | os.PathLike) -> tuple[np.ndarray, int]:
         raise UsageError(f"cannot decode audio {clip.source!r}: {error}") from error
     if waveform.shape[0] == 0:
         raise UsageError(f"audio {clip.source!r} has no samples")
+    finite = np.isfinite(waveform).all(axis=1)
+    if not finite.all():  # float WAVs can hold NaN/inf: they would train to a NaN loss
+        first = int(np.argmin(finite))
+        raise UsageError(
+            f"audio {clip.source!r} has {int((~finite).sum())} non-finite sample(s) (NaN or inf), the first at "
+            f"sample {first}"
+        )
     return waveform.mean(axis=1, dtype=np.float32), int(rate)
 
 
