@@ -23,7 +23,7 @@ from hf_helu.patching import (
     unpatch_model,
 )
 from hf_helu.registry import register
-from hf_helu.sparse_inference import SparseInference, dense_inference, sparse_inference
+from hf_helu.sparse import SparseInference, dense_inference, sparse_inference
 
 register()
 

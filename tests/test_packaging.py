@@ -66,10 +66,11 @@ def test_wheel_and_sdist_ship_license_and_py_typed(distributions):
     assert sdist.name == f"hf_helu-{version}.tar.gz" and wheel.name.startswith(f"hf_helu-{version}-")
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    assert {"LICENSE", "hf_helu/py.typed", "hf_helu/ops/helu_cpu.c", "pyproject.toml", "README.md"} <= names
+    c_sources = {"hf_helu/ops/helu_cpu.c", "hf_helu/sparse/sparse_ffn.c"}
+    assert {"LICENSE", "hf_helu/py.typed", "pyproject.toml", "README.md", *c_sources} <= names
     assert not [name for name in names if name.startswith("tests/")]  # left out on purpose (README, Tests)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata = archive.read(f"hf_helu-{version}.dist-info/METADATA").decode()
-    assert {f"hf_helu-{version}.dist-info/licenses/LICENSE", "hf_helu/py.typed", "hf_helu/ops/helu_cpu.c"} <= names
+    assert {f"hf_helu-{version}.dist-info/licenses/LICENSE", "hf_helu/py.typed", *c_sources} <= names
     assert f"Version: {version}\n" in metadata and "License-Expression: Apache-2.0" in metadata

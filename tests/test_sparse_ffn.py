@@ -18,74 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from sparse_helpers import PROMPTS, bert, build, gpt2, greedy, llama, whisper
 from torch import nn
 
 import hf_helu
 from hf_helu.errors import UsageError
-from hf_helu.ops import c_library, sparse_ffn_cpu
-from hf_helu.sparse_ffn import PROBE_EVERY, GatedSparseFFN, PlainSparseFFN, torch_sparse_ffn
+from hf_helu.ops import c_library
+from hf_helu.sparse import kernel as sparse_kernel
+from hf_helu.sparse.modules import PROBE_EVERY, GatedSparseFFN, PlainSparseFFN, torch_sparse_ffn
 
-kernel = pytest.mark.skipif(not sparse_ffn_cpu.available(), reason="no C compiler for the sparse FFN kernel")
+kernel = pytest.mark.skipif(not sparse_kernel.available(), reason="no C compiler for the sparse FFN kernel")
 EPS32 = torch.finfo(torch.float32).eps
-
-TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=101)
-
-
-def llama(act: str = "relu"):
-    config = transformers.LlamaConfig(**TEXT, intermediate_size=176, num_key_value_heads=2, hidden_act=act)
-    return transformers.LlamaForCausalLM(config)
-
-
-def gpt2(act: str = "relu"):
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, activation_function=act)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def bert(act: str = "helu"):
-    return transformers.BertModel(transformers.BertConfig(**TEXT, intermediate_size=150, hidden_act=act))
-
-
-def whisper(act: str = "helu"):
-    config = transformers.WhisperConfig(
-        vocab_size=101,
-        num_mel_bins=16,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=144,
-        decoder_ffn_dim=144,
-        max_source_positions=20,
-        max_target_positions=40,
-        activation_function=act,
-        decoder_start_token_id=1,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=1,
-        begin_suppress_tokens=None,
-        suppress_tokens=None,
-    )
-    return transformers.WhisperForConditionalGeneration(config)
-
-
-def build(factory, seed: int = 0):
-    torch.manual_seed(seed)
-    model = factory().eval()
-    for name, p in model.named_parameters():  # stock init zeroes the biases: make them count
-        if name.endswith("bias"):
-            p.data.normal_(0.0, 0.1)
-    return model
-
-
-PROMPTS = [torch.tensor([[5, 17, 42, 8, 99, 3]]), torch.tensor([[60, 7, 7, 31]]), torch.tensor([[11]])]
-
-
-def greedy(model, ids, n=12, **extra):
-    options = {"do_sample": False, "pad_token_id": 0, **extra}
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **options)
 
 
 @kernel
@@ -154,10 +97,10 @@ HIDDEN_CASES = {
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
 @pytest.mark.parametrize("case", list(HIDDEN_CASES))
 def test_hidden_states_within_rounding(case, backend, monkeypatch):
-    if backend == "kernel" and not sparse_ffn_cpu.available():
+    if backend == "kernel" and not sparse_kernel.available():
         pytest.skip("no C compiler")
     if backend == "torch":
-        monkeypatch.setattr(sparse_ffn_cpu, "available", lambda: False)
+        monkeypatch.setattr(sparse_kernel, "available", lambda: False)
     factory, make_inputs = HIDDEN_CASES[case]
     model = build(factory)
     torch.manual_seed(2)
@@ -189,11 +132,16 @@ def _first_projection(module):
     return module.gate_proj if isinstance(module, GatedSparseFFN) else module.original[0]
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal within fp32 rounding of the values (the swapped weights are read in another memory layout)."""
+    return bool(((a - b).abs() <= 2e-4 * b.abs().max() + 1e-8).all())  # + 1e-8: grads that are 0 up to rounding
+
+
 @pytest.mark.parametrize("case", list(HIDDEN_CASES))
 def test_auto_dense_path_is_the_original_computation(case):
-    """Calls of several rows run dense in "auto" mode: as bare ops without autograd (bit-identical, no Linear
-    module called) and through the original modules under autograd (bert and whisper use HeLU, whose backward differs
-    from torch.relu's: the gradients would differ if the bare ops ran there)."""
+    """Calls of several rows run dense in "auto" mode: the original computation without autograd and, under
+    autograd, the original modules' (bert and whisper use HeLU, whose backward differs from torch.relu's: the
+    gradients would differ far beyond rounding if the bare ops ran there)."""
     factory, make_inputs = HIDDEN_CASES[case]
     model = build(factory)
     torch.manual_seed(2)
@@ -201,24 +149,18 @@ def test_auto_dense_path_is_the_original_computation(case):
     dense = _hidden(model, inputs)
     dense_grads = _outputs_and_grads(model, inputs)
     handle = hf_helu.sparse_inference(model)
-    calls = []  # GPT-2's Conv1D projections are still called as modules: watch the Linear ones
-    firsts = [p for p in map(_first_projection, handle.modules) if isinstance(p, nn.Linear)]
-    hooks = [p.register_forward_hook(lambda *_: calls.append(1)) for p in firsts]
     swapped = _hidden(model, inputs)
-    assert not calls and handle.sparse_calls == 0 and handle.dense_calls == len(handle.blocks)
+    assert handle.sparse_calls == 0 and handle.dense_calls == len(handle.blocks)
     swapped_grads = _outputs_and_grads(model, inputs)
-    assert len(calls) == len(firsts)
-    for hook in hooks:
-        hook.remove()
     handle.remove()
-    assert len(dense) == len(swapped) > 0 and all(torch.equal(a, b) for a, b in zip(dense, swapped, strict=True))
+    assert len(dense) == len(swapped) > 0 and all(_close(a, b) for a, b in zip(dense, swapped, strict=True))
     assert len(dense_grads) == len(swapped_grads) > len(dense)
-    assert all(torch.equal(a, b) for a, b in zip(dense_grads, swapped_grads, strict=True))
+    assert all(_close(a, b) for a, b in zip(dense_grads, swapped_grads, strict=True))
 
 
 @pytest.mark.parametrize("factory", [llama, bert])
 def test_auto_dense_calls_probe_sparsity(factory):
-    """A dense call of at most max_rows rows measures the zeros every PROBE_EVERY calls, on the bare-ops path."""
+    """Every PROBE_EVERY calls of at most max_rows rows, "auto" tries the dense ops, which measure the zeros."""
     model = build(factory)
     ids = torch.tensor([[5, 17, 42, 9, 77]])
     acts = []
@@ -230,8 +172,8 @@ def test_auto_dense_calls_probe_sparsity(factory):
     for hook in hooks:
         hook.remove()
     handle = hf_helu.sparse_inference(model, max_rows=8)
-    for module in handle.modules:  # measured below min_sparsity: dense, and the next call is a probe
-        module.dispatch.sparsity, module.dispatch.dense_calls = 0.0, PROBE_EVERY - 1
+    for module in handle.modules:  # the kernel is preferred, and the next call is a probe: dense, measuring zeros
+        module.dispatch.choices = PROBE_EVERY - 1
     with torch.no_grad():
         model(ids)
     assert handle.sparse_calls == 0
@@ -278,7 +220,7 @@ def test_kernel_matches_reference(dtype, gated, bias, rows, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out, active = sparse_ffn_cpu.sparse_ffn(x, *ops)
+        out, active = sparse_kernel.sparse_ffn(x, *ops)
     finally:
         torch.set_num_threads(previous)
     ref, terms, ref_active = _reference64(x, *ops)
@@ -302,7 +244,7 @@ def test_kernel_skips_inactive_rows():
     dead = (x @ first.T <= 0).squeeze(0)
     second[dead] = float("nan")
     down_t[dead] = float("nan")
-    out, active = sparse_ffn_cpu.sparse_ffn(x, first, None, second, None, down_t, None)
+    out, active = sparse_kernel.sparse_ffn(x, first, None, second, None, down_t, None)
     assert active == int((~dead).sum()) and torch.isfinite(out).all()
 
 
@@ -310,14 +252,14 @@ def test_kernel_skips_inactive_rows():
 
 _RUN_KERNEL = """
 import hashlib, torch
-from hf_helu.ops import sparse_ffn_cpu
-from hf_helu.sparse_ffn import torch_sparse_ffn
+from hf_helu.sparse import kernel as sparse_kernel
+from hf_helu.sparse.modules import torch_sparse_ffn
 g = torch.Generator().manual_seed(0)
 x, first, down_t = torch.randn(2, 48, generator=g), torch.randn(640, 48, generator=g), torch.randn(640, 24, generator=g)
-out, active = sparse_ffn_cpu.sparse_ffn(x, first, None, None, None, down_t, None)
+out, active = sparse_kernel.sparse_ffn(x, first, None, None, None, down_t, None)
 ref, ref_active = torch_sparse_ffn(x, first, None, None, None, down_t, None)
 assert active == ref_active and torch.allclose(out, ref, rtol=1e-4, atol=1e-3)
-print("TEAM", sparse_ffn_cpu.team_size(640, 4), "OUT", hashlib.sha256(out.numpy().tobytes()).hexdigest())
+print("CHUNKS", sparse_kernel.chunks(640), "OUT", hashlib.sha256(out.numpy().tobytes()).hexdigest())
 """
 
 
@@ -378,7 +320,6 @@ def test_reversible_and_state_dict_unchanged(factory):
     assert all(swapped[k] is state[k] or torch.equal(swapped[k], state[k]) for k in state)
     kinds = (GatedSparseFFN, PlainSparseFFN)
     assert sum(isinstance(m, kinds) for m in model.modules()) == len(handle.blocks) > 0
-    assert handle.added_bytes > 0
     assert hf_helu.dense_inference(model) is True
     assert hf_helu.dense_inference(model) is False
     after = dict(model.named_modules())

@@ -1,8 +1,9 @@
 """Build, cache, verify and load a C kernel library shipped as package data: one loader for every C source.
 
-hf_helu ships C sources (the HeLU kernels, the sparse FFN kernel) rather than binaries, so each is compiled on
-the user's machine with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) the first time it is
-needed, and loaded with ctypes. Every library gets the same treatment, so a fix here reaches all of them:
+hf_helu ships C sources (the HeLU kernels here, the sparse FFN kernel in ``hf_helu/sparse``) rather than binaries,
+so each is compiled on the user's machine with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) the
+first time it is needed, and loaded with ctypes. Every library gets the same treatment, so a fix here reaches all
+of them:
 
 - Cache. The library lives in ``$HF_HELU_CACHE_DIR`` (default ``~/.cache/hf_helu``) under a name that hashes
   the C text, the flags, the compiler and the platform, so an edit or another compiler builds a new file.
@@ -83,9 +84,9 @@ def verify(path: Path) -> str | None:
 
 
 @functools.cache
-def package_source(file_name: str) -> str:
-    """The text of a C source shipped as package data in ``hf_helu/ops``."""
-    return importlib.resources.files(__package__).joinpath(file_name).read_text(encoding="utf-8")
+def package_source(file_name: str, package: str = __package__) -> str:
+    """The text of a C source shipped as package data in ``package`` (default ``hf_helu.ops``)."""
+    return importlib.resources.files(package).joinpath(file_name).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class CLibrary:
     """One C source and how to build and bind it.
 
     ``title`` names the kernels in messages ("HeLU CPU kernels"), ``kind`` what a library of them is ("HeLU
-    kernel library"); ``signatures`` maps each exported function to its ctypes ``(argtypes, restype)``.
+    kernel library"); ``signatures`` maps each exported function to its ctypes ``(argtypes, restype)``;
+    ``package`` is where the C file is package data.
     """
 
     source_file: str
@@ -102,10 +104,11 @@ class CLibrary:
     kind: str
     signatures: Mapping[str, Signature]
     cflags: tuple[str, ...] = BASE_CFLAGS
+    package: str = __package__
 
     def source(self) -> str:
         """The C text (package data)."""
-        return package_source(self.source_file)
+        return package_source(self.source_file, self.package)
 
     def library_path(self, compiler: str, extra_flags: tuple[str, ...], source: str | None = None) -> Path:
         """Where the library built from ``source`` (default: the packaged text) by ``compiler`` is cached."""

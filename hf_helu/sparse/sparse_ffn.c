@@ -1,23 +1,24 @@
 /* A ReLU FFN over its active units only: the fused CPU kernel of hf_helu.sparse_inference.
 
-   Built on first use by hf_helu/ops/sparse_ffn_cpu.py (same compiler, flags and checksum-verified cache as
-   helu_cpu.c) and loaded with ctypes; the exported functions and their signatures are listed there.
+   Built on first use by hf_helu/sparse/kernel.py (same compiler, flags and checksum-verified cache as the HeLU
+   kernels) and loaded with ctypes; the exported functions and their signatures are listed there.
 
    For rows r < R, units j < m:
        a[r,j] = relu(A[j] . x[r] + bA[j])                         A: [m, d], one contiguous row per unit
        h[r,j] = a[r,j] * (B ? B[j] . x[r] + bB[j] : 1)            B: [m, d] (the up projection of a gated FFN)
        out[r] = bD + sum over j with a[r,j] != 0 of h[r,j] * D[j] D: [m, dout], the down projection transposed
    Phase 1 reads all of A (the dense gate); phase 2 reads row j of B and of D only for units active in some
-   row; the return value counts those units (the rows of B and D read). Units are split in contiguous chunks
-   over the OpenMP team (PyTorch's, at most `threads`); each thread sums its units into its own accumulator, and the accumulators are added in thread order, so a result
-   depends only on the inputs and the team size. Accumulation is in float32 for both dtypes. */
+   row; the return value counts those units (the rows of B and D read).
+
+   Work split: the units are cut into sparse_ffn_chunks(m) contiguous chunks, a count fixed by m alone. The
+   threads that actually run (however many the OpenMP runtime grants: OMP_DYNAMIC, OMP_THREAD_LIMIT, nested
+   regions) take chunks one at a time, so a thread descheduled by another process holds up one chunk, not half
+   of the work; each chunk sums into its own accumulator, and the accumulators are added in chunk order. A result
+   therefore depends only on the inputs, never on the thread count. Accumulation is in float32 for both dtypes. */
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define SF_X86 1
@@ -26,7 +27,8 @@
 #endif
 
 #define SF_MAX_ROWS 64
-#define SF_UNITS_PER_THREAD 64 /* fewest units worth a thread of their own */
+#define SF_UNITS_PER_CHUNK 64 /* fewest units worth a chunk (and a thread) of their own */
+#define SF_MAX_CHUNKS 16
 
 typedef uint16_t bf16;
 
@@ -151,7 +153,7 @@ static void prefetch_row(const void *row, int64_t bytes) {
     for (int64_t k = 0; k < bytes; k += 64) PREFETCH(p + k);
 }
 
-/* One thread's share: units [j0, j1) for all rows, into acc [rows, dout]; `a` holds [rows, j1 - j0] gate
+/* One chunk: units [j0, j1) for all rows, into acc [rows, dout]; `a` holds [rows, j1 - j0] gate
    values (scratch); weights are T (float or bf16), x is float [rows, d]. Returns the number of units active in at least one row. */
 #define SF_CHUNK(NAME, T, DOT, AXPY)                                                                      \
 static int64_t NAME(const float *x, int64_t rows, int64_t d, int64_t dout, const T *A, const T *bA,        \
@@ -193,45 +195,43 @@ SF_CHUNK(chunk_f32, float, dot_f32, axpy_f32)
 SF_CHUNK(chunk_bf16, bf16, dot_bf16, axpy_bf16)
 #undef ELEM
 
-/* How many threads the kernel uses for m units when allowed `threads`. */
-int sparse_ffn_team_size(int64_t m, int threads) {
-    int64_t most = m / SF_UNITS_PER_THREAD;
-    int team = threads < most ? threads : (int)most;
-    return team < 1 ? 1 : team;
+/* How many chunks the m units are cut into (each gets its own accumulator): at most SF_MAX_CHUNKS, at least
+   SF_UNITS_PER_CHUNK units each. */
+int64_t sparse_ffn_chunks(int64_t m) {
+    int64_t chunks = (m + SF_UNITS_PER_CHUNK - 1) / SF_UNITS_PER_CHUNK;
+    return chunks > SF_MAX_CHUNKS ? SF_MAX_CHUNKS : (chunks < 1 ? 1 : chunks);
 }
 
-/* Common driver: split units over the team, sum the per-thread accumulators in thread order, add bD.
-   `scratch` holds team * rows * (dout + ceil(m / team)) floats. */
+/* Common driver: chunks to whichever threads run, then the chunk accumulators summed in chunk order, plus bD.
+   `scratch` holds sparse_ffn_chunks(m) * rows * (dout + ceil(m / chunks)) floats; at most `threads` threads. */
 #define SF_DRIVER(NAME, T, CHUNK, BIAS, STORE)                                                            \
 int64_t NAME(const void *xv, int64_t rows, int64_t d, int64_t m, int64_t dout, const T *A, const T *bA,   \
              const T *B, const T *bB, const T *D, const T *bD, void *outv, float *scratch, int threads) { \
-    if (rows < 1 || rows > SF_MAX_ROWS) return -1;                                                        \
+    if (rows < 1 || rows > SF_MAX_ROWS || m < 1 || threads < 1) return -1;                                \
     const float *x = (const float *)xv;                                                                   \
-    int team = sparse_ffn_team_size(m, threads);                                                          \
-    int64_t per = (m + team - 1) / team, stride = rows * (dout + per);                                    \
-    int64_t active = 0;                                                                                   \
+    int64_t chunks = sparse_ffn_chunks(m), per = (m + chunks - 1) / chunks;                               \
+    int64_t total = rows * dout, stride = rows * (dout + per), active = 0;                                \
+    int team = threads < chunks ? threads : (int)chunks;                                                  \
+    (void)team;                                                                                           \
     _Pragma("omp parallel num_threads(team) reduction(+ : active) if (team > 1)")                         \
     {                                                                                                     \
-        int t = 0;                                                                                        \
-        SF_THREAD_NUM(t);                                                                                 \
-        int64_t j0 = t * per, j1 = j0 + per < m ? j0 + per : m;                                           \
-        float *acc = scratch + t * stride, *a = acc + rows * dout;                                        \
-        memset(acc, 0, rows * dout * sizeof(float));                                                      \
-        if (j0 < j1) active += CHUNK(x, rows, d, dout, A, bA, B, bB, D, j0, j1, a, acc);                  \
-    }                                                                                                     \
-    for (int64_t i = 0; i < rows * dout; i++) {                                                           \
-        float s = scratch[i];                                                                             \
-        for (int t = 1; t < team; t++) s += scratch[t * stride + i];                                      \
-        if (bD) s += BIAS(bD[i % dout]);                                                                  \
-        STORE(outv, i, s);                                                                                \
+        _Pragma("omp for schedule(dynamic, 1)")                                                           \
+        for (int64_t c = 0; c < chunks; c++) {                                                            \
+            int64_t j0 = c * per, j1 = j0 + per < m ? j0 + per : m;                                       \
+            float *acc = scratch + c * stride, *a = acc + total;                                          \
+            memset(acc, 0, total * sizeof(float));                                                        \
+            if (j0 < j1) active += CHUNK(x, rows, d, dout, A, bA, B, bB, D, j0, j1, a, acc);              \
+        }                                                                                                 \
+        _Pragma("omp for schedule(static)")                                                               \
+        for (int64_t i = 0; i < total; i++) {                                                             \
+            float s = scratch[i];                                                                         \
+            for (int64_t c = 1; c < chunks; c++) s += scratch[c * stride + i];                            \
+            if (bD) s += BIAS(bD[i % dout]);                                                              \
+            STORE(outv, i, s);                                                                            \
+        }                                                                                                 \
     }                                                                                                     \
     return active;                                                                                        \
 }
-#ifdef _OPENMP
-#define SF_THREAD_NUM(t) (t) = omp_get_thread_num()
-#else
-#define SF_THREAD_NUM(t) (void)(t)
-#endif
 #define F32_BIAS(v) (v)
 #define F32_STORE(o, i, s) (((float *)(o))[i] = (s))
 #define BF16_BIAS(v) bf16_to_f32(v)

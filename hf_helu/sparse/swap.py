@@ -1,18 +1,19 @@
 """Turn a ReLU/HeLU model's FFN zeros into speed: swap its FFN blocks for sparse ones at run time, and back.
 
 ``handle = hf_helu.sparse_inference(model)`` replaces, in place, every FFN of a ReLU or HeLU model (patched
-by :func:`hf_helu.patch_model` or exported to plain ReLU) with the modules of :mod:`hf_helu.sparse_ffn`:
+by :func:`hf_helu.patch_model` or exported to plain ReLU) with the modules of :mod:`hf_helu.sparse.modules`:
 
 * gated (LLaMA, Qwen2, Mistral: ``down(act(gate) * up)``): the whole MLP block becomes a
-  :class:`~hf_helu.sparse_ffn.GatedSparseFFN` (dense gate, then the up and down rows of the active units);
+  :class:`~hf_helu.sparse.modules.GatedSparseFFN` (dense gate, then the up and down rows of the active units);
 * plain (BERT/RoBERTa, GPT-2, Whisper: ``down(act(up))``): the down projection's slot computes the whole FFN
-  (:class:`~hf_helu.sparse_ffn.PlainSparseFFN`), the up projection's slot passes its input on, the
+  (:class:`~hf_helu.sparse.modules.PlainSparseFFN`), the up projection's slot passes its input on, the
   activation's becomes ``nn.Identity``.
 
-Nothing saved changes: the parameters keep their names (``state_dict`` and ``save_pretrained`` write the
-stock model), and the transposed weight copies the kernel reads are non-persistent (``handle.added_bytes``).
-``handle.remove()`` or :func:`dense_inference` puts the original modules back. Like Liger-Kernel's
-``apply_liger_kernel_to_*``, this is a runtime swap: call it again after loading.
+Nothing saved changes and no memory is added: the parameters keep their names and values (``state_dict`` and
+``save_pretrained`` write the stock model); the FFN weights the kernel reads by unit are stored in that layout
+while swapped (a Linear down projection column-major), so the kernel reads the parameters themselves and can
+never see stale weights. ``handle.remove()`` or :func:`dense_inference` puts the original modules and layouts
+back. Like Liger-Kernel's ``apply_liger_kernel_to_*``, this is a runtime swap: call it again after loading.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from transformers.pytorch_utils import Conv1D
 from hf_helu.activation import HeLU
 from hf_helu.errors import UsageError
 from hf_helu.families import ActivationSite, find_activation_sites, unwrap_model
-from hf_helu.ops import sparse_ffn_cpu
-from hf_helu.sparse_ffn import (
+from hf_helu.sparse import kernel as sparse_kernel
+from hf_helu.sparse.modules import (
     DEFAULT_MAX_ROWS,
     DEFAULT_MIN_SPARSITY,
     MODES,
@@ -52,11 +53,6 @@ class SparseInference:
     _undo: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list, repr=False)
 
     @property
-    def added_bytes(self) -> int:
-        """Memory the swap adds: the transposed weight copies the kernel reads."""
-        return sum(m.added_bytes for m in self.modules)
-
-    @property
     def sparsity(self) -> list[float | None]:
         """Per block, the share of FFN activations measured at zero (decode rows; None before any)."""
         return [m.dispatch.mean_sparsity for m in self.modules]
@@ -77,6 +73,8 @@ class SparseInference:
         """Put the original modules back (the model is then exactly what it was before the swap)."""
         if not self.active:
             return
+        for module in self.modules:
+            module.release()
         for parent, name, original in reversed(self._undo):
             setattr(parent, name, original)
         self._undo.clear()
@@ -85,8 +83,7 @@ class SparseInference:
     def __str__(self) -> str:
         kernel = "C kernel" if self.kernel is None else f"dense modules ({self.kernel})"
         return (
-            f"{type(self.model).__name__}: {len(self.blocks)} FFN block(s) sparse ({kernel}), "
-            f"{self.added_bytes / 2**20:.1f} MiB of transposed weights added; "
+            f"{type(self.model).__name__}: {len(self.blocks)} FFN block(s) sparse ({kernel}); "
             f"calls sparse {self.sparse_calls}, dense {self.dense_calls}"
         )
 
@@ -171,10 +168,11 @@ def _plan_plain(model: nn.Module, site: ActivationSite, dispatch: Dispatch) -> l
         )
     up_name, up = ups[0]
     down_parent, down_child = _parent(model, site.output_projection)
+    deferred = DeferredProjection(up)
     return [
-        (act_parent, up_name, DeferredProjection(up)),
+        (act_parent, up_name, deferred),
         (act_parent, act_child, nn.Identity()),
-        (down_parent, down_child, PlainSparseFFN(up, site.module, down, dispatch)),
+        (down_parent, down_child, PlainSparseFFN(deferred, site.module, down, dispatch)),
     ]
 
 
@@ -187,8 +185,9 @@ def sparse_inference(
     """Swap the FFN blocks of a ReLU/HeLU ``model`` (in eval mode) for sparse ones, in place; returns the handle.
 
     ``mode="auto"`` runs the fused CPU kernel for calls of at most ``max_rows`` rows (batch x new tokens: decode
-    steps) while the measured share of inactive units is at least ``min_sparsity``, and the dense
-    modules otherwise, so turning it on does not cost speed; ``"sparse"`` always takes the sparse path (the
+    steps) while the measured share of inactive units is at least ``min_sparsity`` and its measured call time is
+    below the dense ops' (both re-measured as the run goes), and the dense ops otherwise, so turning it on does not
+    cost speed; ``"sparse"`` always takes the sparse path (the
     kernel, or torch ops where it cannot run), ``"dense"`` never. The sparse path runs without autograd only
     (``torch.no_grad``/``inference_mode``, as ``generate`` does); under autograd the dense modules run.
     Raises :class:`UsageError` before changing anything for a model in training mode, a model whose FFN
@@ -203,12 +202,19 @@ def sparse_inference(
         steps = (_plan_gated if site.gated else _plan_plain)(inner, site, dispatch)
         plan.extend(steps)
         modules.append(steps[-1][2])
+    try:  # the weights in the kernel's layout (values unchanged), before any module is swapped
+        for module in modules:
+            module.kernel_operands()
+    except BaseException:
+        for module in modules:
+            module.release()
+        raise
     undo = []
     for parent, name, new in plan:
         undo.append((parent, name, getattr(parent, name)))
         new.train(False)
         setattr(parent, name, new)
-    why = None if sparse_ffn_cpu.available() else "the sparse FFN CPU kernel cannot be built here"
+    why = None if sparse_kernel.available() else "the sparse FFN CPU kernel cannot be built here"
     handle = SparseInference(inner, tuple(s.name.rpartition(".")[0] for s in sites), tuple(modules), why, undo)
     setattr(inner, HANDLE_ATTR, handle)
     return handle
