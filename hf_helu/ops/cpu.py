@@ -12,8 +12,9 @@ AVX2 is used when the CPU has it (chosen at run time, so the cached library is p
 plain loops. float16/bfloat16 work on the raw bits; an input holding a NaN takes its ``y`` from
 ``torch.relu`` instead, whose NaN payloads differ between its own vector and scalar code.
 
-Tensors of at least 2 x ``GRAIN`` elements are split over ``torch.get_num_threads()`` threads with
-OpenMP. Built with ``-fopenmp``, the library links ``libgomp.so.1``, which resolves to the copy
+Tensors of at least 2 x ``GRAIN`` elements are cut into pieces of ``GRAIN`` elements that up to
+``torch.get_num_threads()`` OpenMP threads take one at a time (so a thread another process has descheduled holds up
+one piece, not half the tensor). Built with ``-fopenmp``, the library links ``libgomp.so.1``, which resolves to the copy
 PyTorch has already loaded, so the kernels run on PyTorch's own warm thread team: waking Python threads
 instead costs as much as a medium-sized relu (figures in BENCHMARKS.md).
 

@@ -171,21 +171,21 @@ AVX2 static int64_t bwd_u64_avx2(const uint64_t *g, const uint8_t *bits, uint64_
 #define FAST(call) 0
 #endif
 
-/* Run BODY over [0, n) split in chunks [lo, lo + len) that start at multiples of 8, so each chunk
-   owns whole mask bytes. With OpenMP the chunks run on the team of the process's OpenMP runtime
-   (PyTorch's own, when it is loaded), at most `threads` of them and at least HELU_GRAIN elements each. */
+/* Run BODY over [0, n) in pieces [lo, lo + len) of HELU_GRAIN elements (a multiple of 8, so each piece owns
+   whole mask bytes). With OpenMP the pieces go, one at a time, to whichever threads of the process's OpenMP team
+   (PyTorch's own, when it is loaded) actually run, at most `threads` of them and at least HELU_GRAIN elements each:
+   a thread descheduled by another process holds up one piece, not a fixed share of the tensor. */
+#define HELU_TEAM(n, threads) ((threads) < (n) / HELU_GRAIN ? (threads) : (int)((n) / HELU_GRAIN))
 #ifdef _OPENMP
 #define FOR_CHUNKS(n, threads, ...) do {                                                         \
-    int64_t most_ = (n) / HELU_GRAIN;                                                            \
-    int team_ = (threads) < most_ ? (threads) : (int)most_;                                      \
+    int team_ = HELU_TEAM(n, threads);                                                           \
     if (team_ <= 1) { int64_t lo = 0, len = (n); __VA_ARGS__; break; }                           \
-    _Pragma("omp parallel num_threads(team_)")                                                   \
-    {                                                                                            \
-        int64_t parts_ = omp_get_num_threads();                                                  \
-        int64_t step_ = (((n) + parts_ - 1) / parts_ + 7) & ~(int64_t)7;                         \
-        int64_t lo = omp_get_thread_num() * step_;                                               \
-        int64_t len = lo < (n) ? ((n) - lo < step_ ? (n) - lo : step_) : 0;                      \
-        if (len > 0) { __VA_ARGS__; }                                                            \
+    int64_t pieces_ = ((n) + HELU_GRAIN - 1) / HELU_GRAIN;                                       \
+    _Pragma("omp parallel for num_threads(team_) schedule(dynamic, 1)")                          \
+    for (int64_t p_ = 0; p_ < pieces_; p_++) {                                                   \
+        int64_t lo = p_ * (int64_t)HELU_GRAIN;                                                   \
+        int64_t len = (n) - lo < HELU_GRAIN ? (n) - lo : HELU_GRAIN;                             \
+        __VA_ARGS__;                                                                             \
     }                                                                                            \
 } while (0)
 #else
@@ -236,9 +236,14 @@ void helu_backward_u64(const uint64_t *g, const uint8_t *bits, uint64_t *out, in
     FOR_CHUNKS(n, threads, bwd_u64(g + lo, bits + lo / 8, out + lo, len));
 }
 
-/* How many threads FOR_CHUNKS runs for n elements (tests check the split with this). */
+/* At most how many threads FOR_CHUNKS runs for n elements (tests check the split with this). */
 int helu_team_size(int64_t n, int threads) {
-    int team = 1;
-    FOR_CHUNKS(n, threads, if (lo == 0) team = (int)((n + len - 1) / len));
-    return team;
+#ifdef _OPENMP
+    int team = HELU_TEAM(n, threads);
+    return team < 1 ? 1 : team;
+#else
+    (void)n;
+    (void)threads;
+    return 1;
+#endif
 }
