@@ -2,6 +2,7 @@
 
     python benchmarks/act_micro.py                      # CPU, and CUDA when present
     python benchmarks/act_micro.py --sizes 2048x512 --dtype bfloat16 --reps 200
+    python benchmarks/act_micro.py --device cpu --threads 2 --loads idle torch2   # also beside a torch job
 
 Repetitions are interleaved (each rep runs every activation once, in rotating order) so load
 changes on a shared machine hit all of them alike; the ratio to relu is the median of the per-rep
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from neighbour import LOADS, load
 
 from hf_helu import helu, ops
 
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=100, help="timed repetitions (default 100)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--loads", nargs="+", choices=list(LOADS), default=["idle"], help="CPU: idle, torch2")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -146,10 +149,13 @@ def main(argv: list[str] | None = None) -> None:
         devices.append(torch.device("cuda"))
     dtype = getattr(torch, args.dtype)
     for device in devices:
-        for shape in args.sizes:
-            where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-            print(f"\n### {'x'.join(map(str, shape))} {args.dtype} on {where}, {args.reps} interleaved reps\n")
-            print(format_table(bench(shape, device, dtype, args.reps, args.warmup)))
+        for kind in args.loads if device.type == "cpu" else ["idle"]:
+            for shape in args.sizes:
+                threads = f"cpu, {torch.get_num_threads()} threads"
+                where = torch.cuda.get_device_name() if device.type == "cuda" else threads
+                print(f"\n### {'x'.join(map(str, shape))} {args.dtype} on {where}, {LOADS[kind]}, {args.reps} reps\n")
+                with load(kind):
+                    print(format_table(bench(shape, device, dtype, args.reps, args.warmup)), flush=True)
 
 
 if __name__ == "__main__":

