@@ -98,6 +98,7 @@ class Dispatch:
     measured_rows: int = 0  # rows seen by the measurements below (decode: one per token)
     inactive_sum: float = 0.0  # sum over measured rows of the share of units at zero
     choices: int = 0  # calls that could take either path ("auto" mode)
+    kernel_slower: bool = False  # dense_faster as of the latest probe
     times: dict[bool, list[int]] = field(default_factory=lambda: {True: [], False: []})  # ns per call, by sparse?
 
     def choose(self, kernel_ok: bool) -> tuple[bool, bool]:
@@ -105,7 +106,9 @@ class Dispatch:
         if self.mode != "auto":
             return self.mode == "sparse", False
         self.choices += 1
-        preferred = kernel_ok and self.sparsity >= self.min_sparsity and not self.dense_faster
+        if self.choices % PROBE_EVERY == 1:  # once per window, after the probe: which path is faster now
+            self.kernel_slower = self.dense_faster
+        preferred = kernel_ok and self.sparsity >= self.min_sparsity and not self.kernel_slower
         if kernel_ok and self.choices % PROBE_EVERY == 0:
             return not preferred, True
         return preferred, False
