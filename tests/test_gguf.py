@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_helu
 from hf_helu import conversion, export_for_inference, patch_model
 from hf_helu.cli import main
-from hf_helu.conversion.gguf import drop_gguf_quantization, is_gguf_model
+from hf_helu.sources import drop_gguf_quantization, is_gguf_model
 
 pytest.importorskip("gguf")
 
