@@ -36,7 +36,6 @@ from transformers import activations
 
 from hf_helu.activation import DEFAULT_ALPHA, HeLU, activation_name, parse_activation_name, validate_alpha
 from hf_helu.errors import UsageError
-from hf_helu.rollback import restore_on_error
 from hf_helu.families import (
     FAMILIES,
     ActivationSite,
@@ -47,6 +46,7 @@ from hf_helu.families import (
     set_config_activation,
     unwrap_model,
 )
+from hf_helu.rollback import restore_on_error
 
 OVERRIDES_ATTR = "hf_helu"
 

@@ -91,6 +91,22 @@ def check_gguf_architecture(path: str | os.PathLike) -> str:
     return architecture
 
 
+def check_has_ffn(cls: Any, config: Any, where: str | os.PathLike) -> None:
+    """Refuse, from the config alone (the model is built on the meta device: no weight is read or allocated), a
+    checkpoint whose model has no FFN activation hf_helu can patch (a state-space model such as Mamba)."""
+    from accelerate import init_empty_weights
+
+    from hf_helu.families import all_activation_sites, supported_families
+
+    with init_empty_weights():
+        skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    if not any(site.kind == "ffn" for site in all_activation_sites(skeleton)):
+        raise UsageError(
+            f"{os.fspath(where)} holds a {type(skeleton).__name__} (model_type {config.model_type!r}), "
+            f"which has no FFN activation hf_helu can patch; supported families: {', '.join(supported_families())}"
+        )
+
+
 def load_complete(cls: Any, where: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """``cls.from_pretrained(where, **kwargs)``, refused (UsageError naming them) when the checkpoint lacks weights
     the model has, or holds weights the model does not have: transformers would initialise the missing ones at
@@ -111,6 +127,7 @@ def load_complete(cls: Any, where: str | os.PathLike, **kwargs: Any) -> nn.Modul
 __all__ = [
     "PACKED_MODULES",
     "check_gguf_architecture",
+    "check_has_ffn",
     "drop_gguf_quantization",
     "gguf_architecture",
     "is_gguf_model",

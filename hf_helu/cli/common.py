@@ -22,7 +22,7 @@ from hf_helu.cli.extras import copy_extras, plan_extras
 from hf_helu.errors import UsageError
 from hf_helu.inputs import is_hub_id
 from hf_helu.patching import reapply_patch
-from hf_helu.sources import check_gguf_architecture, drop_gguf_quantization, load_complete
+from hf_helu.sources import check_gguf_architecture, check_has_ffn, drop_gguf_quantization, load_complete
 
 GGUF_SUFFIX = ".gguf"
 
@@ -211,7 +211,8 @@ def check_source_and_destination(src_arg: str, dst: str, overwrite: bool) -> Pat
     check_destination(dst, overwrite)
     src = resolve_source(src_arg)
     check_not_aliased(src, dst)
-    source_model_class(src, load_config(src))
+    config = load_config(src)
+    check_has_ffn(source_model_class(src, config), config, src)
     if not gguf_file(src):
         plan_extras(src)
     return src

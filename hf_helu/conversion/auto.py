@@ -23,8 +23,8 @@ from torch import nn
 
 from hf_helu.activation import HeLU
 from hf_helu.conversion.quality import is_causal_lm
-from hf_helu.errors import UsageError
 from hf_helu.conversion.sites import ffn_sites
+from hf_helu.errors import UsageError
 from hf_helu.families import unwrap_model
 
 CONVERSION_METHODS = ("none", "calibrate", "anneal", "calibrate+anneal")  # what a run can do
