@@ -212,3 +212,34 @@ def test_convert_plans_shows_progress_and_writes_its_own_model_card(tmp_path, ti
     assert "ffn_relative_error" in card and "kept: True" in card
     assert main(["patch", str(src), str(tmp_path / "patched")]) == 0
     assert "hf-helu patch" in (tmp_path / "patched" / "README.md").read_text()
+
+
+@pytest.fixture(params=["bind mount", "resolve blind to the alias"])
+def second_path_to_src(request, tmp_path, monkeypatch):
+    """(SRC, another path to the same folder that path resolution does not reveal): a bind mount where this process
+    may mount (root), else the same situation made with a link and a resolve() that does not follow it."""
+    src = save_bert_checkpoint(tmp_path / "src")
+    alias = tmp_path / "alias"
+    if request.param == "bind mount":
+        import subprocess
+
+        alias.mkdir()
+        if subprocess.run(["mount", "--bind", str(src), str(alias)], capture_output=True).returncode != 0:
+            pytest.skip("bind mounts need root")
+        try:
+            yield src, alias
+        finally:
+            subprocess.run(["umount", str(alias)], check=True)
+    else:
+        alias.symlink_to(src)
+        monkeypatch.setattr(Path, "resolve", lambda self, strict=False: self.absolute())
+        yield src, alias
+
+
+def test_dst_reaching_src_by_a_path_resolution_cannot_see_is_refused(second_path_to_src, capsys, no_load):
+    """The (device, inode) comparison: resolved paths differ, the folder is the same."""
+    src, alias = second_path_to_src
+    assert src.resolve() != alias.resolve()
+    assert main(["patch", str(src), str(alias), "--overwrite"]) == 2
+    assert "is SRC" in capsys.readouterr().err
+    assert (src / "model.safetensors").is_file()
