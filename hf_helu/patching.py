@@ -216,7 +216,8 @@ def _built(sites: list[ActivationSite]) -> dict[str, str]:
     return {s.name: s.config_attr for s in sites if s.config_attr is not None}
 
 
-def _unsupported(model: nn.Module) -> UsageError:
+def unsupported_model_error(model: nn.Module) -> UsageError:
+    """The error for a model with no FFN activation hf_helu can find (naming its class and the families)."""
     model_type = getattr(model.config, "model_type", None)
     return UsageError(
         f"{type(model).__name__} (model_type {model_type!r}) has no FFN activation module that hf_helu can find. "
@@ -248,7 +249,7 @@ def _patch(hf: nn.Module, alpha: float, scope: Scope) -> PatchReport:
     sites = all_activation_sites(hf)
     ffn = [s for s in sites if s.kind == "ffn"]
     if not ffn:
-        raise _unsupported(hf)
+        raise unsupported_model_error(hf)
     selected = select_sites(sites, scope)
     if not selected:
         names = ", ".join(s.name for s in sites) or "none"

@@ -96,15 +96,13 @@ def check_has_ffn(cls: Any, config: Any, where: str | os.PathLike) -> None:
     checkpoint whose model has no FFN activation hf_helu can patch (a state-space model such as Mamba)."""
     from accelerate import init_empty_weights
 
-    from hf_helu.families import all_activation_sites, supported_families
+    from hf_helu.families import all_activation_sites
+    from hf_helu.patching import unsupported_model_error
 
     with init_empty_weights():
         skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
     if not any(site.kind == "ffn" for site in all_activation_sites(skeleton)):
-        raise UsageError(
-            f"{os.fspath(where)} holds a {type(skeleton).__name__} (model_type {config.model_type!r}), "
-            f"which has no FFN activation hf_helu can patch; supported families: {', '.join(supported_families())}"
-        )
+        raise UsageError(f"{os.fspath(where)}: {unsupported_model_error(skeleton)}")
 
 
 def load_complete(cls: Any, where: str | os.PathLike, **kwargs: Any) -> nn.Module:

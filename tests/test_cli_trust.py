@@ -145,7 +145,7 @@ def test_a_gguf_model_without_ffn_is_refused_from_its_header_before_the_weights_
     monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", spy)
     assert main(["patch", str(tmp_path / "mamba.gguf"), str(tmp_path / "dst")]) == 2
     err = capsys.readouterr().err
-    assert "MambaForCausalLM" in err and "'mamba'" in err and "no FFN activation" in err
+    assert "MambaForCausalLM" in err and "'mamba'" in err and "no FFN activation module" in err
     assert True not in loaded  # the metadata only: no tensor was read
 
 
@@ -202,7 +202,7 @@ def test_convert_plans_shows_progress_and_writes_its_own_model_card(tmp_path, ti
     dst = tmp_path / "dst"
     assert main(["convert", str(src), str(dst), "--data", str(tmp_path / "fit.txt"), "--alpha", "0.1"]) == 0
     captured = capsys.readouterr()
-    assert "calibrating on" in captured.err and "CPU-minutes (estimate)" in captured.err
+    assert "calibrating on" in captured.err and "minutes (estimate)" in captured.err
     assert "tokens/s" in captured.err and "2/2" in captured.err  # the progress bar, one step per layer
     card = (dst / "README.md").read_text()
     assert "GLUE 99.9" not in card

@@ -158,7 +158,7 @@ def test_a_failure_at_any_stage_leaves_the_model_as_it_was(stage, dtype, monkeyp
         monkeypatch.setattr(convert_module, "measure_quality", explode)
     else:
         monkeypatch.setattr(convert_module, "ActivationAnnealer", explode)
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="broke|injected"):
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match=r"broke|injected"):
         warnings.simplefilter("ignore")
         conversion.convert_model(model, method, calibration_batches=batches, total_steps=10)
     assert_unchanged(model, before)

@@ -30,6 +30,7 @@ from hf_helu.errors import UsageError
 from hf_helu.inputs import alpha, positive_int
 from hf_helu.model_card import conversion_card
 
+DEFAULT_MAX_LENGTH = 128
 HELP = (
     "patch the FFN activations with HeLU and calibrate the FFN output projections on unlabeled text "
     "(calibration only: annealing needs training; for calibrate+anneal fine-tune the original checkpoint with the "
@@ -60,7 +61,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=positive_int, default=800, help="calibrate on the first N texts (800)")
     parser.add_argument("--ridge", type=_ridge, default=DEFAULT_RIDGE, help=f"ridge lambda x tokens ({DEFAULT_RIDGE})")
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--max-length", type=positive_int, default=128, help="truncate to this many tokens")
+    parser.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help=f"truncate to this many tokens (default {DEFAULT_MAX_LENGTH}, or the model's positions when fewer)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
 
 
@@ -109,23 +115,23 @@ def count_tokens(batches: list[dict]) -> int:
 
 
 def estimate_seconds(model: nn.Module, tokens: int) -> float:
-    """A rough CPU-seconds estimate of calibration: about two block passes per layer over the tokens (target model:
-    the original stream and the converted one) plus the normal equations (``2 d_ff^2`` per token and layer), at
-    the float32 matmul rate measured here on a 512-square product."""
+    """A rough wall-clock estimate of calibration: about two block passes per layer over the tokens (the original
+    stream and the converted one) plus the normal equations (``2 d_ff^2`` per token and layer), at the float32
+    matmul rate of this machine measured now on a 512-square product."""
     import time
 
     import torch
 
     a = torch.randn(512, 512)
+    a @ a
     start = time.perf_counter()
     for _ in range(8):
         a @ a
-    rate = 8 * 2 * 512**3 / max(time.perf_counter() - start, 1e-9) * torch.get_num_threads()
+    rate = 8 * 2 * 512**3 / max(time.perf_counter() - start, 1e-9)
     blocks = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name or ".layer." in name)
     sites = ffn_sites(model)
     widest = minimum_calibration_tokens(model, sites) / MIN_TOKENS_PER_FEATURE
-    flops = tokens * (2 * 2 * blocks + 2 * widest**2 * len(sites))
-    return flops / rate
+    return tokens * (2 * 2 * blocks + 2 * widest**2 * len(sites)) / rate
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -134,7 +140,9 @@ def run_convert(args: argparse.Namespace) -> int:
     src = check_source_and_destination(args.src, args.dst, args.overwrite)
     check_text_model(src)
     limit = max_positions(load_config(src))
-    if limit is not None and args.max_length > limit:
+    if args.max_length is None:
+        args.max_length = DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit)
+    elif limit is not None and args.max_length > limit:
         raise UsageError(f"--max-length {args.max_length} exceeds the {limit} positions the model covers")
     texts = calibration_texts(args.data, args.samples)
     try:
@@ -158,7 +166,7 @@ def run_convert(args: argparse.Namespace) -> int:
             )
         print(
             f"calibrating on {fit_tokens} tokens ({len(fit)} batches; {count_tokens(held_out)} tokens held out), "
-            f"{len(ffn_sites(model))} layers: about {estimate_seconds(model, fit_tokens) / 60:.0f} CPU-minutes "
+            f"{len(ffn_sites(model))} layers: about {estimate_seconds(model, fit_tokens) / 60:.1f} minutes "
             "(estimate)",
             file=sys.stderr,
             flush=True,
