@@ -45,12 +45,15 @@ class _Snapshot:
         self.children = [(module, dict(module._modules)) for module in self.modules]
         self.training = [(module, module.training) for module in self.modules]
         self.tensors: list[tuple] = []
+        self.clones: dict[str, torch.Tensor] = {}
         for prefix, module in model.named_modules(remove_duplicate=False):
             for kind in ("_parameters", "_buffers"):
                 for name, tensor in getattr(module, kind).items():
                     full = f"{prefix}.{name}" if prefix else name
                     data = None if tensor is None else tensor.data
                     clone = data.clone() if data is not None and full in in_place else None
+                    if clone is not None:
+                        self.clones[full] = clone
                     self.tensors.append((module, kind, name, tensor, data, clone))
         self.configs = _config_states(getattr(model, "config", None))
         self.attrs = {name: model.__dict__.get(name, _MISSING) for name in _MODEL_ATTRS}
@@ -80,14 +83,15 @@ class _Snapshot:
 
 
 @contextlib.contextmanager
-def restore_on_error(model: nn.Module, in_place: Iterable[str] = ()) -> Iterator[None]:
+def restore_on_error(model: nn.Module, in_place: Iterable[str] = ()) -> Iterator[_Snapshot]:
     """Inside the block, any exception restores ``model`` as it was at entry (see the module docstring).
 
-    ``in_place``: names of parameters/buffers the block may modify in place (``tensor.copy_``), cloned at entry.
+    ``in_place``: names of parameters/buffers the block may modify in place (``tensor.copy_``), cloned at entry;
+    the yielded snapshot's ``clones`` maps them to their copies (read-only use: the values before the block).
     """
     snapshot = _Snapshot(model, in_place)
     try:
-        yield
+        yield snapshot
     except BaseException:
         snapshot.restore()
         raise

@@ -347,7 +347,7 @@ def _fit_to_model(
     def on_call(name: str, args: tuple, output: Any) -> None:
         store["x"], store["y"] = args[0], output
 
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (x, h - y)
+    kept: list[torch.Tensor] = []  # per batch: x (the block's input hidden states are replaced by h - y)
     weight = _projection_weight(projection)
     device = weight.device if weight.device.type in ("cpu", "cuda") else torch.device("cpu")
     equations = NormalEquations(weight.shape[0], weight.shape[1], projection.bias is not None, device)
@@ -362,17 +362,18 @@ def _fit_to_model(
                 )
             if number == 0:
                 _check_residual(model, site, functools.partial(item.calls[index].run, block, item.hidden), output)
-            rest = output - y
-            target = wanted - rest
+            item.hidden = output.sub_(y)  # the rest of the block; its input is not needed any more
+            target = wanted - item.hidden
             mask = padding_mask(item.batch, x)
             if mask is not None:
                 equations.add(x[mask], target[mask])
             else:
                 equations.add(x.reshape(-1, x.shape[-1]), target.reshape(-1, target.shape[-1]))
-            kept.append((x, rest))
+            kept.append(x)
+            del output, y, target
     layer = _solve_site(projection, site, equations, ridge)
-    for item, (x, rest) in zip(cached, kept, strict=True):
-        item.hidden = rest + projection(x)
+    for item in cached:
+        item.hidden += projection(kept.pop(0))
     return layer
 
 

@@ -107,11 +107,13 @@ def split_holdout(batches: Sequence[Mapping[str, Any]], holdout: int | None) -> 
     return batches[: len(batches) - holdout], batches[len(batches) - holdout :]
 
 
-def _projection_weights(model: nn.Module, sites: Sequence[ActivationSite]) -> dict[str, Any]:
-    """Copies of the output projections' parameters (what calibration changes), by parameter name."""
+def _projection_weights(model: nn.Module, sites: Sequence[ActivationSite], copy: bool = True) -> dict[str, Any]:
+    """Copies (``copy``) of the output projections' parameters (what calibration changes), by parameter name."""
     names = {site.output_projection for site in sites}
     return {
-        name: param.detach().clone() for name, param in model.named_parameters() if name.rpartition(".")[0] in names
+        name: param.detach().clone() if copy else param
+        for name, param in model.named_parameters()
+        if name.rpartition(".")[0] in names
     }
 
 
@@ -138,6 +140,7 @@ def apply_conversion(
     target: str = "layer",
     holdout: int | None = None,
     progress: bool = False,
+    weights_before: Mapping[str, torch.Tensor] | None = None,
 ) -> ConversionResult:
     """Apply ``method`` to a model already patched with HeLU/ReLU; ``original`` from :func:`original_activations`.
 
@@ -146,7 +149,8 @@ def apply_conversion(
     :func:`split_holdout`) and measures what it kept on those (``result.quality``); it warns when that is not
     enough (:data:`hf_helu.conversion.quality.KEPT_PERPLEXITY_RATIO`, ``KEPT_FFN_ERROR``), when it cannot be
     measured, and when the fit had fewer tokens than :func:`minimum_calibration_tokens` asks for.
-    ``progress``: a progress bar per calibrated layer (tqdm, on stderr).
+    ``progress``: a progress bar per calibrated layer (tqdm, on stderr). ``weights_before``: copies of the
+    output projections' parameters the caller already holds (by parameter name), used instead of new copies.
     """
     check_conversion_method(method)
     result = ConversionResult(method)
@@ -165,7 +169,12 @@ def apply_conversion(
         raise ValueError("no FFN activation of the model is both patched (HeLU/ReLU) and named in `original`")
     if calibrate:
         fit, held_out = split_holdout(calibration_batches, holdout)
-        before = _projection_weights(inner, sites) if held_out else {}
+        if not held_out:
+            before = {}
+        elif weights_before is not None:  # the caller's copies of the projections' parameters (no second copy)
+            before = {name: weights_before[name] for name in _projection_weights(inner, sites, copy=False)}
+        else:
+            before = _projection_weights(inner, sites)
         result.calibration = calibrate_ffn(
             inner, fit, original, ridge=ridge, sites=sites, target=target, progress=progress
         )
@@ -222,8 +231,12 @@ def convert_model(
     if calibrating and calibration_batches is None:
         raise ValueError(f"conversion {method!r} needs calibration_batches (unlabeled model inputs)")
     originals = original_activations(model) if method != "none" else {}
-    in_place = _projection_parameter_names(model) if calibrating else ()
-    with restore_on_error(model, in_place=in_place):
+    # What calibration writes in place, copied for the rollback (and reused as the weights before calibration, when
+    # held out batches measure it). A half-precision model computes on float32 copies: its tensors stay untouched.
+    in_place = _projection_parameter_names(model) if calibrating else set()
+    params = dict(model.named_parameters())
+    in_place = {name for name in in_place if params[name].dtype not in (torch.float16, torch.bfloat16)}
+    with restore_on_error(model, in_place=in_place) as snapshot:
         patch_report = patch_activation(model, activation, alpha=alpha, scope=scope)
         with float32_compute(model, calibrating):
             result = apply_conversion(
@@ -237,6 +250,7 @@ def convert_model(
                 target=target,
                 holdout=holdout,
                 progress=progress,
+                weights_before=snapshot.clones if unwrap_model(model) is model and in_place else None,
             )
     result.patch_report, result.choice = patch_report, choice
     return result
