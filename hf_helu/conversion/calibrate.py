@@ -307,17 +307,31 @@ def _residual_tolerance(plain: torch.Tensor) -> float:
     return 64 * torch.finfo(plain.dtype).eps * (1 + plain.abs().max().item())
 
 
-def _check_residual(
-    model: nn.Module, site: ActivationSite, run: Callable[[], Any], plain: torch.Tensor | None = None
-) -> None:
+class _HeldProjection(nn.Module):
+    """Stands in for an FFN output projection: keeps its input and outputs the constant ``value`` instead of
+    computing anything (0: the block's output is then exactly the rest of the block; 1: the residual check)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features, self.value = out_features, 0.0
+        self.input: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.input = x
+        return x.new_full((*x.shape[:-1], self.out_features), self.value)
+
+
+def _check_residual(site: ActivationSite, run: Callable[[], Any], held: _HeldProjection, rest: torch.Tensor) -> None:
     """The block's output moves exactly as its FFN output does (a residual add, no norm after): else ValueError.
-    ``plain``: the block's output of ``run`` without the shift, when already computed."""
+    ``rest``: the block's output of ``run`` with the FFN output 0; here it is 1."""
     shift = 1.0
-    with ForwardCapture(submodules(model, (site.output_projection,)), record=None, on_call=lambda n, a, o: o + shift):
+    held.value = shift
+    try:
         shifted = first_tensor(run())
-    plain = first_tensor(run()) if plain is None else plain
-    moved = shifted.double() - plain.double()
-    if not torch.allclose(moved, torch.full_like(moved, shift), rtol=0, atol=_residual_tolerance(plain)):
+    finally:
+        held.value = 0.0
+    moved = shifted.double() - rest.double()
+    if not torch.allclose(moved, torch.full_like(moved, shift), rtol=0, atol=_residual_tolerance(rest)):
         raise ValueError(
             f"the output of {site.output_projection} is not added unchanged to its block's output (a norm after the "
             "residual add?): calibration target 'model' does not apply; use target 'layer'"
@@ -335,42 +349,40 @@ def _fit_to_model(
 ) -> LayerCalibration:
     """Target ``"model"`` for the FFN of block ``index``, in one pass of the block over the cached hidden states.
 
-    The block runs as converted (ReLU) with its output projection not yet refitted, which yields per token the
-    projection's input ``x``, its output ``y`` and the block's output ``h``: the block adds ``y`` unchanged
-    (:func:`_check_residual`), so ``h - y`` is the rest of the block and the wanted FFN output is
-    ``original - (h - y)``. After the fit the block's new output is ``h - y + projection(x)``, with no second pass;
-    ``x`` of every batch is kept until then (tokens x d_ff values).
+    The block runs as converted (ReLU) with its output projection replaced by a stand-in that keeps the
+    projection's input ``x`` and outputs 0: the block's output is then ``rest``, all of the block but its FFN
+    output, which the block adds unchanged (:func:`_check_residual`); the wanted FFN output is
+    ``original - rest``. After the fit the block's new output is ``rest + projection(x)``: no second pass, and the
+    old projection is never computed. ``x`` of every batch is kept until then (tokens x d_ff values).
     """
     projection = model.get_submodule(site.output_projection)
-    store: dict[str, torch.Tensor] = {}
-
-    def on_call(name: str, args: tuple, output: Any) -> None:
-        store["x"], store["y"] = args[0], output
-
-    kept: list[torch.Tensor] = []  # per batch: x (the block's input hidden states are replaced by h - y)
     weight = _projection_weight(projection)
+    held = _HeldProjection(weight.shape[1])
+    kept: list[torch.Tensor] = []  # per batch: x (the block's input hidden states are replaced by rest)
     device = weight.device if weight.device.type in ("cpu", "cuda") else torch.device("cpu")
     equations = NormalEquations(weight.shape[0], weight.shape[1], projection.bias is not None, device)
-    with ForwardCapture(submodules(model, (site.output_projection,)), record=None, on_call=on_call):
+    with reference_modules(model, {site.output_projection: held}):
         for number, (item, wanted) in enumerate(zip(cached, original, strict=True)):
-            output = first_tensor(item.calls[index].run(block, item.hidden))
-            x, y = store.pop("x"), store.pop("y")
-            if y.shape != output.shape:
+            run = functools.partial(item.calls[index].run, block, item.hidden)
+            rest = first_tensor(run())
+            x = held.input
+            if rest.shape != (*x.shape[:-1], held.out_features):
                 raise ValueError(
-                    f"{site.output_projection} outputs {tuple(y.shape)} but its block {tuple(output.shape)}: "
-                    "calibration target 'model' needs the FFN output added to the block's output"
+                    f"{site.output_projection} outputs {(*x.shape[:-1], held.out_features)} but its block "
+                    f"{tuple(rest.shape)}: calibration target 'model' needs the FFN output added to the block's output"
                 )
             if number == 0:
-                _check_residual(model, site, functools.partial(item.calls[index].run, block, item.hidden), output)
-            item.hidden = output.sub_(y)  # the rest of the block; its input is not needed any more
-            target = wanted - item.hidden
+                _check_residual(site, run, held, rest)
+            item.hidden = rest  # the block's input is not needed any more
+            target = wanted - rest
             mask = padding_mask(item.batch, x)
             if mask is not None:
                 equations.add(x[mask], target[mask])
             else:
                 equations.add(x.reshape(-1, x.shape[-1]), target.reshape(-1, target.shape[-1]))
             kept.append(x)
-            del output, y, target
+            del rest, target
+    held.input = None
     layer = _solve_site(projection, site, equations, ridge)
     for item in cached:
         item.hidden += projection(kept.pop(0))
