@@ -243,3 +243,24 @@ def test_dst_reaching_src_by_a_path_resolution_cannot_see_is_refused(second_path
     assert main(["patch", str(src), str(alias), "--overwrite"]) == 2
     assert "is SRC" in capsys.readouterr().err
     assert (src / "model.safetensors").is_file()
+
+
+def test_convert_batches_by_length_and_holds_out_the_last_eighth_of_the_texts(tiny_bert_dir):
+    """Sorting by length changes the padding only: the fitted texts are those of the file's first 22 batches of 32,
+    the held-out ones those of its last 3 (what split_holdout would keep out of the batches in file order)."""
+    from hf_helu.cli.convert import fit_and_held_out
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = [(" ".join(["word"] * (1 + (i * 7) % 40)), None) for i in range(800)]
+    fit, held_out = fit_and_held_out(tokenizer, texts, 32, 128)
+    assert (len(fit), len(held_out)) == (22, 3)
+
+    def lengths(batches):
+        return sorted(int(n) for b in batches for n in b["attention_mask"].sum(1))
+
+    def plain(part):
+        return sorted(len(tokenizer(a)["input_ids"]) for a, _ in part)
+
+    assert lengths(fit) == plain(texts[:704]) and lengths(held_out) == plain(texts[704:])
+    padded = sum(b["input_ids"].numel() for b in fit)
+    assert padded < 1.1 * sum(lengths(fit))  # in file order the batches would pad to 1.86x
