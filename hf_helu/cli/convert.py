@@ -117,7 +117,7 @@ def count_tokens(batches: list[dict]) -> int:
 def estimate_seconds(model: nn.Module, tokens: int) -> float:
     """A rough wall-clock estimate of calibration: about two block passes per layer over the tokens (the original
     stream and the converted one) plus the normal equations (``2 d_ff^2`` per token and layer), at the float32
-    matmul rate of this machine measured now on a 512-square product."""
+    matmul rate of this machine, measured at the call on a 512-square product."""
     import time
 
     import torch
