@@ -2,6 +2,7 @@
 
     python benchmarks/clm_conversion.py --data /path/to/wikitext-2 [--methods original naive calibrate calibrate-model]
         [--tokens 4096 16384] [--threads 2] [--json results.json]
+    python benchmarks/clm_conversion.py --data /path/to/wikitext-2 --evaluate FOLDER [FOLDER ...]   # saved models
 
 Perplexity on the first 32 x 256 tokens of ``valid.txt``; calibration on the first N tokens of ``train.txt`` (rows of
 256 tokens, batches of 4 rows); both tokenized with the model's own tokenizer (from the GGUF). ``calibrate`` fits each
@@ -76,10 +77,26 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="calibration tokens (multiples of 1024)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--evaluate",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only the perplexity of these saved models (e.g. DSTs of hf-helu convert)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = package_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    if args.evaluate:
+        import hf_helu  # noqa: F401  (registers "helu" for the saved configs)
+
+        valid = token_rows(tokenizer, args.data / "valid.txt", 32)
+        print("| model | perplexity |\n|---|---:|")
+        for saved in args.evaluate:
+            model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+            print(f"| {saved} | {perplexity(model, valid):.2f} |", flush=True)
+        return
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
     valid = token_rows(tokenizer, args.data / "valid.txt", 32)
     train = token_rows(tokenizer, args.data / "train.txt", max(args.tokens) // ROW)

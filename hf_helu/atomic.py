@@ -149,14 +149,22 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     if not overwrite and path.exists() and (not path.is_dir() or any(path.iterdir())):
         shutil.rmtree(tmp, ignore_errors=True)  # another writer made it meanwhile: theirs stays
         raise FileExistsError(f"{path} appeared while it was being written (another writer?); it is left as it is")
-    if path.is_symlink() or path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        _remove(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _remove(old)
-    else:
-        os.replace(tmp, path)
+    try:
+        if path.is_symlink() or path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            _remove(old)
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the old folder goes back: the call changes nothing
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no hidden temp copy stays behind
+        raise
 
 
 def _remove(path: Path) -> None:

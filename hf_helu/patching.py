@@ -46,6 +46,7 @@ from hf_helu.families import (
     set_config_activation,
     unwrap_model,
 )
+from hf_helu.rollback import restore_on_error
 
 OVERRIDES_ATTR = "hf_helu"
 
@@ -215,7 +216,8 @@ def _built(sites: list[ActivationSite]) -> dict[str, str]:
     return {s.name: s.config_attr for s in sites if s.config_attr is not None}
 
 
-def _unsupported(model: nn.Module) -> UsageError:
+def unsupported_model_error(model: nn.Module) -> UsageError:
+    """The error for a model with no FFN activation hf_helu can find (naming its class and the families)."""
     model_type = getattr(model.config, "model_type", None)
     return UsageError(
         f"{type(model).__name__} (model_type {model_type!r}) has no FFN activation module that hf_helu can find. "
@@ -235,17 +237,23 @@ def patch_model(model: nn.Module, alpha: float = DEFAULT_ALPHA, scope: Scope = "
     pretrained model's quality. Patching twice is a
     no-op the second time (the report says 0 changed). Raises :class:`UsageError` (naming
     the model class and the supported families) when the model has no FFN activation, whatever the scope.
+    When it raises, the model (modules, config) is left as it was (:mod:`hf_helu.rollback`).
     """
     alpha = validate_alpha(alpha)
     hf = _transformers_model(model, "patch_model")
+    with restore_on_error(hf):
+        return _patch(hf, alpha, scope)
+
+
+def _patch(hf: nn.Module, alpha: float, scope: Scope) -> PatchReport:
     sites = all_activation_sites(hf)
     ffn = [s for s in sites if s.kind == "ffn"]
     if not ffn:
-        raise _unsupported(hf)
+        raise unsupported_model_error(hf)
     selected = select_sites(sites, scope)
     if not selected:
         names = ", ".join(s.name for s in sites) or "none"
-        raise ValueError(f"scope {scope!r} selects no activation of {type(hf).__name__}; its activations: {names}")
+        raise UsageError(f"scope {scope!r} selects no activation of {type(hf).__name__}; its activations: {names}")
     reasons = {s.name: "selected" for s in selected}
     if isinstance(scope, str) and scope == "ffn":
         shared = {s.config_attr for s in selected if s.config_attr is not None}
@@ -314,10 +322,11 @@ def unpatch_model(model: nn.Module, to: str = "relu") -> PatchReport:
     hf = _transformers_model(model, "unpatch_model")
     helus, kinds, config_changes, overrides = _unpatch_plan(hf, to)
     changed = []
-    for name, module in helus:
-        _replace(hf, name, activations.ACT2FN[to])
-        changed.append(SiteChange(name, kinds.get(name, "other"), describe_activation(module), to, "selected"))
-    written = _write_config(hf.config, config_changes, overrides)
+    with restore_on_error(hf):
+        for name, module in helus:
+            _replace(hf, name, activations.ACT2FN[to])
+            changed.append(SiteChange(name, kinds.get(name, "other"), describe_activation(module), to, "selected"))
+        written = _write_config(hf.config, config_changes, overrides)
     return PatchReport(type(hf).__name__, "unpatch", to, tuple(changed), (), written, _sorted(overrides))
 
 
@@ -331,7 +340,7 @@ def export_for_inference(model: nn.Module) -> PatchReport:
     _, _, config_changes, overrides = _unpatch_plan(hf, "relu")
     if overrides:
         listed = ", ".join(f"{name} ({value})" for name, value in sorted(overrides.items()))
-        raise ValueError(
+        raise UsageError(
             f"cannot export {type(hf).__name__} for stock transformers: these modules would differ from what its "
             f"config builds, and a config string cannot name per-module activations: {listed}. Patch a whole "
             "scope ('ffn' or 'all'), or keep hf_helu and use save_pretrained + hf_helu.reapply_patch."
@@ -340,7 +349,7 @@ def export_for_inference(model: nn.Module) -> PatchReport:
     _write_config(exported, config_changes, overrides)
     for attr, value in exported.to_dict().items():
         if parse_activation_name(value) is not None:
-            raise ValueError(
+            raise UsageError(
                 f"cannot export {type(hf).__name__}: config.{attr}={value!r} names HeLU but builds no module "
                 "hf_helu can find; set it to a stock activation first"
             )

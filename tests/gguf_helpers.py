@@ -44,8 +44,9 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(model: LlamaForCausalLM, path: Path) -> Path:
-    """Write ``model`` (from :func:`tiny_llama_lm`) to ``path`` as a GGUF file; returns ``path``."""
+def write_tiny_gguf(model: LlamaForCausalLM, path: Path, leave_out: tuple[str, ...] = ()) -> Path:
+    """Write ``model`` (from :func:`tiny_llama_lm`) to ``path`` as a GGUF file, without the tensors named in
+    ``leave_out`` (transformers names); returns ``path``."""
     import gguf
 
     config = model.config
@@ -88,6 +89,8 @@ def write_tiny_gguf(model: LlamaForCausalLM, path: Path) -> Path:
         for ours, theirs in parts.items():
             names[f"model.layers.{layer}.{ours}.weight"] = f"blk.{layer}.{theirs}.weight"
     for name, tensor in model.state_dict().items():
+        if name in leave_out:
+            continue
         array = tensor.detach().float().numpy()
         if name.endswith("q_proj.weight"):
             array = _permute(array, config.num_attention_heads)

@@ -170,3 +170,44 @@ def test_target_model_refuses_a_post_norm_block():
     """BERT normalises after the residual add: the FFN output is not added unchanged to the block's output."""
     with pytest.raises(ValueError, match="not added unchanged"):
         calibrated(tiny_bert(2), "auto", target="model")
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.down_proj = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.mlp(hidden)
+
+
+class _ScaledChain(nn.Module):
+    """Blocks in a ModuleList, but the model halves the hidden states between them (outside any block)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(100, 16)
+        self.layers = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden) * 0.5
+        return hidden
+
+
+def test_hidden_states_changed_between_blocks_are_not_calibrated_sequentially():
+    """The chain check: block 1 does not take block 0's output itself, so cached hidden states would be wrong."""
+    batches = random_batches()
+    model = _ScaledChain().eval()
+    fitted = {}
+    for strategy in ("auto", "rerun"):
+        converted = copy.deepcopy(model)
+        report = conversion.calibrate_ffn(converted, batches, "gelu", strategy=strategy)
+        fitted[strategy] = (report.strategy, converted.layers[1].mlp.down_proj.weight)
+    assert fitted["auto"][0] == "rerun"
+    torch.testing.assert_close(fitted["auto"][1], fitted["rerun"][1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not take the output of block 0"):
+        conversion.calibrate_ffn(copy.deepcopy(model), batches, "gelu", strategy="sequential")

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_helu
 from hf_helu import conversion, export_for_inference, patch_model
 from hf_helu.cli import main
-from hf_helu.conversion.gguf import drop_gguf_quantization, is_gguf_model
+from hf_helu.sources import drop_gguf_quantization, is_gguf_model
 
 pytest.importorskip("gguf")
 
@@ -77,7 +77,8 @@ def test_hf_helu_commands_accept_a_gguf_file_or_a_folder_with_one(gguf_dir, tmp_
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "relu", dtype=torch.float32).eval()
     assert exported.config.hidden_act == "relu" and torch.equal(logits(exported), logits(stock))
     texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(["abc def.", "hello world, again.", "the cat sat.", "zz yy xx"] * 4))
+    # 640 fit tokens at least (minimum_calibration_tokens: 10 per input feature of the 64-wide down projections).
+    texts.write_text("\n".join(["abc def.", "hello world, again.", "the cat sat.", "zz yy xx"] * 64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["convert", str(gguf_dir / "tiny.gguf"), str(tmp_path / "converted"), "--data", str(texts)]) == 0

@@ -13,15 +13,16 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import ModelCard
 from torch import nn
 
 from hf_helu.atomic import atomic_directory
 from hf_helu.cli.destination import check_destination, check_not_aliased, check_writable_file, sole_writer
 from hf_helu.cli.extras import copy_extras, plan_extras
-from hf_helu.conversion.gguf import drop_gguf_quantization
 from hf_helu.errors import UsageError
 from hf_helu.inputs import is_hub_id
 from hf_helu.patching import reapply_patch
+from hf_helu.sources import check_gguf_architecture, check_has_ffn, drop_gguf_quantization, load_complete
 
 GGUF_SUFFIX = ".gguf"
 
@@ -129,6 +130,8 @@ def source_model_class(source: Path, config: transformers.PretrainedConfig) -> t
 def load_config(folder: Path) -> transformers.PretrainedConfig:
     """The config of a model folder, or the one transformers derives from a GGUF file's metadata."""
     where, extra = _location(folder)
+    if extra:
+        check_gguf_architecture(where / extra["gguf_file"])  # from the header, before transformers reads the file
     try:
         return transformers.AutoConfig.from_pretrained(where, **extra)
     except Exception as error:
@@ -163,15 +166,18 @@ def load_checkpoint(folder: Path) -> nn.Module:
     if extra:
         extra.update(dtype=torch.float32, quantization_config=transformers.GgufConfig(dequantize=True))
     try:
-        model = cls.from_pretrained(where, config=config, **extra)
+        model = load_complete(cls, where, config=config, **extra)
+    except UsageError:
+        raise
     except Exception as error:
         raise UsageError(f"cannot load a {cls.__name__} from {folder}: {error}") from None
     drop_gguf_quantization(model)
     return reapply_recorded_patch(model)
 
 
-def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> None:
-    """``model.save_pretrained`` plus the extras of ``src``, written to a temp folder renamed to ``dst`` at the end."""
+def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool, card: ModelCard | None = None) -> None:
+    """``model.save_pretrained`` plus the extras of ``src`` and the model ``card`` (README.md, in place of SRC's),
+    written to a temp folder renamed to ``dst`` at the end."""
     try:
         with atomic_directory(dst, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)
@@ -179,8 +185,24 @@ def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool) -> N
                 load_tokenizer(src).save_pretrained(tmp)  # the tokenizer stored in the GGUF file
             else:
                 copy_extras(src, tmp)
-    except FileExistsError as error:
-        raise UsageError(str(error)) from None
+            if card is not None:
+                card.save(tmp / "README.md")
+    except (FileExistsError, OSError) as error:
+        raise UsageError(f"cannot write DST {dst!r}: {error}") from None
+
+
+def default_card(args: argparse.Namespace, report: Any) -> ModelCard:
+    """The card of a ``patch`` / ``export`` DST: the source, what was changed (the patch report), no measurement."""
+    from hf_helu.model_card import conversion_card
+
+    activation = getattr(report, "activation", None) or "helu"
+    return conversion_card(
+        args.src,
+        activation=activation,
+        alpha=getattr(args, "alpha", None) if "helu" in activation else None,
+        method=f"hf-helu {args.command}",
+        details=str(report),
+    )
 
 
 def check_source_and_destination(src_arg: str, dst: str, overwrite: bool) -> Path:
@@ -189,23 +211,32 @@ def check_source_and_destination(src_arg: str, dst: str, overwrite: bool) -> Pat
     check_destination(dst, overwrite)
     src = resolve_source(src_arg)
     check_not_aliased(src, dst)
-    source_model_class(src, load_config(src))
+    config = load_config(src)
+    check_has_ffn(source_model_class(src, config), config, src)
     if not gguf_file(src):
         plan_extras(src)
     return src
 
 
-def transform_and_save(args: argparse.Namespace, transform: Callable[[nn.Module], Any], saved_note: str = "") -> int:
-    """Load SRC, apply ``transform`` (a ValueError is the user's error), save to DST atomically, print the report."""
+def transform_and_save(
+    args: argparse.Namespace,
+    transform: Callable[[nn.Module], Any],
+    saved_note: str = "",
+    card: Callable[[nn.Module, Any], ModelCard] | None = None,
+    describe: Callable[[Any], str] = str,
+) -> int:
+    """Load SRC, apply ``transform``, save to DST atomically with a model card, print the report.
+
+    Only a :class:`UsageError` from ``transform`` is the user's error; anything else is a bug and keeps its
+    traceback. ``card(model, report)`` makes the model card (default: :func:`default_card`); ``describe(report)``
+    the text printed."""
     src = check_source_and_destination(args.src, args.dst, args.overwrite)
     with sole_writer(args.dst):
         model = load_checkpoint(src)
-        try:
-            report = transform(model)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        save_atomically(model, src, args.dst, args.overwrite)
-    print(report)
+        report = transform(model)
+        written = card(model, report) if card is not None else default_card(args, report)
+        save_atomically(model, src, args.dst, args.overwrite, written)
+    print(describe(report))
     print(f"saved to {args.dst}{saved_note}")
     return 0
 

@@ -71,6 +71,10 @@ def check_destination(dst: str, overwrite: bool) -> None:
         raise UsageError(f"DST {dst!r} exists and is not a folder")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"DST {dst!r} exists and is not empty; pass --overwrite to replace it")
+    if path.is_dir() and not path.is_symlink() and os.path.ismount(path):
+        raise UsageError(f"DST {dst!r} is a mount point: it cannot be replaced; choose a folder inside it")
+    if path.is_dir() and not path.is_symlink() and not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write DST {dst!r}: the existing folder is not writable, so it cannot be replaced")
     _probe_folder(path.absolute().parent, f"DST {dst!r}")  # the temp folder and the final rename happen there
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from hf_helu.activation import HeLU
 from hf_helu.conversion.quality import is_causal_lm
 from hf_helu.conversion.sites import ffn_sites
+from hf_helu.errors import UsageError
 from hf_helu.families import unwrap_model
 
 CONVERSION_METHODS = ("none", "calibrate", "anneal", "calibrate+anneal")  # what a run can do
@@ -99,7 +100,7 @@ def resolve_conversion(
         raise ValueError(f"activation must be 'keep', 'relu' or 'helu', got {activation!r}")
     if requested != AUTO:
         if requested != "none" and model is not None and relu_like_ffn(model):
-            raise ValueError(
+            raise UsageError(
                 f"conversion {requested!r}: the checkpoint's FFN activations are already ReLU-like "
                 f"({', '.join(ffn_activation_names(model))}), there is nothing to convert from; "
                 "use conversion 'none' or 'auto'"

@@ -1,8 +1,8 @@
 """Calibration at patch time: refit each FFN output projection so that ReLU inputs give the original outputs.
 
 ``W2' relu(z) + b'`` is fitted to ``W2 act(z) + b`` on the tokens of a few hundred unlabeled examples:
-ridge least squares in float64, layer by layer in execution order, each layer fitted on the inputs
-produced by the already calibrated layers before it. Seconds on a CPU.
+ridge least squares (normal equations summed in float32 as the tokens stream by, solved in float64), layer by
+layer in execution order, each layer fitted on the inputs produced by the already calibrated layers before it.
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ import functools
 import logging
 import math
 import numbers
+import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from hf_helu.capture import ForwardCapture, submodules
@@ -91,6 +94,56 @@ class CalibrationReport:
                 f"{layer.error_before:>13.4f} {layer.error_after:>12.4f}"
             )
         return "\n".join(rows)
+
+
+# A refit of one output projection is a least-squares problem per output unit with p = d_ff (+1 for the bias)
+# unknowns and n rows (tokens). With fewer rows than unknowns it is underdetermined: only the ridge keeps it
+# solvable, and the fit memorises the calibration tokens. With n > p + 1 and noise (what ReLU inputs cannot explain)
+# of variance s^2, ordinary least squares has an expected in-sample error s^2 (1 - p/n) and held-out error about
+# s^2 (1 + p/(n - p - 1)): the reported fit error is optimistic, and the model worse than reported, by about p/n.
+# n >= 10 p bounds both at about 10% of the error (5% on the relative error the report prints). The measurement
+# agrees: SmolLM2-135M (p = 1536) reaches WikiText-2 perplexity 205 on 4,096 tokens (2.7 per feature) and 38 on
+# 32,768 (21 per feature; RESULTS.md section 5). ReLU inputs are mostly zeros (64% there), which lowers the rows a
+# rarely firing unit sees: one more reason not to go below the bound.
+MIN_TOKENS_PER_FEATURE = 10
+
+
+def minimum_calibration_tokens(model: nn.Module, sites: Sequence[ActivationSite] | None = None) -> int:
+    """The fewest calibration tokens (non-padding positions) a refit of ``model``'s FFN output projections needs:
+    :data:`MIN_TOKENS_PER_FEATURE` per input feature of the widest projection (plus its bias)."""
+    model = unwrap_model(model)
+    sites = ffn_sites(model) if sites is None else list(sites)
+    features = 0
+    for site in sites:
+        if site.output_projection is None:
+            continue
+        projection = model.get_submodule(site.output_projection)
+        try:
+            weight = _projection_weight(projection)
+        except TypeError:
+            continue
+        features = max(features, weight.shape[0] + int(getattr(projection, "bias", None) is not None))
+    return MIN_TOKENS_PER_FEATURE * features
+
+
+class ThinCalibrationWarning(UserWarning):
+    """Calibration fitted on fewer tokens than :func:`minimum_calibration_tokens`: the fit memorises them."""
+
+
+def check_calibration_tokens(report: CalibrationReport, model: nn.Module) -> None:
+    """Warn (:class:`ThinCalibrationWarning`, with the figures) when a layer was fitted on too few tokens."""
+    if not report.layers:
+        return
+    needed = minimum_calibration_tokens(model, None)
+    tokens = min(layer.tokens for layer in report.layers)
+    if tokens < needed:
+        warnings.warn(
+            f"calibration fitted {len(report.layers)} FFN output projection(s) on {tokens} tokens, fewer than the "
+            f"{needed} ({MIN_TOKENS_PER_FEATURE} per input feature) a least-squares refit needs: the fit memorises "
+            "these tokens and the converted model can be far worse than its fit error says. Calibrate on more text.",
+            ThinCalibrationWarning,
+            stacklevel=3,
+        )
 
 
 class _StopForward(Exception):
@@ -196,17 +249,23 @@ def _calibrate_site(
     reference: ActivationFunction,
     runs: Iterable[Run],
     ridge: float,
-    accumulate: Callable[..., None] | None = None,
 ) -> LayerCalibration:
     projection = model.get_submodule(site.output_projection)
     weight = _projection_weight(projection)
     has_bias = projection.bias is not None
     device = weight.device if weight.device.type in ("cpu", "cuda") else torch.device("cpu")
     equations = NormalEquations(weight.shape[0], weight.shape[1], has_bias, device)
-    if accumulate is None:
-        _accumulate(model, site, calls_per_forward, reference, runs, equations)
-    else:
-        accumulate(model, site, reference, equations=equations)
+    _accumulate(model, site, calls_per_forward, reference, runs, equations)
+    return _solve_site(projection, site, equations, ridge)
+
+
+def _solve_site(
+    projection: nn.Module, site: ActivationSite, equations: NormalEquations, ridge: float
+) -> LayerCalibration:
+    """Solve the accumulated normal equations and write the fitted weight (and bias) into ``projection``."""
+    weight = _projection_weight(projection)
+    has_bias = projection.bias is not None
+    device = equations.device
     if equations.tokens == 0:
         raise ValueError(f"no calibration tokens reached {site.output_projection} (all positions were padding?)")
 
@@ -238,54 +297,96 @@ def _by_reruns(
         yield _calibrate_site(model, site, calls, references[site.name], runs, ridge)
 
 
-def _accumulate_to_model(
-    model: nn.Module,
-    site: ActivationSite,
-    reference: ActivationFunction,
-    runs: Sequence[tuple[Mapping[str, Any], Callable[[], Any], torch.Tensor]],
-    equations: NormalEquations,
-) -> None:
-    """Like :func:`_accumulate`, but the target is the FFN output that makes the block's output the original
-    model's (``runs`` carry it): ``y + (original block output - block output)``, since the block adds ``y``."""
-    store: dict[str, torch.Tensor] = {}
-
-    def on_call(name: str, args: tuple, output: Any) -> Any:
-        if name == site.name:
-            return reference(args[0])
-        store["x"] = _relu_inputs(capture.records.pop(site.name), args[0], reference, site.gated)
-        store["y"] = output
-        return None
-
-    modules = submodules(model, (site.name, site.output_projection))
-    with ForwardCapture(modules, record="input", on_call=on_call) as capture:
-        for batch, run, wanted in runs:
-            output = first_tensor(run())
-            x, y = store.pop("x"), store.pop("y")
-            if y.shape != output.shape:
-                raise ValueError(
-                    f"{site.output_projection} outputs {tuple(y.shape)} but its block {tuple(output.shape)}: "
-                    "calibration target 'model' needs the FFN output added to the block's output"
-                )
-            target = y + (wanted - output)
-            mask = padding_mask(batch, x)
-            if mask is not None:
-                equations.add(x[mask], target[mask])
-            else:
-                equations.add(x.reshape(-1, x.shape[-1]), target.reshape(-1, target.shape[-1]))
+def _residual_tolerance(plain: torch.Tensor) -> float:
+    """How far a block's output may move from ``output + shift`` when its FFN output is shifted by ``shift`` = 1 and
+    the FFN output is added unchanged: the two forwards round differently, by a few units in the last place of the
+    largest hidden value in the compute dtype (``64 eps (1 + max |h|)``: float32, the dtype calibration computes in,
+    6e-5 at max |h| = 10; float16 0.06; bfloat16 0.5 at max |h| = 0, useless at 10, which is why
+    :func:`hf_helu.convert_model` calibrates half-precision models in float32). A norm after the add moves the output
+    by about the shift itself (1), far above the float32 bound."""
+    return 64 * torch.finfo(plain.dtype).eps * (1 + plain.abs().max().item())
 
 
-def _check_residual(model: nn.Module, site: ActivationSite, run: Callable[[], Any]) -> None:
-    """The block's output moves exactly as its FFN output does (a residual add, no norm after): else ValueError."""
+class _HeldProjection(nn.Module):
+    """Stands in for an FFN output projection: keeps its input and outputs the constant ``value`` instead of
+    computing anything (0: the block's output is then exactly the rest of the block; 1: the residual check)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features, self.value = out_features, 0.0
+        self.input: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.input = x
+        return x.new_full((*x.shape[:-1], self.out_features), self.value)
+
+
+def _check_residual(site: ActivationSite, run: Callable[[], Any], held: _HeldProjection, rest: torch.Tensor) -> None:
+    """The block's output moves exactly as its FFN output does (a residual add, no norm after): else ValueError.
+    ``rest``: the block's output of ``run`` with the FFN output 0; here it is 1."""
     shift = 1.0
-    with ForwardCapture(submodules(model, (site.output_projection,)), record=None, on_call=lambda n, a, o: o + shift):
+    held.value = shift
+    try:
         shifted = first_tensor(run())
-    plain = first_tensor(run())
-    moved = shifted.double() - plain.double()
-    if not torch.allclose(moved, torch.full_like(moved, shift), atol=1e-3 * (1 + plain.abs().max().item())):
+    finally:
+        held.value = 0.0
+    moved = shifted.double() - rest.double()
+    if not torch.allclose(moved, torch.full_like(moved, shift), rtol=0, atol=_residual_tolerance(rest)):
         raise ValueError(
             f"the output of {site.output_projection} is not added unchanged to its block's output (a norm after the "
             "residual add?): calibration target 'model' does not apply; use target 'layer'"
         )
+
+
+def _fit_to_model(
+    model: nn.Module,
+    block: nn.Module,
+    site: ActivationSite,
+    index: int,
+    cached: Sequence[CachedBatch],
+    original: Sequence[torch.Tensor],
+    ridge: float,
+) -> LayerCalibration:
+    """Target ``"model"`` for the FFN of block ``index``, in one pass of the block over the cached hidden states.
+
+    The block runs as converted (ReLU) with its output projection replaced by a stand-in that keeps the
+    projection's input ``x`` and outputs 0: the block's output is then ``rest``, all of the block but its FFN
+    output, which the block adds unchanged (:func:`_check_residual`); the wanted FFN output is
+    ``original - rest``. After the fit the block's new output is ``rest + projection(x)``: no second pass, and the
+    old projection is never computed. ``x`` of every batch is kept until then (tokens x d_ff values).
+    """
+    projection = model.get_submodule(site.output_projection)
+    weight = _projection_weight(projection)
+    held = _HeldProjection(weight.shape[1])
+    kept: list[torch.Tensor] = []  # per batch: x (the block's input hidden states are replaced by rest)
+    device = weight.device if weight.device.type in ("cpu", "cuda") else torch.device("cpu")
+    equations = NormalEquations(weight.shape[0], weight.shape[1], projection.bias is not None, device)
+    with reference_modules(model, {site.output_projection: held}):
+        for number, (item, wanted) in enumerate(zip(cached, original, strict=True)):
+            run = functools.partial(item.calls[index].run, block, item.hidden)
+            rest = first_tensor(run())
+            x = held.input
+            if rest.shape != (*x.shape[:-1], held.out_features):
+                raise ValueError(
+                    f"{site.output_projection} outputs {(*x.shape[:-1], held.out_features)} but its block "
+                    f"{tuple(rest.shape)}: calibration target 'model' needs the FFN output added to the block's output"
+                )
+            if number == 0:
+                _check_residual(site, run, held, rest)
+            item.hidden = rest  # the block's input is not needed any more
+            target = wanted - rest
+            mask = padding_mask(item.batch, x)
+            if mask is not None:
+                equations.add(x[mask], target[mask])
+            else:
+                equations.add(x.reshape(-1, x.shape[-1]), target.reshape(-1, target.shape[-1]))
+            kept.append(x)
+            del rest, target
+    held.input = None
+    layer = _solve_site(projection, site, equations, ridge)
+    for item in cached:
+        item.hidden += projection(kept.pop(0))
+    return layer
 
 
 def _sequential(
@@ -299,7 +400,8 @@ def _sequential(
     """Each layer fitted on one pass through its block of the cached hidden states, which then go one block on.
 
     With ``target="model"`` a second stream of hidden states, the original model's, goes along (one more block
-    pass per layer): each FFN is fitted so that its block's output matches the original model's.
+    pass per layer): each FFN is fitted so that its block's output matches the original model's
+    (:func:`_fit_to_model`, which also moves the converted stream on without another pass).
     """
     last = max(i for i, site in enumerate(stack.sites) if site is not None)
     original = [item.hidden for item in cached] if target == "model" else None
@@ -309,23 +411,14 @@ def _sequential(
             with reference_modules(model, swap):
                 pairs = zip(cached, original, strict=True)
                 original = [first_tensor(item.calls[index].run(block, hidden)) for item, hidden in pairs]
+            if site is not None:
+                yield _fit_to_model(model, block, site, index, cached, original, ridge)
+                if index == last:
+                    return
+                continue
         if site is not None:
             runs = [(item.batch, functools.partial(item.calls[index].run, block, item.hidden)) for item in cached]
-            if original is None:
-                yield _calibrate_site(model, site, 1, references[site.name], runs, ridge)
-            else:
-                with reference_modules(model, {site.name: references[site.name]}):
-                    _check_residual(model, site, runs[0][1])
-                planned = [(batch, run, wanted) for (batch, run), wanted in zip(runs, original, strict=True)]
-                yield _calibrate_site(
-                    model,
-                    site,
-                    1,
-                    references[site.name],
-                    runs,
-                    ridge,
-                    accumulate=functools.partial(_accumulate_to_model, runs=planned),
-                )
+            yield _calibrate_site(model, site, 1, references[site.name], runs, ridge)
         if index == last:
             return
         advance(stack, index, cached)
@@ -355,6 +448,7 @@ def calibrate_ffn(
     sites: Sequence[ActivationSite] | None = None,
     strategy: str = "auto",
     target: str = "layer",
+    progress: bool = False,
 ) -> CalibrationReport:
     """Refit the FFN output projections of a patched (ReLU/HeLU) model to match its original activation.
 
@@ -376,6 +470,8 @@ def calibrate_ffn(
     above; ``"model"`` (sequential only; blocks that add their FFN output to the residual stream, as pre-norm
     decoders do) fits it to the output that makes its block's output the original model's, so that each FFN also
     corrects what the converted layers before it changed (one more block pass per layer for the original stream).
+
+    ``progress``: a tqdm progress bar on stderr, one step per calibrated layer, with the fit tokens per second.
     """
     ridge = check_ridge(ridge)
     if strategy not in STRATEGIES:
@@ -404,7 +500,14 @@ def calibrate_ffn(
                 layers = _sequential(model, stack, cached, references, ridge, target)
             else:
                 layers = _by_reruns(model, sites, references, batches, ridge)
+            bar = tqdm(total=len(sites), desc="calibrating", unit="layer", disable=not progress, dynamic_ncols=True)
+            started = time.perf_counter()
             for layer in layers:
+                now = time.perf_counter()
+                rate = layer.tokens / max(now - started, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tokens/s, error {layer.error_after:.3f}")
+                bar.update()
+                started = now
                 report.layers.append(layer)
                 logger.info(
                     "calibrated %s on %d tokens: relative error %.4f -> %.4f",
@@ -415,4 +518,6 @@ def calibrate_ffn(
                 )
     finally:
         model.train(was_training)
+        if "bar" in locals():
+            bar.close()
     return report

@@ -6,22 +6,31 @@ result = convert_model(model, "auto", calibration_batches=batches)   # patch + t
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from hf_helu.activation import DEFAULT_ALPHA, HeLU
 from hf_helu.conversion.anneal import DEFAULT_ANNEAL_FRACTION, ActivationAnnealer
 from hf_helu.conversion.auto import ConversionChoice, check_conversion_method, resolve_conversion
-from hf_helu.conversion.calibrate import DEFAULT_RIDGE, CalibrationReport, calibrate_ffn
-from hf_helu.conversion.gguf import drop_gguf_quantization
+from hf_helu.conversion.calibrate import (
+    DEFAULT_RIDGE,
+    CalibrationReport,
+    calibrate_ffn,
+    check_calibration_tokens,
+    minimum_calibration_tokens,  # noqa: F401  (named in the docstrings)
+)
 from hf_helu.conversion.quality import ConversionQuality, measure_quality
 from hf_helu.conversion.sites import ActivationSpec, ffn_sites, original_activations, reference_functions
 from hf_helu.families import ActivationSite, Scope, unwrap_model
 from hf_helu.patching import PatchReport, UnconvertedSwapWarning, patch_model, unpatch_model
+from hf_helu.rollback import restore_on_error
+from hf_helu.sources import drop_gguf_quantization
 
 PATCH_TARGETS = ("helu", "relu")
 
@@ -69,10 +78,28 @@ def patch_activation(model: nn.Module, to: str, alpha: float = DEFAULT_ALPHA, sc
     return report
 
 
+def _rows(batch: Mapping[str, Any]) -> int:
+    """The number of examples in a batch: the first dimension its tensors share (0 when it has none)."""
+    sizes = {value.shape[0] for value in batch.values() if isinstance(value, torch.Tensor) and value.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else 0
+
+
+def _split_rows(batch: Mapping[str, Any], keep: int) -> tuple[dict, dict]:
+    """``batch`` as (its first ``keep`` rows, the others)."""
+    head = {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    tail = {k: v[keep:] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    return head, tail
+
+
 def split_holdout(batches: Sequence[Mapping[str, Any]], holdout: int | None) -> tuple[list, list]:
     """(fit batches, held-out batches): the last ``holdout`` batches held out; None: an eighth, at least one, when
-    there are two batches or more."""
+    there are two batches or more, and the last eighth of the rows (at least one) of a single batch of two rows or
+    more, so that what a conversion kept is always measured."""
     batches = list(batches)
+    if holdout is None and len(batches) == 1 and _rows(batches[0]) >= 2:
+        rows = _rows(batches[0])
+        head, tail = _split_rows(batches[0], rows - max(1, rows // 8))
+        return [head], [tail]
     if holdout is None:
         holdout = max(1, len(batches) // 8) if len(batches) >= 2 else 0
     if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout < len(batches):
@@ -80,16 +107,20 @@ def split_holdout(batches: Sequence[Mapping[str, Any]], holdout: int | None) -> 
     return batches[: len(batches) - holdout], batches[len(batches) - holdout :]
 
 
-def _projection_weights(model: nn.Module, sites: Sequence[ActivationSite]) -> dict[str, Any]:
-    """Copies of the output projections' parameters (what calibration changes), by parameter name."""
+def _projection_weights(model: nn.Module, sites: Sequence[ActivationSite], copy: bool = True) -> dict[str, Any]:
+    """Copies (``copy``) of the output projections' parameters (what calibration changes), by parameter name."""
     names = {site.output_projection for site in sites}
     return {
-        name: param.detach().clone() for name, param in model.named_parameters() if name.rpartition(".")[0] in names
+        name: param.detach().clone() if copy else param
+        for name, param in model.named_parameters()
+        if name.rpartition(".")[0] in names
     }
 
 
 def _check_quality(quality: ConversionQuality, method: str) -> None:
-    if not quality.kept:
+    if quality.kept is None:
+        warnings.warn(f"conversion {method!r}: what it kept could not be measured: {quality}", stacklevel=3)
+    elif not quality.kept:
         warnings.warn(
             f"conversion {method!r} did not keep the model's quality {quality}. Calibrate on more tokens, or "
             "fine-tune after conversion (e.g. with annealing).",
@@ -108,13 +139,18 @@ def apply_conversion(
     anneal_fraction: float = DEFAULT_ANNEAL_FRACTION,
     target: str = "layer",
     holdout: int | None = None,
+    progress: bool = False,
+    weights_before: Mapping[str, torch.Tensor] | None = None,
 ) -> ConversionResult:
     """Apply ``method`` to a model already patched with HeLU/ReLU; ``original`` from :func:`original_activations`.
 
     Only the FFN sites named in ``original`` that now hold HeLU/ReLU are converted (a layer-restricted
     patch leaves the others alone). Calibration fits on all but ``holdout`` of the batches (see
     :func:`split_holdout`) and measures what it kept on those (``result.quality``); it warns when that is not
-    enough (:data:`hf_helu.conversion.quality.KEPT_PERPLEXITY_RATIO`, ``KEPT_FFN_ERROR``).
+    enough (:data:`hf_helu.conversion.quality.KEPT_PERPLEXITY_RATIO`, ``KEPT_FFN_ERROR``), when it cannot be
+    measured, and when the fit had fewer tokens than :func:`minimum_calibration_tokens` asks for.
+    ``progress``: a progress bar per calibrated layer (tqdm, on stderr). ``weights_before``: copies of the
+    output projections' parameters the caller already holds (by parameter name), used instead of new copies.
     """
     check_conversion_method(method)
     result = ConversionResult(method)
@@ -133,8 +169,16 @@ def apply_conversion(
         raise ValueError("no FFN activation of the model is both patched (HeLU/ReLU) and named in `original`")
     if calibrate:
         fit, held_out = split_holdout(calibration_batches, holdout)
-        before = _projection_weights(inner, sites) if held_out else {}
-        result.calibration = calibrate_ffn(inner, fit, original, ridge=ridge, sites=sites, target=target)
+        if not held_out:
+            before = {}
+        elif weights_before is not None:  # the caller's copies of the projections' parameters (no second copy)
+            before = {name: weights_before[name] for name in _projection_weights(inner, sites, copy=False)}
+        else:
+            before = _projection_weights(inner, sites)
+        result.calibration = calibrate_ffn(
+            inner, fit, original, ridge=ridge, sites=sites, target=target, progress=progress
+        )
+        check_calibration_tokens(result.calibration, inner)
         if held_out:
             functions = reference_functions(original, sites)
             result.quality = measure_quality(inner, functions, before, held_out, sites)
@@ -159,6 +203,7 @@ def convert_model(
     anneal_fraction: float = DEFAULT_ANNEAL_FRACTION,
     target: str | None = None,
     holdout: int | None = None,
+    progress: bool = False,
 ) -> ConversionResult:
     """Patch a pretrained ``model``'s FFN blocks with HeLU (``activation="helu"``, ``alpha``) or ReLU, then apply
     ``method`` to keep the checkpoint's quality.
@@ -172,25 +217,70 @@ def convert_model(
     ``result.choice`` says which method ran and why; ``target`` (``"layer"`` or ``"model"``, see
     :func:`calibrate_ffn`) defaults to what ``auto`` measured best for the model's family. ``holdout`` calibration
     batches (default an eighth) are kept out of the fit to measure what the conversion kept: ``result.quality``,
-    with a warning when it was not kept. A model loaded from a GGUF file becomes an ordinary (saveable) model.
+    with a warning when it was not kept; a fit on fewer tokens than :func:`minimum_calibration_tokens` warns too.
+    float16/bfloat16 models are calibrated in float32 (:func:`float32_compute`) and keep their dtype. ``progress``:
+    a tqdm bar per calibrated layer. A model loaded from a GGUF file becomes an ordinary (saveable) model.
+    When it raises, the model is left exactly as it was (modules, weights, config: :mod:`hf_helu.rollback`).
     """
     if activation not in PATCH_TARGETS:
         raise ValueError(f"activation must be 'helu' or 'relu', got {activation!r}")
     choice = resolve_conversion(method, activation=activation, model=model)
     method = choice.method
     target = choice.target if target is None else target
+    calibrating = "calibrate" in method
+    if calibrating and calibration_batches is None:
+        raise ValueError(f"conversion {method!r} needs calibration_batches (unlabeled model inputs)")
     originals = original_activations(model) if method != "none" else {}
-    patch_report = patch_activation(model, activation, alpha=alpha, scope=scope)
-    result = apply_conversion(
-        model,
-        method,
-        originals,
-        calibration_batches=calibration_batches,
-        ridge=ridge,
-        total_steps=total_steps,
-        anneal_fraction=anneal_fraction,
-        target=target,
-        holdout=holdout,
-    )
+    # What calibration writes in place, copied for the rollback (and reused as the weights before calibration, when
+    # held out batches measure it). A half-precision model computes on float32 copies: its tensors stay untouched.
+    in_place = _projection_parameter_names(model) if calibrating else set()
+    params = dict(model.named_parameters())
+    in_place = {name for name in in_place if params[name].dtype not in (torch.float16, torch.bfloat16)}
+    with restore_on_error(model, in_place=in_place) as snapshot:
+        patch_report = patch_activation(model, activation, alpha=alpha, scope=scope)
+        with float32_compute(model, calibrating):
+            result = apply_conversion(
+                model,
+                method,
+                originals,
+                calibration_batches=calibration_batches,
+                ridge=ridge,
+                total_steps=total_steps,
+                anneal_fraction=anneal_fraction,
+                target=target,
+                holdout=holdout,
+                progress=progress,
+                weights_before=snapshot.clones if unwrap_model(model) is model and in_place else None,
+            )
     result.patch_report, result.choice = patch_report, choice
     return result
+
+
+def _projection_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the FFN output projections' parameters (what calibration writes in place), as ``model`` names them."""
+    inner = unwrap_model(model)
+    prefix = next((name + "." for name, module in model.named_modules() if module is inner and name), "")
+    projections = {prefix + site.output_projection for site in ffn_sites(inner) if site.output_projection}
+    return {name for name, _ in model.named_parameters() if name.rpartition(".")[0] in projections}
+
+
+@contextlib.contextmanager
+def float32_compute(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block a float16/bfloat16 ``model`` computes in float32; its tensors get their dtypes back at the
+    end (on success: an exception leaves the restoring to :func:`restore_on_error`).
+
+    Calibration fits W2' on half-precision forwards otherwise: the targets carry the half format's rounding
+    (bfloat16 keeps 8 significant bits: a relative error of 2^-9 per value, as large as a good fit's error), and the
+    residual check of target ``"model"`` cannot tell a residual add from a norm at that precision. float32 compute
+    costs twice the weights' memory for the length of the conversion; the result is rounded once, at the end.
+    """
+    halves = (torch.float16, torch.bfloat16)
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in halves] if enabled else []
+    dtypes = [t.dtype for t in tensors]
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.data = tensor.data.float()
+    yield
+    with torch.no_grad():
+        for tensor, dtype in zip(tensors, dtypes, strict=True):
+            tensor.data = tensor.data.to(dtype)

@@ -81,6 +81,14 @@ class ConversionQuality:
     ffn_errors: dict[str, float] = field(default_factory=dict)
     loss_original: float | None = None  # causal LMs: mean next-token loss
     loss_converted: float | None = None
+    predicted_tokens: int = 0  # causal LMs: the held-out tokens that have a next token to predict
+    note: str = ""  # why a figure could not be measured
+
+    @property
+    def measured(self) -> bool:
+        """False when the held-out batches were too small to measure anything (no token, or a causal LM's texts
+        with no next token to predict)."""
+        return not self.note
 
     @property
     def loss_ratio(self) -> float | None:
@@ -95,12 +103,17 @@ class ConversionQuality:
         return math.exp(self.loss_converted - self.loss_original)
 
     @property
-    def kept(self) -> bool:
+    def kept(self) -> bool | None:
+        """True/False: whether the conversion kept the quality; None when the held-out set could not measure it."""
+        if not self.measured:
+            return None
         if self.perplexity_ratio is not None:
             return self.perplexity_ratio <= KEPT_PERPLEXITY_RATIO
         return self.ffn_relative_error <= KEPT_FFN_ERROR
 
     def __str__(self) -> str:
+        if not self.measured:
+            return f"on {self.tokens} held-out tokens: not measured ({self.note})"
         text = f"on {self.tokens} held-out tokens: FFN output relative error {self.ffn_relative_error:.3f}"
         if self.loss_ratio is not None:
             text += (
@@ -111,7 +124,9 @@ class ConversionQuality:
 
     def to_dict(self) -> dict[str, Any]:
         summary = {key: value for key, value in vars(self).items()}
-        summary.update(loss_ratio=self.loss_ratio, perplexity_ratio=self.perplexity_ratio, kept=self.kept)
+        summary.update(
+            loss_ratio=self.loss_ratio, perplexity_ratio=self.perplexity_ratio, kept=self.kept, measured=self.measured
+        )
         return summary
 
 
@@ -140,16 +155,38 @@ def original_forward(
             params[name].data = value
 
 
-def _loss_and_outputs(model: nn.Module, batch: dict[str, Any], capture: ForwardCapture, causal: bool):
-    capture.clear()
-    if not causal:
-        model(**batch)
-        return None, dict(capture.records)
+# Rows per forward when measuring a causal LM's loss: the logits (rows x length x vocabulary floats, 100 MB for 4
+# rows of 128 tokens and SmolLM2's 49k vocabulary) and their log-softmax are the largest tensors of a conversion.
+LOSS_ROWS = 4
+
+
+def _row_chunks(batch: dict[str, Any], rows: int) -> Iterator[dict[str, Any]]:
+    """``batch`` cut into batches of at most ``rows`` examples (tensors sliced on their first dimension)."""
+    size = batch["input_ids"].shape[0]
+    for start in range(0, size, rows):
+        yield {k: v[start : start + rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _next_token_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[float, int]:
+    """(summed next-token loss, number of predicted tokens) of one batch, padding left out."""
+    logits = model(**batch).logits
     labels = batch["input_ids"].clone()
     if batch.get("attention_mask") is not None:
         labels[batch["attention_mask"] == 0] = -100
-    loss = model(**batch, labels=labels).loss.item()
-    return loss, dict(capture.records)
+    labels = labels[:, 1:].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return loss.item(), int((labels != -100).sum())
+
+
+def _add_errors(sums: dict[str, list[float]], got: dict, want: dict, mask: torch.Tensor | None) -> None:
+    for name, totals in sums.items():
+        y, y_ref = got[name], want[name]
+        if mask is not None:
+            y, y_ref = y[mask], y_ref[mask]
+        totals[0] += (y.double() - y_ref.double()).square().sum().item()
+        totals[1] += y_ref.double().square().sum().item()
 
 
 def measure_quality(
@@ -159,12 +196,16 @@ def measure_quality(
     batches: Sequence[Mapping[str, Any]],
     sites: Sequence[ActivationSite],
 ) -> ConversionQuality:
-    """Held-out figures of a converted ``model`` against its own forward before conversion (``original_forward``)."""
+    """Held-out figures of a converted ``model`` against its own forward before conversion (``original_forward``).
+
+    A causal LM's loss is the mean over every held-out token that has a next token (computed :data:`LOSS_ROWS`
+    rows at a time); when there is none (texts of one token), the quality says so instead of a NaN loss."""
     model = unwrap_model(model)
     causal = is_causal_lm(model)
     projections = [site.output_projection for site in sites]
     sums = {name: [0.0, 0.0] for name in projections}
-    losses: list[tuple[float, float, int]] = []
+    losses = [0.0, 0.0]  # summed loss: original, converted
+    predicted = 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -174,28 +215,32 @@ def measure_quality(
         with torch.no_grad():
             for raw in batches:
                 batch = model_inputs(raw, device)
-                with original_forward(model, originals, weights):
-                    loss_ref, want = _loss_and_outputs(model, batch, capture, causal)
-                loss, got = _loss_and_outputs(model, batch, capture, causal)
-                mask = padding_mask(batch, next(iter(want.values())))
-                count = int(mask.sum()) if mask is not None else next(iter(want.values())).shape[:-1].numel()
-                tokens += count
-                if causal:
-                    losses.append((loss_ref, loss, count))
-                for name, totals in sums.items():
-                    y, y_ref = got[name], want[name]
-                    if mask is not None:
-                        y, y_ref = y[mask], y_ref[mask]
-                    totals[0] += (y.double() - y_ref.double()).square().sum().item()
-                    totals[1] += y_ref.double().square().sum().item()
+                for chunk in _row_chunks(batch, LOSS_ROWS) if causal else [batch]:
+                    capture.clear()
+                    with original_forward(model, originals, weights):
+                        loss_ref, _ = _next_token_loss(model, chunk) if causal else (model(**chunk), 0)
+                    want = dict(capture.records)
+                    capture.clear()
+                    loss, count = _next_token_loss(model, chunk) if causal else (model(**chunk), 0)
+                    got = dict(capture.records)
+                    mask = padding_mask(chunk, next(iter(want.values())))
+                    tokens += int(mask.sum()) if mask is not None else next(iter(want.values())).shape[:-1].numel()
+                    if causal:
+                        losses[0] += loss_ref
+                        losses[1] += loss
+                        predicted += count
+                    _add_errors(sums, got, want, mask)
     finally:
         capture.remove()
         model.train(was_training)
     pooled = math.sqrt(sum(e for e, _ in sums.values()) / max(sum(n for _, n in sums.values()), 1e-300))
     quality = ConversionQuality(len(batches), tokens, pooled)
     quality.ffn_errors = {name: math.sqrt(err / max(energy, 1e-300)) for name, (err, energy) in sums.items()}
-    if losses:
-        weight = sum(n for _, _, n in losses)
-        quality.loss_original = sum(a * n for a, _, n in losses) / weight
-        quality.loss_converted = sum(b * n for _, b, n in losses) / weight
+    if tokens == 0:
+        quality.note = "the held-out batches hold no token (all padding)"
+    elif causal and predicted == 0:
+        quality.note = "the held-out texts have no next token to predict (one token each): hold out longer texts"
+    elif causal:
+        quality.loss_original, quality.loss_converted = losses[0] / predicted, losses[1] / predicted
+        quality.predicted_tokens = predicted
     return quality

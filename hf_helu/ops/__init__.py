@@ -66,13 +66,17 @@ class Backend:
 _thresholds: dict[tuple[float, torch.dtype], float] = {}
 
 
-@torch.compiler.assume_constant_result  # torch.compile bakes the value into the graph: no break at .item()
 def threshold(alpha: float, dtype: torch.dtype) -> float:
     """``-alpha`` rounded to ``dtype``: every backend compares the input with this same value."""
     value = _thresholds.get((alpha, dtype))
     if value is None:
         value = _thresholds[(alpha, dtype)] = torch.tensor(-alpha, dtype=dtype).item()
     return value
+
+
+# torch.compile bakes the value into the graph (no break at .item()): what torch.compiler.assume_constant_result
+# sets, without the import of torch._dynamo (and triton) that the decorator costs every `import hf_helu`.
+threshold._dynamo_marked_constant = True
 
 
 def _plain(x: torch.Tensor) -> bool:
