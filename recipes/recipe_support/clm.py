@@ -21,8 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_helu.cli.common import (  # hf_helu's own loader (folders, hub ids, GGUF files): imported here only
+    gguf_file,
+    load_checkpoint,
+    load_config,
+    load_tokenizer,
+    resolve_source,
+    source_model_class,
+)
 from hf_helu.errors import UsageError
-from hf_helu.inputs import is_hub_id
 
 DATA_DIR_ENV = "HF_HELU_DATA_DIR"
 WIKITEXT = "wikitext-2"
@@ -35,53 +42,37 @@ WIKITEXT = "wikitext-2"
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where ``--model`` points: a folder or hub id (``location``) and, for a GGUF checkpoint, the file in it."""
+    """Where ``--model_name_or_path`` points: a local folder (``location``) and, for a GGUF checkpoint, the file."""
 
     location: str
     gguf_file: str | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+    path: Path | None = None  # what hf_helu's loader takes: the folder, or the .gguf file
 
 
-def model_source(model: str) -> ModelSource:
-    """``--model`` as a :class:`ModelSource`: a ``.gguf`` file, a folder with config.json or with one ``.gguf``
-    file, or a hub id; anything else is a UsageError (before any loading)."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UsageError(f"--model {model} is a file but not a .gguf file; give a checkpoint folder or a .gguf")
-        return ModelSource(str(path.parent), path.name)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return ModelSource(str(path))
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ModelSource(str(path), ggufs[0])
-        found = f"several .gguf files ({', '.join(ggufs)}): name one" if ggufs else "no config.json and no .gguf file"
-        raise UsageError(f"--model {model}: {found}")
-    if not is_hub_id(model):
-        raise UsageError(f"--model {model}: no such file or folder (and not a hub model id)")
-    return ModelSource(model)
+def model_source(name: str) -> ModelSource:
+    """``--model_name_or_path`` resolved (a folder, a ``.gguf`` file or a folder with one, a hub snapshot) and its
+    config read, by hf_helu's own loader; a config that is unreadable, or whose class is not a causal LM (a BERT
+    classifier), is a UsageError, before any weight is loaded."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        path = resolve_source(name)
+        cls = source_model_class(path, load_config(path))
+    except UsageError as error:
+        raise UsageError(f"--model_name_or_path {name}: {error}") from None
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    if cls.__name__ not in causal:
+        raise UsageError(
+            f"--model_name_or_path {name} holds a {cls.__name__} (config.architectures), not a causal language model; "
+            "run_clm trains a *ForCausalLM checkpoint"
+        )
+    gguf = gguf_file(path)
+    return ModelSource(str(gguf[0] if gguf else path), gguf[1] if gguf else None, path)
 
 
 def load_causal_lm(source: ModelSource) -> tuple[nn.Module, Any]:
-    """The float32 causal LM and its tokenizer from ``source``.
-
-    A GGUF checkpoint is dequantized by transformers on loading; its quantizer record is then cleared so that the
-    float32 model saves like any other (transformers refuses to ``save_pretrained`` a gguf-"quantized" model).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs())
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **source.kwargs())
-    if source.gguf_file:
-        model.hf_quantizer = None
-        model.is_quantized = False
-        for attribute in ("quantization_config", "_is_quantized"):
-            if hasattr(model.config, attribute):
-                delattr(model.config, attribute)
-    return model, tokenizer
+    """The float32 causal LM and its tokenizer (hf_helu's loader: a GGUF checkpoint dequantized, saveable)."""
+    return load_checkpoint(source.path).float(), load_tokenizer(source.path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,10 +126,8 @@ def needs_training_text(args: Any) -> bool:
 def read_texts(source: TextSource, with_train: bool) -> dict[str, str]:
     """``{"validation": ...}`` and, ``with_train``, ``"train"``, each as a single string."""
     if source.dataset is None:
-        texts = {"validation": source.validation.read_text(encoding="utf-8")}
-        if with_train:
-            texts["train"] = source.train.read_text(encoding="utf-8")
-        return texts
+        files = {"validation": source.validation} | ({"train": source.train} if with_train else {})
+        return {name: _read_utf8(path) for name, path in files.items()}
     import datasets
 
     loaded = datasets.load_dataset(source.dataset, source.dataset_config)
@@ -154,6 +143,14 @@ def read_texts(source: TextSource, with_train: bool) -> dict[str, str]:
         rows = loaded[split][source.text_column]
         texts[name] = "".join(row if row.endswith("\n") else row + "\n" for row in rows)
     return texts
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
 def token_blocks(tokenizer: Any, text: str, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -184,9 +181,13 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def evaluate(accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool = True) -> dict[str, Any]:
+def evaluate(
+    accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool = True, progress: bool = False, label: str = ""
+) -> dict[str, Any]:
     """Perplexity of ``model`` over the blocks of ``dataloader`` (see the module doc) and, with ``monitor``, the
     FFN dead/zero-unit statistics of :class:`hf_helu.ActivationMonitor` (summed over processes)."""
+    from tqdm.auto import tqdm
+
     from hf_helu import ActivationMonitor
 
     model.eval()
@@ -194,7 +195,8 @@ def evaluate(accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool 
     inner = accelerator.unwrap_model(model)
     watcher = ActivationMonitor(inner) if monitor else None
     with watcher if watcher is not None else contextlib.nullcontext():
-        for batch in dataloader:
+        disable = not (progress and accelerator.is_local_main_process)
+        for batch in tqdm(dataloader, desc=f"eval {label}".strip(), disable=disable):
             ids = batch["input_ids"]
             logits = model(input_ids=ids).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
