@@ -17,7 +17,7 @@ def parse(*argv: str, **defaults) -> argparse.Namespace:
 
 
 def test_defaults_and_overrides():
-    args = parse("--output_dir", "out", "--epochs", "2", "--no_progress", "--scope", "0,1", lr=1e-3)
+    args = parse("--output_dir", "out", "--num_train_epochs", "2", "--no_progress", "--scope", "0,1", learning_rate=1e-3)
     assert args.lr == 1e-3 and args.alpha == DEFAULT_ALPHA and args.activation == "keep"
     assert flags.ACTIVATION_CHOICES == ("keep", "relu", "helu")
     assert (args.output_dir, args.epochs, args.no_progress, args.scope) == ("out", 2, True, "0,1")
@@ -28,7 +28,7 @@ def test_defaults_and_overrides():
 
 @pytest.mark.parametrize(
     "argv",
-    [["--epochs", "0"], ["--batch_size", "-1"], ["--warmup_ratio", "1"], ["--alpha", "-0.1"], ["--activation", "gelu"]],
+    [["--num_train_epochs", "0"], ["--per_device_train_batch_size", "-1"], ["--warmup_ratio", "1"], ["--alpha", "-0.1"], ["--activation", "gelu"]],
 )
 def test_bad_values_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
@@ -39,10 +39,10 @@ def test_bad_values_are_refused_by_the_parser(argv, capsys):
 @pytest.mark.parametrize(
     ("flag", "value"),
     [
-        ("--lr", "inf"),
-        ("--lr", "-1"),
-        ("--lr", "0"),
-        ("--lr", "nan"),
+        ("--learning_rate", "inf"),
+        ("--learning_rate", "-1"),
+        ("--learning_rate", "0"),
+        ("--learning_rate", "nan"),
         ("--weight_decay", "-5"),
         ("--weight_decay", "inf"),
         ("--max_grad_norm", "-1"),
