@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         record("naive swap to ReLU/HeLU", naive)
     for ridge in args.ridges:
         calibrated = copy.deepcopy(original)
-        batches = conversion.calibration_batches(tokenizer, calibration_texts, batch_size=args.per_device_eval_batch_size)
+        batches = conversion.calibration_batches(
+            tokenizer, calibration_texts, batch_size=args.per_device_eval_batch_size
+        )
         start = time.perf_counter()
         result = conversion.convert_model(
             calibrated, "calibrate", alpha=args.alpha, calibration_batches=batches, ridge=ridge

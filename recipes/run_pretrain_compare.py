@@ -247,7 +247,16 @@ def main(argv: list[str] | None = None) -> dict:
             for act in args.activations:
                 out = root / "glue" / task / act / f"seed{seed}"
                 model = root / "pretrain" / act / "model"
-                argv_glue = ["--task", task, "--model_name_or_path", str(model), "--init", "pretrained", "--seed", str(seed)]
+                argv_glue = [
+                    "--task",
+                    task,
+                    "--model_name_or_path",
+                    str(model),
+                    "--init",
+                    "pretrained",
+                    "--seed",
+                    str(seed),
+                ]
                 argv_glue += ["--save_total_limit", "1", *args.glue_argv]
                 finetune.setdefault(task, {}).setdefault(act, {})[seed] = run_recipe(
                     args.launcher, RUN_GLUE, out, argv_glue

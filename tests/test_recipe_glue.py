@@ -151,7 +151,16 @@ def test_a_model_that_is_not_a_text_checkpoint_is_refused_before_any_loading(tmp
         wav2vec2: "is a 'wav2vec2' checkpoint; this recipe needs a text encoder",
     }
     for model, message in cases.items():
-        argv = [sys.executable, str(RECIPE), "--task", "rte", "--model_name_or_path", str(model), "--data_dir", str(tmp_path)]
+        argv = [
+            sys.executable,
+            str(RECIPE),
+            "--task",
+            "rte",
+            "--model_name_or_path",
+            str(model),
+            "--data_dir",
+            str(tmp_path),
+        ]
         proc = subprocess.run([*argv, "--output_dir", str(tmp_path / "out")], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --model {model}")
@@ -288,7 +297,14 @@ def test_two_processes_give_the_same_dev_predictions(tmp_path, tiny_bert_dir):
     # the same length as in 1 process. A small learning rate keeps the predictions spread as at the random init
     # (at 1e-3 the regression head collapses to the mean label and every example predicts nearly the same value).
     task_args = tiny_args(
-        tiny_bert_dir, out, task="stsb", num_train_epochs=1, max_train_samples=64, per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=1e-5
+        tiny_bert_dir,
+        out,
+        task="stsb",
+        num_train_epochs=1,
+        max_train_samples=64,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-5,
     )
     proc = subprocess.run(
         [sys.executable, *argv, *task_args, "--save_predictions", "--no_progress"],
@@ -303,7 +319,9 @@ def test_two_processes_give_the_same_dev_predictions(tmp_path, tiny_bert_dir):
     assert two["final"]["dev"]["num_samples"] == 37  # no duplicated / dropped rows
 
     one = tmp_path / "one"
-    run_recipe(*tiny_args(out / "model", one, task="stsb", eval_only=True, per_device_eval_batch_size=8), "--save_predictions")
+    run_recipe(
+        *tiny_args(out / "model", one, task="stsb", eval_only=True, per_device_eval_batch_size=8), "--save_predictions"
+    )
     single = read_results(one, "eval_results.json")
     assert single["num_processes"] == 1 and single["final"]["dev"]["num_samples"] == 37
     # Each dev example's prediction, in dataset order, not a statistic of them: the tiny model's predictions are
@@ -381,7 +399,9 @@ def test_lora_run_saves_a_plain_merged_model(tmp_path, tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "lora"
-    results = run_recipe(*tiny_args(tiny_bert_dir, out, num_train_epochs=1, max_train_samples=32, activation="helu", lora=True))
+    results = run_recipe(
+        *tiny_args(tiny_bert_dir, out, num_train_epochs=1, max_train_samples=32, activation="helu", lora=True)
+    )
     lora = results["model"]["lora"]
     assert 0 < lora["trainable_params"] < results["model"]["params"] / 2
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")  # no adapter left: merged

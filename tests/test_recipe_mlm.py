@@ -102,7 +102,16 @@ def test_tiny_pretraining_writes_a_model_the_glue_recipe_fine_tunes(tmp_path, co
     glue = load_script(REPO / "recipes" / "run_glue.py", "run_glue_for_mlm")
     tuned = glue.main(
         [
-            *("--task", "sst2", "--model_name_or_path", str(out / "model"), "--init", "pretrained", "--data_dir", str(GLUE_DIR)),
+            *(
+                "--task",
+                "sst2",
+                "--model_name_or_path",
+                str(out / "model"),
+                "--init",
+                "pretrained",
+                "--data_dir",
+                str(GLUE_DIR),
+            ),
             *("--output_dir", str(tmp_path / "sst2"), "--max_train_samples", "32", "--max_eval_samples", "16"),
             *("--per_device_train_batch_size", "16", "--max_length", "32", "--num_train_epochs", "1", "--no_progress"),
         ]

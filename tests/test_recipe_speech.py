@@ -43,7 +43,14 @@ def run(recipe, tmp_path: Path, name: str, *argv: str) -> dict:
 def test_a_text_checkpoint_is_refused_before_any_loading(recipe, tmp_path, tiny_bert_dir):
     from hf_helu.errors import UsageError
 
-    argv = ["--model_name_or_path", str(tiny_bert_dir), "--dataset", str(tmp_path / "no_data"), "--output_dir", str(tmp_path / "o")]
+    argv = [
+        "--model_name_or_path",
+        str(tiny_bert_dir),
+        "--dataset",
+        str(tmp_path / "no_data"),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     with pytest.raises(
         UsageError, match=rf"--model {tiny_bert_dir} is a 'bert' checkpoint; this recipe needs a speech"
     ):
@@ -144,7 +151,16 @@ def test_plain_audio_folder_gets_a_reproducible_stratified_split(recipe, tmp_pat
 
 # --- training runs -------------------------------------------------------------------------------
 
-TRAIN = ["--max_train_samples", "96", "--max_eval_samples", "96", "--eval_split", "train", "--per_device_train_batch_size", "8"]
+TRAIN = [
+    "--max_train_samples",
+    "96",
+    "--max_eval_samples",
+    "96",
+    "--eval_split",
+    "train",
+    "--per_device_train_batch_size",
+    "8",
+]
 
 
 @pytest.mark.slow
@@ -152,13 +168,23 @@ TRAIN = ["--max_train_samples", "96", "--max_eval_samples", "96", "--eval_split"
 def test_one_epoch_lowers_the_loss_and_eval_only_reproduces_it(recipe, tmp_path, task):
     # Eval split = the 96 training clips, so the before/after losses are over the same clips the epoch saw.
     before = run(recipe, tmp_path, "before", "--task", task, *TRAIN, "--eval_only")["final"]["train"]
-    trained = run(recipe, tmp_path, "train", "--task", task, *TRAIN, "--num_train_epochs", "1", "--learning_rate", "2e-3")
+    trained = run(
+        recipe, tmp_path, "train", "--task", task, *TRAIN, "--num_train_epochs", "1", "--learning_rate", "2e-3"
+    )
     after = trained["final"]["train"]
     assert after["num_samples"] == before["num_samples"] == 96
     assert after["loss"] < before["loss"]
     assert trained["status"] == "complete" and trained["num_processes"] == 1
     saved = tmp_path / "train" / "model"
-    evaluate = ["--task", task, "--eval_only", "--model_name_or_path", str(saved), "--output_dir", str(tmp_path / "again")]
+    evaluate = [
+        "--task",
+        task,
+        "--eval_only",
+        "--model_name_or_path",
+        str(saved),
+        "--output_dir",
+        str(tmp_path / "again"),
+    ]
     again = recipe.main([*TINY[4:], *evaluate, *TRAIN[:6]])
     assert again["final"]["train"] == pytest.approx(after, rel=1e-5)
 
@@ -173,8 +199,19 @@ def test_pretrained_classification_checkpoint_is_loaded_and_its_feature_encoder_
     encoder.save_pretrained(checkpoint)
     Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(checkpoint)
 
-    sizes = ["--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "8", "--num_train_epochs", "1"]
-    results = recipe.main([*TINY[4:], "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "out"), *sizes])
+    sizes = [
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "8",
+        "--per_device_train_batch_size",
+        "8",
+        "--num_train_epochs",
+        "1",
+    ]
+    results = recipe.main(
+        [*TINY[4:], "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "out"), *sizes]
+    )
     assert results["config"]["freeze_feature_encoder"] is True
     from transformers import AutoModelForAudioClassification
 
@@ -210,7 +247,17 @@ def test_lora_trains_adapters_and_the_new_head(recipe, tmp_path):
         "--warmup_ratio",
         "0",
     ]
-    argv = [*TINY[4:], "--model_name_or_path", str(checkpoint), "--lora", "--lora_r", "4", "--activation", "helu", *sizes]
+    argv = [
+        *TINY[4:],
+        "--model_name_or_path",
+        str(checkpoint),
+        "--lora",
+        "--lora_r",
+        "4",
+        "--activation",
+        "helu",
+        *sizes,
+    ]
     results = recipe.main([*argv, "--output_dir", str(tmp_path / "out")])
     hidden, layers, labels = config.hidden_size, config.num_hidden_layers, 10
     lora = layers * 2 * (4 * hidden + hidden * 4)  # q_proj and v_proj: A (r x in) and B (out x r)
@@ -239,7 +286,9 @@ def test_pretrained_ctc_checkpoint_keeps_its_tokenizer(recipe, tmp_path):
     Wav2Vec2Processor(Wav2Vec2FeatureExtractor(return_attention_mask=True), tokenizer).save_pretrained(checkpoint)
 
     common = [*TINY[4:], "--task", "asr", "--model_name_or_path", str(checkpoint), "--max_train_samples", "8"]
-    results = recipe.main([*common, "--max_eval_samples", "8", "--max_train_steps", "1", "--output_dir", str(tmp_path / "a")])
+    results = recipe.main(
+        [*common, "--max_eval_samples", "8", "--max_train_steps", "1", "--output_dir", str(tmp_path / "a")]
+    )
     assert results["config"]["data"]["vocabulary_size"] == len(vocabulary)  # 'q', 'a', 'c', 'k' kept, not rebuilt
     assert json.loads((tmp_path / "a" / "model" / "vocab.json").read_text()) == vocabulary
 
@@ -263,6 +312,12 @@ def test_two_processes(tmp_path):
     assert results["num_processes"] == 2
     assert results["final"]["test"]["num_samples"] == 21
     assert results["train_samples"] == 32
-    evaluate = ["--eval_only", "--model_name_or_path", str(output_dir / "model"), "--output_dir", str(tmp_path / "again")]
+    evaluate = [
+        "--eval_only",
+        "--model_name_or_path",
+        str(output_dir / "model"),
+        "--output_dir",
+        str(tmp_path / "again"),
+    ]
     again = load_script(RECIPE, "run_speech_again").main([*TINY[4:], *evaluate, "--max_eval_samples", "21"])
     assert again["final"]["test"] == pytest.approx(results["final"]["test"], rel=1e-4)

@@ -17,7 +17,16 @@ pytestmark = [
     pytest.mark.skipif(not (WHISPER_DIR / "tokenizer.json").is_file(), reason=f"no Whisper at {WHISPER_DIR}"),
     pytest.mark.usefixtures("fresh_accelerate_state"),
 ]
-SIZES = ["--max_train_samples", "4", "--max_eval_samples", "2", "--per_device_train_batch_size", "4", "--num_train_epochs", "1"]
+SIZES = [
+    "--max_train_samples",
+    "4",
+    "--max_eval_samples",
+    "2",
+    "--per_device_train_batch_size",
+    "4",
+    "--num_train_epochs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
