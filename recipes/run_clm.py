@@ -34,6 +34,7 @@ from accelerate.utils import set_seed
 from recipe_support import clm
 from recipe_support.args import add_conversion_args, add_training_args, check_conversion_args, check_training_args
 from recipe_support.hub import check_hub, publish
+from recipe_support.models import check_stock_export
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.results import MODEL_DIR, relu_export_dir, results_file, save_model, write_results
 from recipe_support.training import (
@@ -181,7 +182,10 @@ def run(args: argparse.Namespace, accelerator) -> dict:
     results.update(model_dir=str(model_dir), relu_export_dir=str(exported) if exported else None)
     if args.check_export and accelerator.is_main_process:
         prompts = eval_blocks[: args.export_prompts, : min(16, args.block_size)]
-        check = clm.check_export_generation(relu_export_dir(model_dir), accelerator.unwrap_model(model), prompts)
+        unwrapped, batches = accelerator.unwrap_model(model), [{"input_ids": prompts}]
+        check = check_stock_export(
+            relu_export_dir(model_dir), unwrapped, batches, "AutoModelForCausalLM", new_tokens=16
+        )
         results["export_check"] = check
         accelerator.print(f"export check: greedy tokens identical without hf_helu: {check['identical']}")
     publish(accelerator, args, args.model_name_or_path, results, {"perplexity": results["perplexity"]})
@@ -193,7 +197,8 @@ def run(args: argparse.Namespace, accelerator) -> dict:
 
 def evaluate(args, accelerator, model, eval_dataloader, label: str) -> dict:
     """Perplexity and FFN statistics of ``model`` now, printed with ``label``."""
-    result = clm.evaluate(accelerator, model, eval_dataloader, progress=not args.no_progress, label=label)
+    batches = progress_bar(args, accelerator, len(eval_dataloader), desc=f"eval {label}", iterable=eval_dataloader)
+    result = clm.evaluate(accelerator, model, batches)
     ffn = result["ffn"]
     accelerator.print(
         f"[{label}] perplexity {result['perplexity']:.4g} over {result['tokens']} tokens; FFN zeros "

@@ -42,7 +42,7 @@ from recipe_support.hub import check_hub, publish
 from recipe_support.models import check_model_source, check_stock_export, prepare_model
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.results import RESULTS_FILE, finish_training, new_results, results_file, write_results
-from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train
+from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train, with_progress
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -180,7 +180,9 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
     if args.eval_only:
         model, *loaders = accelerator.prepare(model, *eval_dataloaders.values())
         eval_dataloaders = dict(zip(eval_dataloaders, loaders, strict=True))
-        results = evaluate_only(accelerator, model, eval_dataloaders, evaluator, args, results)
+        results = evaluate_only(
+            accelerator, model, with_progress(args, accelerator, eval_dataloaders), evaluator, args, results
+        )
     else:
         # The loop (recipe_support.training.train): epochs of optimizer steps, an evaluation and a checkpoint each.
         annealer = converted.annealer if converted is not None else None

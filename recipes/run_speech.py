@@ -58,7 +58,7 @@ from recipe_support.output_dir import claim_output_dir
 from recipe_support.paths import DATA_DIR_ENV, data_path
 from recipe_support.results import finish_training, new_results
 from recipe_support.speech.setups import load_task_model, train_new_head, wav2vec2_setup, whisper_setup
-from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train
+from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train, with_progress
 
 import hf_helu  # noqa: F401  (registers "helu" in transformers' ACT2FN, for checkpoints that use it)
 from hf_helu import conversion
@@ -309,7 +309,8 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
     evaluator = make_evaluator(accelerator, model, setup.compute_metrics, setup.eval_step, args.scope)
     if args.eval_only:
         model, eval_loader = accelerator.prepare(model, eval_loader)
-        results = evaluate_only(accelerator, model, {clips.eval_split: eval_loader}, evaluator, args, results)
+        loaders = with_progress(args, accelerator, {clips.eval_split: eval_loader})
+        results = evaluate_only(accelerator, model, loaders, evaluator, args, results)
     else:
         # The loop (recipe_support.training.train): epochs of optimizer steps, an evaluation and a checkpoint each.
         model, loaders, state = train(

@@ -61,12 +61,27 @@ def test_every_recipe_takes_the_transformers_flag_names(name, capsys):
     with pytest.raises(SystemExit):
         recipe(name).main(["--help"])
     shown = capsys.readouterr().out
-    flags = (
-        "--model_name_or_path --per_device_train_batch_size --per_device_eval_batch_size --learning_rate "
-        "--weight_decay --num_train_epochs --max_train_steps --gradient_accumulation_steps --lr_scheduler_type "
-        "--num_warmup_steps --output_dir --seed --checkpointing_steps --resume_from_checkpoint --with_tracking "
-        "--report_to --push_to_hub --hub_model_id --hub_token"
-    ).split()
+    flags = [
+        "--model_name_or_path",
+        "--per_device_train_batch_size",
+        "--per_device_eval_batch_size",
+        "--learning_rate",
+        "--weight_decay",
+        "--num_train_epochs",
+        "--max_train_steps",
+        "--gradient_accumulation_steps",
+        "--lr_scheduler_type",
+        "--num_warmup_steps",
+        "--output_dir",
+        "--seed",
+        "--checkpointing_steps",
+        "--resume_from_checkpoint",
+        "--with_tracking",
+        "--report_to",
+        "--push_to_hub",
+        "--hub_model_id",
+        "--hub_token",
+    ]
     assert [flag for flag in flags if flag not in shown] == []
 
 

@@ -344,7 +344,8 @@ def test_a_diverging_run_exits_2_naming_the_step_and_saves_nothing_non_finite(tm
     assert proc.returncode == 2, proc.stderr[-3000:]
     [line] = proc.stderr.strip().splitlines()[-1:]
     # Step 1 moves every weight by about 1e12 (finite); the loss of step 2 is no longer finite: stopped there.
-    assert re.match(r"error: the training loss became (nan|inf) at optimizer step 2: .*--learning_rate 1e\+12", line), line
+    expected = r"error: the training loss became (nan|inf) at optimizer step 2: .*--learning_rate 1e\+12"
+    assert re.match(expected, line), line
     assert not (out / "model").exists() and not (out / "model_relu").exists()
     assert list(out.glob("checkpoints/checkpoint_*")), "the steps before the divergence were checkpointed"
     assert _all_finite(out) == []

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.logging import tqdm  # transformers' bar: off with transformers' disable_progress_bar()
 
 from hf_helu.capture import ForwardCapture, submodules
 from hf_helu.conversion.batches import model_inputs, padding_mask
@@ -404,7 +405,7 @@ def calibrate_ffn(
                 layers = _sequential(model, stack, cached, references, ridge, target)
             else:
                 layers = _by_reruns(model, sites, references, batches, ridge)
-            for layer in layers:
+            for layer in tqdm(layers, total=len(sites), desc="calibrate", unit="layer", leave=False):
                 report.layers.append(layer)
                 logger.info(
                     "calibrated %s on %d tokens: relative error %.4f -> %.4f",

@@ -1,5 +1,5 @@
-"""Causal-LM pieces of recipes/run_clm.py: the model source (folder, hub id or GGUF), the text, its token blocks,
-perplexity, and the greedy-generation check of the stock-ReLU export.
+"""Causal-LM pieces of recipes/run_clm.py: the model source (folder, hub id or GGUF), the text, its token blocks and
+perplexity.
 
 Perplexity is ``exp(sum of token NLLs / predicted tokens)`` over contiguous ``block_size`` blocks of the validation
 text (each block predicts its tokens 2..block_size; the remainder shorter than a block is dropped), summed over
@@ -11,9 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,13 +178,9 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def evaluate(
-    accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool = True, progress: bool = False, label: str = ""
-) -> dict[str, Any]:
+def evaluate(accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool = True) -> dict[str, Any]:
     """Perplexity of ``model`` over the blocks of ``dataloader`` (see the module doc) and, with ``monitor``, the
     FFN dead/zero-unit statistics of :class:`hf_helu.ActivationMonitor` (summed over processes)."""
-    from tqdm.auto import tqdm
-
     from hf_helu import ActivationMonitor
 
     model.eval()
@@ -195,8 +188,7 @@ def evaluate(
     inner = accelerator.unwrap_model(model)
     watcher = ActivationMonitor(inner) if monitor else None
     with watcher if watcher is not None else contextlib.nullcontext():
-        disable = not (progress and accelerator.is_local_main_process)
-        for batch in tqdm(dataloader, desc=f"eval {label}".strip(), disable=disable):
+        for batch in dataloader:
             ids = batch["input_ids"]
             logits = model(input_ids=ids).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
@@ -213,83 +205,11 @@ def evaluate(
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The stock-ReLU export, generating without hf_helu
-# ----------------------------------------------------------------------------------------------------------------
-
-# Runs in `python -I` with hf_helu blocked from import: stock transformers loads the export and generates greedily.
-_STOCK_GENERATE = """
-import sys
-sys.modules["hf_helu"] = None  # any `import hf_helu` now fails
-import torch, transformers
-export_dir, prompts_path, out_path, new_tokens = sys.argv[1:5]
-torch.set_num_threads(1)
-model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
-prompts = torch.load(prompts_path)
-tokens = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                        max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens), pad_token_id=0)
-torch.save(tokens, out_path)
-"""
-
-
-def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """``model``'s greedy continuation of ``prompts`` (one thread, float32 on the CPU, exactly ``new_tokens``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            return (
-                model.cpu()
-                .float()
-                .eval()
-                .generate(
-                    prompts,
-                    attention_mask=torch.ones_like(prompts),
-                    do_sample=False,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    pad_token_id=0,
-                )
-            )
-    finally:
-        torch.set_num_threads(threads)
-
-
-def check_export_generation(
-    export_dir: str | os.PathLike, model: nn.Module, prompts: torch.Tensor, new_tokens: int = 16
-) -> dict[str, Any]:
-    """Generate greedily from ``prompts`` with ``model`` here and with ``export_dir`` in a Python process where
-    hf_helu cannot be imported; ``{"prompts", "new_tokens", "identical"}``. A failed subprocess raises RuntimeError."""
-    import copy
-
-    expected = greedy_tokens(copy.deepcopy(model), prompts, new_tokens)
-    with tempfile.TemporaryDirectory(prefix="hf_helu_clm_export_") as tmp:
-        prompts_path, out_path = f"{tmp}/prompts.pt", f"{tmp}/tokens.pt"
-        torch.save(prompts, prompts_path)
-        command = [
-            sys.executable,
-            "-I",
-            "-c",
-            _STOCK_GENERATE,
-            str(export_dir),
-            prompts_path,
-            out_path,
-            str(new_tokens),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"the stock-transformers generation of {export_dir} failed:\n{done.stderr[-2000:]}")
-        got = torch.load(out_path)
-    return {"prompts": len(prompts), "new_tokens": new_tokens, "identical": bool(torch.equal(got, expected))}
-
-
 __all__ = [
     "BlockDataset",
     "ModelSource",
     "TextSource",
-    "check_export_generation",
     "evaluate",
-    "greedy_tokens",
     "load_causal_lm",
     "model_source",
     "needs_training_text",

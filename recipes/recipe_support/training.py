@@ -33,9 +33,14 @@ _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 def make_accelerator(args: Any):
     """An Accelerator with the run's precision, accumulation and trackers (``--with_tracking --report_to``),
-    project folder OUTPUT_DIR, and a sampler whose order depends on seed + epoch only."""
+    project folder OUTPUT_DIR, and a sampler whose order depends on seed + epoch only. ``--no_progress`` also turns
+    off transformers' bars (loading, and hf_helu's calibration)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from transformers.utils import logging
+
+    if getattr(args, "no_progress", False):
+        logging.disable_progress_bar()
 
     output_dir = str(args.output_dir)
     return Accelerator(
@@ -141,12 +146,20 @@ class RunState:
         return batches
 
 
-def progress_bar(args: Any, accelerator: Any, total: int, initial: int = 0, desc: str = "train"):
-    """A tqdm bar on the local main process (none with ``--no_progress``)."""
+def progress_bar(args: Any, accelerator: Any, total: int, initial: int = 0, desc: str = "train", iterable=None):
+    """A tqdm bar on the local main process (none with ``--no_progress``); over ``iterable`` if given."""
     from tqdm.auto import tqdm
 
     disable = getattr(args, "no_progress", False) or not accelerator.is_local_main_process
-    return tqdm(total=total, initial=initial, disable=disable, desc=desc)
+    return tqdm(iterable, total=total, initial=initial, disable=disable, desc=desc, leave=iterable is None)
+
+
+def with_progress(args: Any, accelerator: Any, dataloaders: dict[str, Any]) -> dict[str, Any]:
+    """``dataloaders`` whose iteration shows an evaluation bar per split."""
+    return {
+        split: progress_bar(args, accelerator, len(dl), desc=f"eval {split}", iterable=dl)
+        for split, dl in dataloaders.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,7 +341,7 @@ def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluato
                     annealer.on_step(state.completed_steps, total_steps)
                 if state.completed_steps >= total_steps:
                     break
-        metrics, dead = evaluator(model, eval_dataloaders)
+        metrics, dead = evaluator(model, with_progress(args, accelerator, eval_dataloaders))
         log_metrics(accelerator, f"epoch {epoch}", metrics)
         entry = state.end_epoch(
             accelerator, epoch, {"lr": lr_scheduler.get_last_lr()[0], "eval": metrics, "dead_units": dead}
@@ -361,4 +374,5 @@ __all__ = [
     "start_tracking",
     "total_training_steps",
     "train",
+    "with_progress",
 ]
