@@ -55,6 +55,25 @@ def test_every_recipe_refuses_the_same_bad_values_before_any_work(tmp_path, name
     assert not (tmp_path / "out").exists()
 
 
+def _not_installed_tracker() -> str | None:
+    import importlib.util
+
+    names = ("wandb", "aim", "comet_ml", "clearml", "swanlab", "dvclive", "mlflow")
+    return next((name for name in names if importlib.util.find_spec(name) is None), None)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_tracker_that_is_unknown_or_not_installed_is_refused_before_any_work(tmp_path, name):
+    """accelerate itself drops a tracker whose package is missing without a word: the recipes refuse it."""
+    with pytest.raises(UsageError, match=r"^--report_to nosuch: Unsupported logging capability: nosuch"):
+        recipe(name).main([*argv(name, tmp_path), "--with_tracking", "--report_to", "nosuch"])
+    missing = _not_installed_tracker()
+    if missing is not None:
+        with pytest.raises(UsageError, match=rf"^--report_to {missing}: {missing} is not installed$"):
+            recipe(name).main([*argv(name, tmp_path), "--with_tracking", "--report_to", missing])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_takes_the_transformers_flag_names(name, capsys):
     """--help of each training recipe lists the flags of transformers' examples and the tracker and hub flags."""

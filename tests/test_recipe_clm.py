@@ -422,6 +422,7 @@ def test_model_card_tracker_and_progress(tmp_path, tiny):
     """--with_tracking (tensorboard): the loss of every optimizer step is in OUTPUT_DIR/logs, equal to the per-step
     losses the bar shows; model/ and model_relu/ carry a model card naming the conversion and the measured
     perplexities."""
+    pytest.importorskip("tensorboard", reason="the default tracker; installed with hf-helu[recipes]")
     from huggingface_hub import ModelCard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -123,6 +123,27 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise UsageError("--hub_model_id / --hub_token name where to upload: add --push_to_hub")
     if args.push_to_hub and args.eval_only:
         raise UsageError("--push_to_hub uploads a trained model; --eval_only trains none")
+    trackers(args, "logs")
+
+
+def trackers(args: Any, logging_dir: str) -> list | None:
+    """``--report_to`` (comma-separated) as accelerate's trackers, with ``--with_tracking``; one that accelerate does
+    not know, or that is not installed, is a UsageError (accelerate would drop it without a word)."""
+    if not getattr(args, "with_tracking", False):
+        return None
+    from accelerate import PartialState
+    from accelerate.tracking import filter_trackers
+
+    PartialState()  # accelerate's logging, which filter_trackers uses, needs it (Accelerator would make it anyway)
+    names = [name.strip() for name in args.report_to.split(",")]
+    try:
+        found = filter_trackers(names, logging_dir)
+    except ValueError as error:
+        raise UsageError(f"--report_to {args.report_to}: {error}") from None
+    missing = [name for name in names if name != "all" and name not in map(str, found)]
+    if missing or not found:
+        raise UsageError(f"--report_to {args.report_to}: {', '.join(missing) or 'no tracker'} is not installed")
+    return found
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -246,4 +267,5 @@ __all__ = [
     "checkpointing_steps",
     "lora_settings",
     "run_config",
+    "trackers",
 ]

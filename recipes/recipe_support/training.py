@@ -39,6 +39,8 @@ def make_accelerator(args: Any):
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
     from transformers.utils import logging
 
+    from recipe_support.args import trackers
+
     if getattr(args, "no_progress", False):
         logging.disable_progress_bar()
 
@@ -46,7 +48,7 @@ def make_accelerator(args: Any):
     return Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to if getattr(args, "with_tracking", False) else None,
+        log_with=trackers(args, os.path.join(output_dir, LOGS_DIR)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, LOGS_DIR)),
     )
