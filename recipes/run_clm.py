@@ -38,17 +38,16 @@ from recipe_support.models import check_stock_export
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.results import MODEL_DIR, relu_export_dir, results_file, save_model, write_results
 from recipe_support.training import (
-    RunState,
     check_checkpoint,
-    check_finite_loss,
     check_finite_weights,
     create_optimizer_and_scheduler,
     end_step,
     make_accelerator,
     progress_bar,
-    resume,
     save_checkpoint,
     start_tracking,
+    start_training,
+    step,
     total_training_steps,
 )
 from torch.utils.data import DataLoader
@@ -241,28 +240,17 @@ def train(args, accelerator, model, train_dataloader, total_steps: int, annealer
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
-    state = RunState()  # step counters, saved and restored with the checkpoints
-    accelerator.register_for_checkpointing(state)
-    if args.resume_from_checkpoint:
-        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)["path"]
-    if annealer is not None:
-        annealer.on_step(state.completed_steps, total_steps)
-    progress = progress_bar(args, accelerator, total_steps, state.completed_steps)
-    for epoch in range(state.epoch, args.num_train_epochs):
-        if state.completed_steps >= total_steps:
-            break
+    # The step counters (restored by --resume_from_checkpoint), the annealer at its step, the progress bar.
+    state, progress = start_training(args, accelerator, results, annealer, total_steps)
+    while state.completed_steps < total_steps and state.epoch < args.num_train_epochs:
         model.train()
+        epoch = state.epoch
         for batch in state.epoch_batches(accelerator, train_dataloader, epoch):
             with accelerator.accumulate(model):
                 # The training loss, in one place: a regularising term is added here.
                 loss = model(**batch).loss
-                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.learning_rate)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                # The finite-loss guard, backward, clipping, optimizer and scheduler steps.
+                step(args, accelerator, model, loss, optimizer, lr_scheduler, state)
             state.add_batch(loss, batch, accelerator.num_processes)
             if not accelerator.sync_gradients:
                 continue

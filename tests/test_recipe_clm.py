@@ -213,7 +213,7 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny
     resumed = _run(clm_args(tiny, broken, **common, resume_from_checkpoint="latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((broken / "results.json").read_text())
-    assert results["resumed_from"].endswith("checkpoint_0") and results["train"]["completed_steps"] == 4
+    assert results["resumed_from"]["path"].endswith("checkpoint_0") and results["train"]["completed_steps"] == 4
     expected, got = load_file(whole / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors")
     assert expected.keys() == got.keys()
     start = load_file(tiny["model"] / "model.safetensors")
@@ -411,7 +411,7 @@ def test_save_total_limit_1_and_a_kill_inside_the_second_save_leave_a_checkpoint
     resumed = _run(clm_args(tiny, broken, **common, resume_from_checkpoint="latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((broken / "results.json").read_text())
-    assert results["resumed_from"].endswith("checkpoint_0") and results["train"]["completed_steps"] == 3
+    assert results["resumed_from"]["path"].endswith("checkpoint_0") and results["train"]["completed_steps"] == 3
     assert [p.name for p in (broken / "checkpoints").iterdir()] == ["checkpoint_2"]  # the limit holds again
     expected, got = load_file(whole / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors")
     for key in expected:

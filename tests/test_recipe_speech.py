@@ -189,6 +189,9 @@ def test_one_epoch_lowers_the_loss_and_eval_only_reproduces_it(recipe, tmp_path,
     assert again["final"]["train"] == pytest.approx(after, rel=1e-5)
 
 
+SMALL = ["--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "8"]
+
+
 @pytest.mark.slow
 def test_pretrained_classification_checkpoint_is_loaded_and_its_feature_encoder_frozen(recipe, tmp_path):
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -199,16 +202,7 @@ def test_pretrained_classification_checkpoint_is_loaded_and_its_feature_encoder_
     encoder.save_pretrained(checkpoint)
     Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(checkpoint)
 
-    sizes = [
-        "--max_train_samples",
-        "16",
-        "--max_eval_samples",
-        "8",
-        "--per_device_train_batch_size",
-        "8",
-        "--num_train_epochs",
-        "1",
-    ]
+    sizes = [*SMALL, "--num_train_epochs", "1"]
     results = recipe.main(
         [*TINY[4:], "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "out"), *sizes]
     )
@@ -235,18 +229,7 @@ def test_lora_trains_adapters_and_the_new_head(recipe, tmp_path):
     encoder = Wav2Vec2Model(config)
     encoder.save_pretrained(checkpoint)
     Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(checkpoint)
-    sizes = [
-        "--max_train_samples",
-        "16",
-        "--max_eval_samples",
-        "8",
-        "--per_device_train_batch_size",
-        "8",
-        "--max_train_steps",
-        "1",
-        "--warmup_ratio",
-        "0",
-    ]
+    sizes = [*SMALL, "--max_train_steps", "1", "--warmup_ratio", "0"]
     argv = [
         *TINY[4:],
         "--model_name_or_path",

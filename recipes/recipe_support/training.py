@@ -285,6 +285,30 @@ def check_finite_weights(accelerator: Any, model: nn.Module, step: int) -> None:
         )
 
 
+def start_training(args: Any, accelerator: Any, results: dict, annealer: Any, total_steps: int) -> tuple:
+    """The loop's :class:`RunState` (registered for checkpointing, restored by ``--resume_from_checkpoint``, which
+    results.json records as ``resumed_from``), the annealer set to its step, and the progress bar."""
+    state = RunState()
+    accelerator.register_for_checkpointing(state)
+    if args.resume_from_checkpoint:
+        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if annealer is not None:
+        annealer.on_step(state.completed_steps, total_steps)
+    return state, progress_bar(args, accelerator, total_steps, state.completed_steps)
+
+
+def step(args: Any, accelerator: Any, model: nn.Module, loss, optimizer: Any, scheduler: Any, state: RunState) -> None:
+    """Inside ``accelerator.accumulate``: the finite-loss guard, backward, clipping (``--max_grad_norm``) and the
+    optimizer and scheduler steps."""
+    check_finite_loss(accelerator, loss, state.completed_steps + 1, args.learning_rate)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and args.max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
 def end_step(args: Any, accelerator: Any, model: nn.Module, state: RunState, progress: Any, loss, scheduler) -> None:
     """After an optimizer step: count it, show its loss on the bar, log it (--with_tracking), checkpoint every
     --checkpointing_steps steps."""
@@ -314,14 +338,8 @@ def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluato
         model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
     )
     eval_dataloaders = dict(zip(names, loaders, strict=True))
-    state = RunState()  # step counters and per-epoch history, saved and restored with the checkpoints
-    accelerator.register_for_checkpointing(state)
-    if args.resume_from_checkpoint:
-        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-        results["epochs"] = state.history
-    if annealer is not None:
-        annealer.on_step(state.completed_steps, total_steps)
-    progress = progress_bar(args, accelerator, total_steps, state.completed_steps)
+    state, progress = start_training(args, accelerator, results, annealer, total_steps)
+    results["epochs"] = state.history
     for epoch in range(state.epoch, args.num_train_epochs):
         if state.completed_steps >= total_steps:
             break
@@ -329,13 +347,7 @@ def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluato
         for batch in state.epoch_batches(accelerator, train_dataloader, epoch):
             with accelerator.accumulate(model):
                 loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
-                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.learning_rate)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                step(args, accelerator, model, loss, optimizer, lr_scheduler, state)
             state.add_batch(loss, batch, accelerator.num_processes)
             if accelerator.sync_gradients:
                 end_step(args, accelerator, model, state, progress, loss, lr_scheduler)
@@ -374,6 +386,8 @@ __all__ = [
     "resume",
     "save_checkpoint",
     "start_tracking",
+    "start_training",
+    "step",
     "total_training_steps",
     "train",
     "with_progress",
