@@ -461,3 +461,39 @@ def test_push_to_hub_with_the_hub_offline_exits_2_before_training(tmp_path, tiny
     assert line.startswith("error: --push_to_hub: cannot create the hub repository 'someone/tiny-helu'"), line
     assert "offline" in line
     assert not (out / "checkpoints").exists() and not (out / "model").exists()
+
+
+def test_push_to_hub_creates_the_repo_first_and_uploads_the_stock_relu_export(tmp_path, tiny, monkeypatch, one_thread):
+    """--push_to_hub --hub_model_id: huggingface_hub's create_repo is called before the model loads, upload_folder at
+    the end with the stock-ReLU export (it loads without hf_helu) and its model card; the token never reaches
+    results.json. (The hub client is replaced by a recorder: no network here.)"""
+    import huggingface_hub
+    import transformers
+
+    calls = []
+    loaded = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        calls.append(("load",))
+        return loaded(cls, *args, **kwargs)
+
+    def create_repo(name, token=None, exist_ok=False):
+        calls.append(("create_repo", name, token, exist_ok))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{name}")
+
+    def upload_folder(repo_id, folder_path, token=None, commit_message=None):
+        calls.append(
+            ("upload_folder", repo_id, str(folder_path), token, sorted(p.name for p in Path(folder_path).iterdir()))
+        )
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "push"
+    flags = dict(activation="helu", conversion="none", max_train_steps=1, push_to_hub=True, hub_model_id="me/tiny")
+    results = recipe().main([*clm_args(tiny, out, **flags), "--hub_token", "hf_secret"])
+    assert calls[0] == ("create_repo", "me/tiny", "hf_secret", True) and calls[1] == ("load",)
+    upload = calls[-1]
+    assert upload[:4] == ("upload_folder", "me/tiny", str(out / "model_relu"), "hf_secret")
+    assert "README.md" in upload[4] and "model.safetensors" in upload[4]
+    assert "hf_secret" not in (out / "results.json").read_text() and results["status"] == "complete"
