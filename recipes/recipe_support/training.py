@@ -367,6 +367,7 @@ def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluato
         write_results(accelerator, Path(args.output_dir), results)
         save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}", args.save_total_limit)
     progress.close()
+    check_finite_weights(accelerator, model, state.completed_steps)  # what finish_training saves is finite
     return model, eval_dataloaders, state
 
 
