@@ -33,7 +33,7 @@ import transformers
 from accelerate.utils import set_seed
 from recipe_support import clm
 from recipe_support.args import add_conversion_args, add_training_args, check_conversion_args, check_training_args
-from recipe_support.hub import check_hub, publish
+from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.models import check_stock_export
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.results import MODEL_DIR, relu_export_dir, results_file, save_model, write_results
@@ -109,6 +109,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_error()
     accelerator = make_accelerator(args)

@@ -38,7 +38,7 @@ from recipe_support.args import (
     run_config,
 )
 from recipe_support.evaluation import default_eval_step, evaluate_only, make_evaluator
-from recipe_support.hub import check_hub, publish
+from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.models import check_model_source, check_stock_export, prepare_model
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.results import RESULTS_FILE, finish_training, new_results, results_file, write_results
@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()

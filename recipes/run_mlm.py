@@ -37,7 +37,7 @@ from accelerate.utils import set_seed
 from recipe_support import mlm
 from recipe_support.args import add_training_args, check_training_args, run_config
 from recipe_support.evaluation import make_evaluator
-from recipe_support.hub import check_hub, publish
+from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.mlm_model import (
     SIZE_PRESETS,
     FiringCounts,
@@ -145,6 +145,7 @@ def load_blocks(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()

@@ -52,7 +52,7 @@ from recipe_support.args import (
     run_config,
 )
 from recipe_support.evaluation import evaluate_only, make_evaluator
-from recipe_support.hub import check_hub, publish
+from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.models import check_model_source, prepare_model, trainable_parameters
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.paths import DATA_DIR_ENV, data_path
@@ -244,6 +244,7 @@ def convert(args, accelerator, model, setup, train_data, state, model_info) -> t
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     accelerator = make_accelerator(args)

@@ -497,3 +497,5 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_stock_relu_export(tm
     assert upload[:4] == ("upload_folder", "me/tiny", str(out / "model_relu"), "hf_secret")
     assert "README.md" in upload[4] and "model.safetensors" in upload[4]
     assert "hf_secret" not in (out / "results.json").read_text() and results["status"] == "complete"
+    card = (out / "model_relu" / "README.md").read_text()
+    assert "hf_secret" not in card and "--hub_token '***'" in card and "python recipes/run_clm.py" in card

@@ -14,6 +14,16 @@ from hf_helu.errors import UsageError
 from hf_helu.inputs import is_hub_id
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How the run was started (``python recipes/<script> ...``), for results.json and the model card; the value of
+    ``--hub_token`` is never written."""
+    shown, hide = [], False
+    for arg in sys.argv[1:] if argv is None else map(str, argv):
+        shown.append("***" if hide else "--hub_token=***" if arg.startswith("--hub_token=") else arg)
+        hide = arg == "--hub_token"
+    return shlex.join(["python", f"recipes/{Path(script).name}", *shown])
+
+
 def check_hub(args: Any) -> None:
     """With ``--push_to_hub``: create (or find) the repository now, so an offline hub or a bad token or name stops
     the run before it trains; sets ``args.hub_repo_id``."""
@@ -38,7 +48,9 @@ def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[str]:
     return rows
 
 
-def write_model_card(folder: str | Path, source: str | None, model_info: dict[str, Any], metrics: dict, note: str = ""):
+def write_model_card(
+    folder: str | Path, source: str | None, model_info: dict[str, Any], metrics: dict, command: str, note: str = ""
+) -> None:
     """OUTPUT_DIR/model/README.md: the source checkpoint, the activation and conversion (``model_info`` as
     results.json records it), the command that made it and the ``metrics`` it measured."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -61,7 +73,7 @@ def write_model_card(folder: str | Path, source: str | None, model_info: dict[st
         "",
         "## How",
         "",
-        f"`{shlex.join(['python', *sys.argv])}`",
+        f"`{command}`",
         "",
         "## Results (measured by the run)",
         "",
@@ -79,10 +91,10 @@ def publish(accelerator: Any, args: Any, source: str | None, results: dict[str, 
     if not accelerator.is_main_process:
         return
     info = results.get("model", {})
-    write_model_card(results["model_dir"], source, info, metrics)
+    write_model_card(results["model_dir"], source, info, metrics, args.command)
     if results.get("relu_export_dir"):
         note = "This is the stock-ReLU export of the HeLU model (same forward; loads without hf_helu)."
-        write_model_card(results["relu_export_dir"], source, info, metrics, note)
+        write_model_card(results["relu_export_dir"], source, info, metrics, args.command, note)
     if args.push_to_hub:
         from huggingface_hub import upload_folder
 
@@ -91,4 +103,4 @@ def publish(accelerator: Any, args: Any, source: str | None, results: dict[str, 
         accelerator.print(f"pushed {folder} to https://huggingface.co/{args.hub_repo_id}")
 
 
-__all__ = ["check_hub", "publish", "write_model_card"]
+__all__ = ["check_hub", "command_line", "publish", "write_model_card"]
