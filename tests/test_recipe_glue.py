@@ -266,7 +266,7 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, tiny_bert_dir):
 
 @needs_data
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_bert_dir):
-    common = {"epochs": 2, "max_train_samples": 80, "checkpointing_steps": 2}  # 5 steps per epoch
+    common = {"num_train_epochs": 2, "max_train_samples": 80, "checkpointing_steps": 2}  # 5 steps per epoch
     full = tmp_path / "full"
     run_recipe(*tiny_args(tiny_bert_dir, full, **common))
 

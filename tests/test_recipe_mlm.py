@@ -148,16 +148,16 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, corpus):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"hidden_act": "swish", "max_steps": 2}, "gelu, relu, helu or helu_<alpha>"),
+        ({"hidden_act": "swish", "max_train_steps": 2}, "gelu, relu, helu or helu_<alpha>"),
         ({}, "exactly one training budget"),
-        ({"max_steps": 2, "max_tokens": 100}, "exactly one training budget"),
-        ({"max_steps": 2, "epochs": 3}, "--num_train_epochs"),
-        ({"max_steps": 2, "activation": "relu"}, "--hidden_act"),
-        ({"max_steps": 2, "config_overrides": "hidden_size"}, "key=value"),
-        ({"max_steps": 2, "config_overrides": "hidden_size=abc"}, "hidden_size=abc: .* takes a int value, got 'abc'"),
-        ({"max_steps": 2, "config_overrides": "hidden_dropout_prob=x"}, "hidden_dropout_prob=x: .* float value"),
-        ({"max_steps": 2, "lr": "inf"}, "--learning_rate must be a finite number > 0, got inf"),
-        ({"max_steps": 2, "weight_decay": -5}, "--weight_decay must be a finite number >= 0, got -5"),
+        ({"max_train_steps": 2, "max_tokens": 100}, "exactly one training budget"),
+        ({"max_train_steps": 2, "num_train_epochs": 3}, "--num_train_epochs"),
+        ({"max_train_steps": 2, "model_name_or_path": "bert-base-uncased"}, "--model_name_or_path"),
+        ({"max_train_steps": 2, "config_overrides": "hidden_size"}, "key=value"),
+        ({"max_train_steps": 2, "config_overrides": "hidden_size=abc"}, "hidden_size=abc: .* takes a int value, got 'abc'"),
+        ({"max_train_steps": 2, "config_overrides": "hidden_dropout_prob=x"}, "hidden_dropout_prob=x: .* float value"),
+        ({"max_train_steps": 2, "learning_rate": "inf"}, "--learning_rate must be a finite number > 0, got inf"),
+        ({"max_train_steps": 2, "weight_decay": -5}, "--weight_decay must be a finite number >= 0, got -5"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, corpus, extra, message):
