@@ -499,3 +499,20 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_the_stock_relu_export(tm
     assert "hf_secret" not in (out / "results.json").read_text() and results["status"] == "complete"
     card = (out / "model_relu" / "README.md").read_text()
     assert "hf_secret" not in card and "--hub_token '***'" in card and "python recipes/run_clm.py" in card
+
+
+def test_a_gguf_file_is_read_by_hf_helus_loader(tmp_path, tiny, one_thread):
+    """--model_name_or_path FILE.gguf (hf_helu's own loader, dequantized to float32): the perplexity equals the
+    reference computed on the stock model the file was written from, with the tokenizer stored in the file."""
+    from gguf_helpers import tiny_llama_lm, write_tiny_gguf
+    from transformers import AutoTokenizer
+
+    model = tiny_llama_lm()
+    gguf = write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    stock = tmp_path / "stock"
+    model.save_pretrained(stock)
+    AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf").save_pretrained(stock)
+    results = recipe().main(clm_args(tiny, tmp_path / "eval", model_name_or_path=gguf, eval_only=True))
+    assert results["model"]["gguf_file"] == "tiny.gguf"
+    reference = reference_perplexity(stock, tiny["valid"], 20 * BLOCK)
+    assert results["perplexity"]["original"] == pytest.approx(reference, rel=1e-5)

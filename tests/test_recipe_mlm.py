@@ -154,7 +154,10 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, corpus):
         ({"max_train_steps": 2, "num_train_epochs": 3}, "--num_train_epochs"),
         ({"max_train_steps": 2, "model_name_or_path": "bert-base-uncased"}, "--model_name_or_path"),
         ({"max_train_steps": 2, "config_overrides": "hidden_size"}, "key=value"),
-        ({"max_train_steps": 2, "config_overrides": "hidden_size=abc"}, "hidden_size=abc: .* takes a int value, got 'abc'"),
+        (
+            {"max_train_steps": 2, "config_overrides": "hidden_size=abc"},
+            "hidden_size=abc: .* takes a int value, got 'abc'",
+        ),
         ({"max_train_steps": 2, "config_overrides": "hidden_dropout_prob=x"}, "hidden_dropout_prob=x: .* float value"),
         ({"max_train_steps": 2, "learning_rate": "inf"}, "--learning_rate must be a finite number > 0, got inf"),
         ({"max_train_steps": 2, "weight_decay": -5}, "--weight_decay must be a finite number >= 0, got -5"),

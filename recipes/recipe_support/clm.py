@@ -50,6 +50,7 @@ def model_source(name: str) -> ModelSource:
     """``--model_name_or_path`` resolved (a folder, a ``.gguf`` file or a folder with one, a hub snapshot) and its
     config read, by hf_helu's own loader; a config that is unreadable, or whose class is not a causal LM (a BERT
     classifier), is a UsageError, before any weight is loaded."""
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
@@ -58,7 +59,7 @@ def model_source(name: str) -> ModelSource:
     except UsageError as error:
         raise UsageError(f"--model_name_or_path {name}: {error}") from None
     causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
-    if cls.__name__ not in causal:
+    if cls.__name__ not in causal and cls is not AutoModelForCausalLM:  # the latter: a GGUF file's own config
         raise UsageError(
             f"--model_name_or_path {name} holds a {cls.__name__} (config.architectures), not a causal language model; "
             "run_clm trains a *ForCausalLM checkpoint"
