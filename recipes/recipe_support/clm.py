@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from hf_helu.cli.common import (  # hf_helu's own loader (folders, hub ids, GGUF
     source_model_class,
 )
 from hf_helu.errors import UsageError
+from recipe_support.paths import DATA_DIR_ENV, data_path
 
-DATA_DIR_ENV = "HF_HELU_DATA_DIR"
 WIKITEXT = "wikitext-2"
 
 
@@ -102,7 +101,7 @@ def text_source(args: Any) -> TextSource:
     if files:
         train, validation = args.train_file, args.validation_file
     else:
-        root = args.data_dir or (Path(os.environ[DATA_DIR_ENV]) / WIKITEXT if os.environ.get(DATA_DIR_ENV) else None)
+        root = args.data_dir or data_path(WIKITEXT)
         if root is None:
             raise UsageError(
                 f"no data: give --data_dir, --train_file/--validation_file or --dataset_name (or set {DATA_DIR_ENV})"
