@@ -117,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_conversion_args(args)
     if args.model_name_or_path is None and args.init == "pretrained":
         args.model_name_or_path = DEFAULT_PRETRAINED
+    args.output_dir = args.output_dir or f"runs/speech_{args.task}_{args.activation}_s{args.seed}"
     if args.lora and not args.lora_target_modules:
         args.lora_target_modules = list(LORA_TARGET_MODULES)
     fsdd = data_path("fsdd")
