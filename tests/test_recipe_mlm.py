@@ -121,7 +121,7 @@ def test_tiny_pretraining_writes_a_model_the_glue_recipe_fine_tunes(tmp_path, co
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, corpus):
-    common = {"max_steps": 6, "evaluations": 2, "checkpointing_steps": 2}  # rounds of 3 steps
+    common = {"max_train_steps": 6, "evaluations": 2, "checkpointing_steps": 2}  # rounds of 3 steps
     full = tmp_path / "full"
     recipe().main(mlm_args(corpus, full, **common))
 
