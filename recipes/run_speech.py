@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--dataset is required (no FSDD folder in ${DATA_DIR_ENV})")
     args.dataset = args.dataset or str(fsdd)
     if args.config_overrides and args.model_name_or_path is not None:
-        parser.error("--config_overrides applies to a scratch model built from --model_size; drop --model")
+        parser.error("--config_overrides applies to a scratch model built from --model_size; drop --model_name_or_path")
     if args.model_name_or_path is not None:  # a missing folder, a file, a text checkpoint: refused before any loading
         kinds = ("AUDIO_CLASSIFICATION", "CTC", "SPEECH_SEQ_2_SEQ")
         check_model_source(args.model_name_or_path, kinds, "a speech model (Wav2Vec2-style or Whisper)")

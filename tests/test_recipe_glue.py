@@ -163,7 +163,7 @@ def test_a_model_that_is_not_a_text_checkpoint_is_refused_before_any_loading(tmp
         ]
         proc = subprocess.run([*argv, "--output_dir", str(tmp_path / "out")], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --model {model}")
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --model_name_or_path {model}")
         assert message in proc.stderr
     assert not (tmp_path / "out").exists()
 

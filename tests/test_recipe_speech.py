@@ -52,7 +52,7 @@ def test_a_text_checkpoint_is_refused_before_any_loading(recipe, tmp_path, tiny_
         str(tmp_path / "o"),
     ]
     with pytest.raises(
-        UsageError, match=rf"--model {tiny_bert_dir} is a 'bert' checkpoint; this recipe needs a speech"
+        UsageError, match=rf"--model_name_or_path {tiny_bert_dir} is a 'bert' checkpoint; this recipe needs a speech"
     ):
         recipe.main(argv)
     assert not (tmp_path / "o").exists()

@@ -18,7 +18,7 @@ def run(*argv) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("ridge", ["-1", "nan", "inf"])
 def test_a_bad_ridge_is_refused_before_any_work(tmp_path, ridge):
-    """--model and --data_dir do not exist: had they been read first, the error would name them."""
+    """--model_name_or_path and --data_dir do not exist: had they been read first, the error would name them."""
     proc = run(
         "--ridges",
         "0.01",

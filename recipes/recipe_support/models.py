@@ -100,17 +100,19 @@ def check_model_source(source: str, kinds: tuple[str, ...], what: str) -> None:
         try:
             validate_repo_id(source)
         except HFValidationError:
-            raise UsageError(f"--model {source}: no such folder (and not a hub model id)") from None
+            raise UsageError(f"--model_name_or_path {source}: no such folder (and not a hub model id)") from None
         return
     if not path.is_dir():
-        raise UsageError(f"--model {source} is a file; give the checkpoint folder (with config.json)")
+        raise UsageError(f"--model_name_or_path {source} is a file; give the checkpoint folder (with config.json)")
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as error:
-        raise UsageError(f"--model {source} is not a transformers checkpoint (config.json: {error})") from None
+        raise UsageError(
+            f"--model_name_or_path {source} is not a transformers checkpoint (config.json: {error})"
+        ) from None
     supported = set().union(*(getattr(modeling_auto, f"MODEL_FOR_{kind}_MAPPING_NAMES") for kind in kinds))
     if model_type not in supported:
-        raise UsageError(f"--model {source} is a {model_type!r} checkpoint; this recipe needs {what}")
+        raise UsageError(f"--model_name_or_path {source} is a {model_type!r} checkpoint; this recipe needs {what}")
 
 
 def has_trained_head(config: Any, kind: str = "classification") -> bool:
