@@ -85,14 +85,6 @@ def total_training_steps(args: Any, batches_per_epoch: int, num_processes: int) 
     return total if args.max_train_steps is None else min(total, args.max_train_steps)
 
 
-def batch_size(batch: Mapping[str, Any]) -> int:
-    """The number of examples in a batch (its first tensor's leading size)."""
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            return int(value.shape[0])
-    return 0
-
-
 class RunState:
     """The loop's counters and per-epoch history, saved in every checkpoint; ``label`` names the checkpoint
     (``step_N`` or ``epoch_N``)."""
@@ -122,7 +114,8 @@ class RunState:
         self._loss_sum += loss.detach().float()
         self._loss_count += 1
         self.batches_in_epoch += 1
-        self.train_samples += batch_size(batch) * num_processes
+        size = next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0), 0)
+        self.train_samples += size * num_processes
         if isinstance(batch.get("input_ids"), torch.Tensor):
             self.train_tokens += batch["input_ids"].numel() * num_processes
 
