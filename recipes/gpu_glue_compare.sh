@@ -25,6 +25,6 @@ time python recipes/run_glue_compare.py \
   --seeds 0 1 2 \
   --output_dir "$OUT" \
   --title "MiniLM-L6 on GLUE dev, full train sets, 3 epochs, bf16 (CUDA)" \
-  -- "${DATA_ARGS[@]}" --epochs 3 --lr 5e-5 --batch_size 32 --max_length 128 --warmup_ratio 0.1 \
+  -- "${DATA_ARGS[@]}" --num_train_epochs 3 --learning_rate 5e-5 --per_device_train_batch_size 32 --max_length 128 --warmup_ratio 0.1 \
   --weight_decay 0.01 --mixed_precision bf16 --no_progress "$@"
 cat "$OUT/compare.md"

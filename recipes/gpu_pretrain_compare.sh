@@ -26,8 +26,8 @@ time python recipes/run_pretrain_compare.py \
   --seeds $SEEDS \
   --output_dir "$OUT" \
   --title "BERT-medium pretrained from scratch on WikiText-2 (20 M tokens, bf16, CUDA), then GLUE dev" \
-  --mlm_args "--size medium --batch_size 256 --block_size 128 --max_tokens 20000000 --evaluations 10 \
-    --max_eval_blocks 512 --lr 5e-4 --warmup_ratio 0.06 --max_grad_norm 0.5 --mixed_precision bf16" \
-  --glue_args "--data_dir $DATA_ROOT/glue --max_train_samples 8000 --epochs 2 --lr 1e-4 --batch_size 64 \
+  --mlm_args "--size medium --per_device_train_batch_size 256 --block_size 128 --max_tokens 20000000 --evaluations 10 \
+    --max_eval_blocks 512 --learning_rate 5e-4 --warmup_ratio 0.06 --max_grad_norm 0.5 --mixed_precision bf16" \
+  --glue_args "--data_dir $DATA_ROOT/glue --max_train_samples 8000 --num_train_epochs 2 --learning_rate 1e-4 --per_device_train_batch_size 64 \
     --max_length 128 --mixed_precision bf16"
 cat "$OUT/compare.md"

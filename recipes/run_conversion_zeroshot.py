@@ -29,7 +29,7 @@ from hf_helu import conversion
 from hf_helu.activation import DEFAULT_ALPHA
 from hf_helu.atomic import atomic_write_json, atomic_write_text
 from hf_helu.errors import UsageError
-from hf_helu.inputs import alpha
+from hf_helu.inputs import alpha, positive_int
 from hf_helu.patching import patch_model
 
 
@@ -93,13 +93,13 @@ def check_output(output: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="Default: the packaged all-MiniLM-L6-v2.")
+    parser.add_argument("--model_name_or_path", default=None, help="Default: the packaged all-MiniLM-L6-v2.")
     parser.add_argument("--data_dir", default=None, help="Folder with STS-B/{train,dev}.tsv (GLUE layout).")
     parser.add_argument("--calibration_pairs", type=int, default=400, help="STS-B train pairs (2 sentences each).")
     parser.add_argument("--ridges", type=float, nargs="+", default=[1e-3, 1e-2])
     parser.add_argument("--alpha", type=alpha, default=DEFAULT_ALPHA)
     parser.add_argument("--max_eval_pairs", type=int, default=None, help="Default: the whole dev set (1,500).")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--per_device_eval_batch_size", type=positive_int, default=64)
     parser.add_argument(
         "--checkpoints",
         nargs="*",
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_output(output)
     dev, calibration_texts = read_data(args)
 
-    model_path = args.model or glue.default_model()
+    model_path = args.model_name_or_path or glue.default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     original = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def record(name: str, model, **extra) -> None:
         start = time.perf_counter()
-        score = spearman(model, tokenizer, *dev, args.batch_size)
+        score = spearman(model, tokenizer, *dev, args.per_device_eval_batch_size)
         rows.append({"model": name, "stsb_dev_spearman": score, "eval_s": time.perf_counter() - start, **extra})
         print(f"{name:<40} Spearman {score:.4f}", flush=True)
 
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         record("naive swap to ReLU/HeLU", naive)
     for ridge in args.ridges:
         calibrated = copy.deepcopy(original)
-        batches = conversion.calibration_batches(tokenizer, calibration_texts, batch_size=args.batch_size)
+        batches = conversion.calibration_batches(
+            tokenizer, calibration_texts, batch_size=args.per_device_eval_batch_size
+        )
         start = time.perf_counter()
         result = conversion.convert_model(
             calibrated, "calibrate", alpha=args.alpha, calibration_batches=batches, ridge=ridge

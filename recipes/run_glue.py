@@ -1,14 +1,14 @@
 """Fine-tune and evaluate a (HeLU-patched) encoder on a GLUE task with Accelerate.
 
-    python recipes/run_glue.py --task rte --activation helu --epochs 1 --data_dir ../shared/data/glue
-    accelerate launch recipes/run_glue.py --task mrpc ...       # several GPUs / processes (see `accelerate config`)
-    python recipes/run_glue.py --task rte --eval_only --model runs/rte/model --data_dir ../shared/data/glue
+    python recipes/run_glue.py --task rte --activation helu --num_train_epochs 1 --data_dir ../shared/data/glue
+    accelerate launch recipes/run_glue.py --task mrpc --data_dir ../shared/data/glue   # several GPUs / processes
+    python recipes/run_glue.py --task rte --eval_only --model_name_or_path runs/rte/model --data_dir ../shared/data/glue
 
 Writes OUTPUT_DIR/results.json (per-epoch and final dev metrics, config, wall time, samples/s, dead FFN units),
-OUTPUT_DIR/model (save_pretrained) and, with --activation helu, OUTPUT_DIR/model_relu (stock ReLU, loads
-without hf_helu); --eval_only writes OUTPUT_DIR/eval_results.json. OUTPUT_DIR must be new, empty or an earlier
-run's (then --resume_from_checkpoint latest or --overwrite_output_dir); one run at a time holds it. Without
---data_dir, GLUE comes from the hub (``nyu-mll/glue``).
+OUTPUT_DIR/model (save_pretrained, with a model card) and, with --activation helu, OUTPUT_DIR/model_relu (stock
+ReLU, loads without hf_helu); --eval_only writes OUTPUT_DIR/eval_results.json. OUTPUT_DIR must be new, empty or an
+earlier run's (then --resume_from_checkpoint latest or --overwrite_output_dir); one run at a time holds it.
+Without --data_dir, GLUE comes from the hub (``nyu-mll/glue``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from accelerate.utils import set_seed
 from recipe_support import glue
 from recipe_support.args import (
     add_conversion_args,
+    add_model_args,
     add_training_args,
     check_conversion_args,
     check_training_args,
@@ -37,28 +38,12 @@ from recipe_support.args import (
     run_config,
 )
 from recipe_support.evaluation import default_eval_step, evaluate_only, make_evaluator
+from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.models import check_model_source, check_stock_export, prepare_model
 from recipe_support.output_dir import claim_output_dir
-from recipe_support.results import (
-    RESULTS_FILE,
-    finish_training,
-    log_metrics,
-    new_results,
-    results_file,
-    write_results,
-)
-from recipe_support.training import (
-    RunState,
-    check_checkpoint,
-    check_finite_loss,
-    create_optimizer_and_scheduler,
-    make_accelerator,
-    resume,
-    save_checkpoint,
-    total_training_steps,
-)
+from recipe_support.results import RESULTS_FILE, finish_training, new_results, results_file, write_results
+from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train, with_progress
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 import hf_helu  # noqa: F401  (registers "helu" so patched checkpoints load)
@@ -78,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="local",
         help="local: scikit-learn/scipy (offline, same numbers); evaluate: evaluate.load('glue', task) (the hub).",
     )
-    add_training_args(parser, output_dir=None, lr=5e-5, batch_size=32, epochs=3)
+    add_training_args(parser)
+    add_model_args(parser)
     add_conversion_args(parser)
     report = parser.add_argument_group("judging the result")
     report.add_argument(
@@ -96,14 +82,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_training_args(args)
     check_conversion_args(args)
+    if args.compare_keep and args.push_to_hub:
+        raise UsageError("--compare_keep makes two models; push one run's model with --push_to_hub, without it")
     if args.compare_keep and (args.eval_only or args.activation == "keep"):
         raise UsageError("--compare_keep compares a relu/helu training run with keep; drop it for this run")
     if args.compare_keep and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--compare_keep runs in one process; launch without accelerate/torchrun")
     args.task = glue.get_task(args.task).name  # unknown task: clear error before anything is loaded
-    args.model = args.model or glue.default_model()
+    args.model_name_or_path = args.model_name_or_path or glue.default_model()
     # A missing folder, a file, a speech checkpoint: refused before any loading.
-    check_model_source(args.model, ("SEQUENCE_CLASSIFICATION",), "a text encoder with a sequence-classification head")
+    check_model_source(
+        args.model_name_or_path, ("SEQUENCE_CLASSIFICATION",), "a text encoder with a sequence-classification head"
+    )
     method = ("" if args.conversion == "auto" else f"_{args.conversion}") + (
         f"_distill{args.distill_weight:g}" if args.distill_weight else ""
     )
@@ -113,14 +103,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     accelerator = make_accelerator(args)
     # The output folder (writable, locked, no other run's files) is checked before any data or model is loaded.
-    with claim_output_dir(accelerator, args, inputs=[args.model]):
+    with claim_output_dir(accelerator, args, inputs=[args.model_name_or_path]):
         if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
             check_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        check_hub(args)  # --push_to_hub: the hub repository exists before any training
         results = _run(args, accelerator)
     baseline = _run_keep_baseline(args, sys.argv[1:] if argv is None else argv) if args.compare_keep else None
     if accelerator.is_main_process:
@@ -138,8 +130,8 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
     eval_sets = {split: glue.shuffled_subset(raw[split], args.max_eval_samples) for split in task.eval_splits}
 
     # Model: the pretrained encoder (or its config, --init scratch) with a head for the task, then HeLU / LoRA.
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = glue.load_glue_model(args.model, task, init=args.init, eval_only=args.eval_only)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = glue.load_glue_model(args.model_name_or_path, task, init=args.init, eval_only=args.eval_only)
     # --conversion auto: calibrate+anneal for a pretrained non-ReLU checkpoint patched to relu/helu, else none.
     choice = conversion.resolve_conversion(
         args.conversion, activation=args.activation, model=model, init=args.init, training=not args.eval_only
@@ -161,11 +153,11 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
     train_dataloader = DataLoader(
         train_set,
         shuffle=True,
-        batch_size=args.batch_size,
+        batch_size=args.per_device_train_batch_size,
         collate_fn=collator,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    eval_batch_size = args.eval_batch_size or 2 * args.batch_size
+    eval_batch_size = args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size
     eval_dataloaders = {
         split: DataLoader(ds, batch_size=eval_batch_size, collate_fn=collator) for split, ds in eval_sets.items()
     }
@@ -183,26 +175,25 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
         model_info["distill_weight"] = args.distill_weight
 
     results = new_results(accelerator, run_config(args), model_info)
+    start_tracking(accelerator, args, "run_glue")
     compute_metrics = glue.make_compute_metrics(task, args.metric_backend)
     evaluator = make_evaluator(accelerator, model, compute_metrics, default_eval_step, args.scope)
     if args.eval_only:
         model, *loaders = accelerator.prepare(model, *eval_dataloaders.values())
         eval_dataloaders = dict(zip(eval_dataloaders, loaders, strict=True))
-        results = evaluate_only(accelerator, model, eval_dataloaders, evaluator, args, results)
-    else:
-        annealer = converted.annealer if converted is not None else None
-        model, results = train(
-            args,
-            accelerator,
-            model,
-            train_dataloader,
-            eval_dataloaders,
-            evaluator,
-            results,
-            annealer=annealer,
-            compute_loss=distiller,
-            processor=tokenizer,
+        results = evaluate_only(
+            accelerator, model, with_progress(args, accelerator, eval_dataloaders), evaluator, args, results
         )
+    else:
+        # The loop (recipe_support.training.train): epochs of optimizer steps, an evaluation and a checkpoint each.
+        annealer = converted.annealer if converted is not None else None
+        model, eval_dataloaders, state = train(
+            args, accelerator, model, train_dataloader, eval_dataloaders, evaluator, results,
+            annealer=annealer, compute_loss=distiller,
+        )  # fmt: skip
+        # The final metrics, the model (and its stock-ReLU export) with model cards, results.json.
+        results = finish_training(accelerator, model, evaluator, eval_dataloaders, state, results, args, tokenizer)
+        publish(accelerator, args, args.model_name_or_path, results, results["final"])
     _add_baselines(args, accelerator, task, model, results, train_set, eval_sets, eval_dataloaders)
     write_results(accelerator, Path(args.output_dir), results, results_file(args.eval_only))
     _print_outputs(args, accelerator, task, results)
@@ -220,85 +211,6 @@ def _print_outputs(args, accelerator, task: glue.GlueTask, results: dict) -> Non
             f"model: {results['model_dir']}"
             + (f", ReLU export: {results['relu_export_dir']}" if results.get("relu_export_dir") else "")
         )
-
-
-def train(
-    args,
-    accelerator,
-    model,
-    train_dataloader,
-    eval_dataloaders,
-    evaluator,
-    results,
-    *,
-    annealer,
-    compute_loss,
-    processor,
-) -> tuple:
-    """The training loop: optimizer and schedule, resume, epochs of steps, evaluation and a checkpoint per epoch,
-    the final model saved. Returns the prepared model and the results."""
-    total_steps = total_training_steps(
-        args.epochs, args.max_steps, args.gradient_accumulation_steps, len(train_dataloader), accelerator.num_processes
-    )
-    # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
-    optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps * accelerator.num_processes)
-    names = list(eval_dataloaders)
-    model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
-    )
-    eval_dataloaders = dict(zip(names, loaders, strict=True))
-    state = RunState()  # step counters and per-epoch history, saved and restored with the checkpoints
-    accelerator.register_for_checkpointing(state)
-    if args.resume_from_checkpoint:
-        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-        results["epochs"] = state.history
-    if annealer is not None:
-        annealer.on_step(state.completed_steps, total_steps)
-    progress = tqdm(
-        total=total_steps,
-        initial=state.completed_steps,
-        disable=args.no_progress or not accelerator.is_local_main_process,
-        desc="train",
-    )
-    for epoch in range(state.epoch, args.epochs):
-        if state.completed_steps >= total_steps:
-            break
-        model.train()
-        # The seedable sampler's order depends on seed + epoch only; a resumed epoch skips the batches it has seen.
-        skip = state.batches_in_epoch
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        batches.set_epoch(epoch)
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
-                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.lr)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            state.add_batch(loss, batch, accelerator.num_processes)
-            if accelerator.sync_gradients:
-                state.completed_steps += 1
-                progress.update(1)
-                if args.checkpointing_steps and state.completed_steps % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}")
-                if annealer is not None:
-                    annealer.on_step(state.completed_steps, total_steps)
-                if state.completed_steps >= total_steps:
-                    break
-        metrics, dead = evaluator(model, eval_dataloaders)
-        log_metrics(accelerator, f"epoch {epoch}", metrics)
-        lr = lr_scheduler.get_last_lr()[0]
-        state.end_epoch(accelerator, epoch, {"lr": lr, "eval": metrics, "dead_units": dead})
-        results["epochs"] = state.history
-        write_results(accelerator, Path(args.output_dir), results)
-        save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}")
-    progress.close()
-
-    # The final metrics, the model (and its stock-ReLU export), results.json.
-    return model, finish_training(accelerator, model, evaluator, eval_dataloaders, state, results, args, processor)
 
 
 def _convert(args, accelerator, model, choice, originals, calibration_set, model_info: dict):

@@ -1,7 +1,7 @@
 """Compare FFN activations on GLUE: tasks x activations (keep, relu, helu[, alphas]) x conversions x seeds.
 
     python recipes/run_glue_compare.py --tasks rte mrpc stsb cola --seeds 0 1 2 --output_dir runs/glue_compare \\
-        -- --data_dir ../shared/data/glue --epochs 3 --max_length 128
+        -- --data_dir ../shared/data/glue --num_train_epochs 3 --max_length 128
 
 Everything after ``--`` (or any option this script does not know) goes to every ``recipes/run_glue.py`` run. Each
 run is its own process (``python recipes/run_glue.py ...``) and writes OUTPUT_DIR/<task>/<variant>/seed<seed>/

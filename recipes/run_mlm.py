@@ -1,7 +1,7 @@
 """Pretrain a BERT from scratch with masked LM (no NSP) and a chosen FFN activation, with an Accelerate loop.
 
     python recipes/run_mlm.py --hidden_act helu --size mini --max_tokens 2000000 --output_dir runs/mlm_helu
-    python recipes/run_mlm.py --hidden_act helu_0.5 --train_files a.txt b.txt --valid_files c.txt --max_steps 500
+    python recipes/run_mlm.py --hidden_act helu_0.5 --train_files a.txt b.txt --valid_files c.txt --max_train_steps 500
     accelerate launch recipes/run_mlm.py --hidden_act relu --dataset wikitext --dataset_config wikitext-103-raw-v1
 
 The model is a ``BertForMaskedLM`` built from a size preset (``--size``, ``--config_overrides``) with
@@ -12,11 +12,11 @@ given. Text is cut into contiguous blocks of ``--block_size`` tokens, masked by 
 (15%: 80% [MASK], 10% random, 10% kept), and the LM head runs only at the masked positions
 (:class:`recipe_support.mlm_model.SparsePrediction`).
 
-The budget is ``--max_tokens`` (or ``--max_steps``), split into ``--evaluations`` rounds; after each round the valid
-blocks (masked once, the same positions every time) give masked-LM loss and accuracy, and the FFN units that never
+The budget is ``--max_tokens`` (or ``--max_train_steps``), split into ``--evaluations`` rounds; after each round the
+valid blocks (masked once, the same positions every time) give masked-LM loss and accuracy, and the FFN units that never
 fire (dead) or fire on fewer than 1% of the tokens (near-dead), per layer. OUTPUT_DIR gets results.json (one
 entry per round), checkpoints (``--resume_from_checkpoint latest``), dead_units.png, and model/ (BertForMaskedLM +
-tokenizer; ``recipes/run_glue.py --model OUTPUT_DIR/model --init pretrained`` fine-tunes it) and, for HeLU,
+tokenizer, model card; ``recipes/run_glue.py --model_name_or_path OUTPUT_DIR/model`` fine-tunes it) and, for HeLU,
 model_relu/ (the stock-ReLU export).
 """
 
@@ -37,6 +37,7 @@ from accelerate.utils import set_seed
 from recipe_support import mlm
 from recipe_support.args import add_training_args, check_training_args, run_config
 from recipe_support.evaluation import make_evaluator
+from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.mlm_model import (
     SIZE_PRESETS,
     FiringCounts,
@@ -48,24 +49,9 @@ from recipe_support.mlm_model import (
 )
 from recipe_support.models import load_model
 from recipe_support.output_dir import claim_output_dir
-from recipe_support.results import (
-    finish_training,
-    log_metrics,
-    new_results,
-    write_results,
-)
-from recipe_support.training import (
-    RunState,
-    check_checkpoint,
-    check_finite_loss,
-    create_optimizer_and_scheduler,
-    make_accelerator,
-    resume,
-    save_checkpoint,
-    total_training_steps,
-)
+from recipe_support.results import finish_training, new_results
+from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
 
 import hf_helu  # noqa: F401  (registers "helu" so hidden_act="helu" builds)
@@ -74,6 +60,7 @@ from hf_helu.errors import UsageError
 from hf_helu.inputs import positive_int
 
 PLOT_FILE = "dead_units.png"
+SCOPE = "ffn"  # the units counted dead or near-dead
 
 
 def default_tokenizer() -> str:
@@ -100,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_tokens", type=positive_int, default=None, help="Training budget in tokens.")
     g.add_argument("--evaluations", type=positive_int, default=8, help="Evaluate (and checkpoint) this many times.")
     g.add_argument("--max_eval_blocks", type=positive_int, default=256, help="Valid blocks evaluated (the first N).")
-    add_training_args(parser, output_dir=None, lr=5e-4, batch_size=64, epochs=None, warmup_ratio=0.06)
+    add_training_args(
+        parser, learning_rate=5e-4, per_device_train_batch_size=64, num_train_epochs=None, warmup_ratio=0.06
+    )
     args = parser.parse_args(argv)
     check_args(args)
     args.output_dir = args.output_dir or f"runs/mlm_{args.hidden_act}_{args.size}_s{args.seed}"
@@ -113,21 +102,16 @@ def check_args(args: argparse.Namespace) -> None:
     check_hidden_act(args.hidden_act)
     parse_overrides(args.config_overrides)
     refused = {
-        "--model": args.model is not None,
-        "--activation (use --hidden_act)": args.activation != "keep",
-        "--lora": args.lora,
-        "--init scratch (pretraining always starts from random weights)": args.init != "pretrained",
+        "--model_name_or_path (pretraining always starts from random weights)": args.model_name_or_path is not None,
         "--eval_only": args.eval_only,
-        "--epochs (use --max_tokens or --max_steps, and --evaluations)": args.epochs is not None,
-        "--max_train_samples / --max_eval_samples (use --max_tokens, --max_eval_blocks)": (
-            args.max_train_samples is not None or args.max_eval_samples is not None
-        ),
+        "--num_train_epochs (use --max_tokens or --max_train_steps, and --evaluations)": args.num_train_epochs
+        is not None,
     }
     given = [flag for flag, present in refused.items() if present]
     if given:
         raise UsageError(f"run_mlm does not take {', '.join(given)}")
-    if (args.max_tokens is None) == (args.max_steps is None):
-        raise UsageError("give exactly one training budget: --max_tokens or --max_steps")
+    if (args.max_tokens is None) == (args.max_train_steps is None):
+        raise UsageError("give exactly one training budget: --max_tokens or --max_train_steps")
     if not 0 < args.mlm_probability < 1:
         raise UsageError(f"--mlm_probability must be in (0, 1), got {args.mlm_probability}")
     if args.block_size < 3:
@@ -136,8 +120,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def plan_budget(args: argparse.Namespace, num_processes: int) -> dict[str, int]:
     """Optimizer steps, steps per evaluation round, blocks per round and rounds (the loop's epochs)."""
-    blocks_per_step = args.batch_size * args.gradient_accumulation_steps * num_processes
-    steps = args.max_steps or math.ceil(args.max_tokens / (blocks_per_step * args.block_size))
+    blocks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    steps = args.max_train_steps or math.ceil(args.max_tokens / (blocks_per_step * args.block_size))
     rounds = min(args.evaluations, steps)
     steps_per_round = math.ceil(steps / rounds)
     return {
@@ -161,6 +145,7 @@ def load_blocks(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
@@ -169,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     with claim_output_dir(accelerator, args):
         if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
             check_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        check_hub(args)  # --push_to_hub: the hub repository exists before any training
         return _run(args, accelerator)
 
 
@@ -185,11 +171,11 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
     # Its own generator: a new round's iterator seeds from it, not from the global RNG a resume restores.
     train_dataloader = DataLoader(
         train_set,
-        batch_size=args.batch_size,
+        batch_size=args.per_device_train_batch_size,
         collate_fn=mlm.SeededMasking(collator, args.seed),
         generator=torch.Generator().manual_seed(args.seed),
     )
-    eval_batch_size = args.eval_batch_size or 2 * args.batch_size
+    eval_batch_size = args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size
     valid_dataloader = DataLoader(valid_set, batch_size=eval_batch_size, collate_fn=mlm.stack_batch)
 
     config = bert_config(
@@ -197,7 +183,7 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
     )
     set_seed(args.seed)
     model = load_model(AutoModelForMaskedLM, config)
-    sparse = SparsePrediction(model, FiringCounts(model, args.scope))
+    sparse = SparsePrediction(model, FiringCounts(model, SCOPE))
     model_info = {
         "architecture": "BertForMaskedLM",
         "hidden_act": args.hidden_act,
@@ -207,26 +193,25 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
         "budget": budget,
         "corpus": {"train_blocks": len(train_blocks), "valid_blocks": len(valid_blocks)},
     }
-    model_info["initial_eval"] = initial_evaluation(accelerator, model, valid_dataloader, sparse, args.scope)
+    model_info["initial_eval"] = initial_evaluation(accelerator, model, valid_dataloader, sparse, SCOPE)
     accelerator.print(
         f"{args.hidden_act} {args.size}: {model_info['params'] / 1e6:.1f} M parameters, {budget['steps']} steps "
         f"({budget['tokens']:,} tokens) in {budget['rounds']} rounds; {len(train_blocks)} train blocks"
     )
     results = new_results(accelerator, {**run_config(args), "budget": budget}, model_info)
-    evaluator = make_evaluator(accelerator, model, mlm_metrics, sparse.eval_step, args.scope)
-    rounds = argparse.Namespace(**{**vars(args), "epochs": budget["rounds"], "max_steps": budget["steps"]})
-    _, results = train(
-        rounds,
-        accelerator,
-        model,
-        train_dataloader,
-        {"valid": valid_dataloader},
-        evaluator,
-        results,
-        annealer=None,
-        compute_loss=sparse.loss,
-        processor=tokenizer,
+    start_tracking(accelerator, args, "run_mlm")
+    evaluator = make_evaluator(accelerator, model, mlm_metrics, sparse.eval_step, SCOPE)
+    # The loop (recipe_support.training.train) over the budget's rounds: steps, an evaluation and a checkpoint each.
+    rounds = argparse.Namespace(
+        **{**vars(args), "num_train_epochs": budget["rounds"], "max_train_steps": budget["steps"]}
     )
+    model, loaders, state = train(
+        rounds, accelerator, model, train_dataloader, {"valid": valid_dataloader}, evaluator, results,
+        annealer=None, compute_loss=sparse.loss,
+    )  # fmt: skip
+    # The final metrics, the model (and its stock-ReLU export) with model cards, results.json.
+    results = finish_training(accelerator, model, evaluator, loaders, state, results, args, tokenizer)
+    publish(accelerator, args, None, results, results["final"])
     if accelerator.is_main_process:
         plot_dead_fraction({args.hidden_act: dead_unit_history(results)}, Path(args.output_dir) / PLOT_FILE)
     final = results["final"]["valid"]
@@ -237,85 +222,6 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
     accelerator.print(f"results: {args.output_dir}/results.json; model: {results['model_dir']}")
     accelerator.end_training()
     return results
-
-
-def train(
-    args,
-    accelerator,
-    model,
-    train_dataloader,
-    eval_dataloaders,
-    evaluator,
-    results,
-    *,
-    annealer,
-    compute_loss,
-    processor,
-) -> tuple:
-    """The training loop, as in run_glue.py: optimizer and schedule, resume, rounds of steps, evaluation and a
-    checkpoint per round, the final model saved. Returns the prepared model and the results."""
-    total_steps = total_training_steps(
-        args.epochs, args.max_steps, args.gradient_accumulation_steps, len(train_dataloader), accelerator.num_processes
-    )
-    # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
-    optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps * accelerator.num_processes)
-    names = list(eval_dataloaders)
-    model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
-    )
-    eval_dataloaders = dict(zip(names, loaders, strict=True))
-    state = RunState()  # step counters and per-epoch history, saved and restored with the checkpoints
-    accelerator.register_for_checkpointing(state)
-    if args.resume_from_checkpoint:
-        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-        results["epochs"] = state.history
-    if annealer is not None:
-        annealer.on_step(state.completed_steps, total_steps)
-    progress = tqdm(
-        total=total_steps,
-        initial=state.completed_steps,
-        disable=args.no_progress or not accelerator.is_local_main_process,
-        desc="train",
-    )
-    for epoch in range(state.epoch, args.epochs):
-        if state.completed_steps >= total_steps:
-            break
-        model.train()
-        # The seedable sampler's order depends on seed + epoch only; a resumed epoch skips the batches it has seen.
-        skip = state.batches_in_epoch
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        batches.set_epoch(epoch)
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
-                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.lr)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            state.add_batch(loss, batch, accelerator.num_processes)
-            if accelerator.sync_gradients:
-                state.completed_steps += 1
-                progress.update(1)
-                if args.checkpointing_steps and state.completed_steps % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}")
-                if annealer is not None:
-                    annealer.on_step(state.completed_steps, total_steps)
-                if state.completed_steps >= total_steps:
-                    break
-        metrics, dead = evaluator(model, eval_dataloaders)
-        log_metrics(accelerator, f"epoch {epoch}", metrics)
-        lr = lr_scheduler.get_last_lr()[0]
-        state.end_epoch(accelerator, epoch, {"lr": lr, "eval": metrics, "dead_units": dead})
-        results["epochs"] = state.history
-        write_results(accelerator, Path(args.output_dir), results)
-        save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}")
-    progress.close()
-
-    # The final metrics, the model (and its stock-ReLU export), results.json.
-    return model, finish_training(accelerator, model, evaluator, eval_dataloaders, state, results, args, processor)
 
 
 def initial_evaluation(accelerator: Any, model: Any, dataloader: Any, sparse: SparsePrediction, scope: Any) -> dict:

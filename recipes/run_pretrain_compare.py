@@ -2,11 +2,11 @@
 
     python recipes/run_pretrain_compare.py --activations gelu relu helu helu_0.5 --tasks sst2 stsb --seeds 0 1 2 \\
         --output_dir runs/pretrain_compare --mlm_args "--size mini --max_tokens 2000000" \\
-        --glue_args "--data_dir ../shared/data/glue --epochs 3"
+        --glue_args "--data_dir ../shared/data/glue --num_train_epochs 3"
 
 Each activation is pretrained once (``recipes/run_mlm.py --hidden_act ACT``, OUTPUT_DIR/pretrain/ACT), then each
-model is fine-tuned on every task and seed (``recipes/run_glue.py --model OUTPUT_DIR/pretrain/ACT/model --init
-pretrained``, OUTPUT_DIR/glue/TASK/ACT/seedS). Every run is its own process; complete runs are read back, an
+model is fine-tuned on every task and seed (``recipes/run_glue.py --model_name_or_path OUTPUT_DIR/pretrain/ACT/model
+--init pretrained``, OUTPUT_DIR/glue/TASK/ACT/seedS). Every run is its own process; complete runs are read back, an
 interrupted one resumes from its last checkpoint, so the same command continues a cut-short comparison.
 Fine-tuned models are deleted after their run unless ``--keep_models``.
 
@@ -41,7 +41,7 @@ from hf_helu.errors import UsageError
 
 RECIPES = Path(__file__).resolve().parent
 RUN_MLM, RUN_GLUE = RECIPES / "run_mlm.py", RECIPES / "run_glue.py"
-SET_PER_RUN = ("--hidden_act", "--output_dir", "--task", "--model", "--init", "--seed", "--activation")
+SET_PER_RUN = ("--hidden_act", "--output_dir", "--task", "--model_name_or_path", "--init", "--seed", "--activation")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -247,7 +247,16 @@ def main(argv: list[str] | None = None) -> dict:
             for act in args.activations:
                 out = root / "glue" / task / act / f"seed{seed}"
                 model = root / "pretrain" / act / "model"
-                argv_glue = ["--task", task, "--model", str(model), "--init", "pretrained", "--seed", str(seed)]
+                argv_glue = [
+                    "--task",
+                    task,
+                    "--model_name_or_path",
+                    str(model),
+                    "--init",
+                    "pretrained",
+                    "--seed",
+                    str(seed),
+                ]
                 argv_glue += ["--save_total_limit", "1", *args.glue_argv]
                 finetune.setdefault(task, {}).setdefault(act, {})[seed] = run_recipe(
                     args.launcher, RUN_GLUE, out, argv_glue

@@ -4,22 +4,24 @@ An Accelerate script (no Trainer) with its own training loop::
 
     # From scratch on the Free Spoken Digit Dataset (offline), HeLU in the FFN blocks:
     python recipes/run_speech.py --task classify --dataset ../shared/data/fsdd --init scratch --model_size small \\
-        --activation helu --epochs 5 --output_dir runs/fsdd_helu
+        --activation helu --num_train_epochs 5 --output_dir runs/fsdd_helu
 
     # Character CTC recognition of the spoken digit words:
     python recipes/run_speech.py --task asr --dataset ../shared/data/fsdd --init scratch --activation helu
 
     # Pretrained wav2vec2-base on a hub dataset (online):
-    accelerate launch recipes/run_speech.py --task classify --model facebook/wav2vec2-base \\
+    accelerate launch recipes/run_speech.py --task classify --model_name_or_path facebook/wav2vec2-base \\
         --dataset superb --dataset_config ks --activation helu
 
     # Whisper tiny.en (the model class comes from the checkpoint's config), a 3 s encoder window, HeLU in its
     # encoder and decoder FFNs, converted (--conversion auto: calibrate+anneal); evaluation by generate:
-    python recipes/run_speech.py --task asr --model ../shared/data/whisper-tiny.en --encoder_seconds 3 \\
-        --activation helu --epochs 1 --batch_size 8 --lr 1e-5 --output_dir runs/fsdd_whisper_helu
+    python recipes/run_speech.py --task asr --model_name_or_path ../shared/data/whisper-tiny.en --encoder_seconds 3 \\
+        --activation helu --num_train_epochs 1 --per_device_train_batch_size 8 --learning_rate 1e-5 \\
+        --output_dir runs/fsdd_whisper_helu
 
     # Evaluate a saved model:
-    python recipes/run_speech.py --task classify --eval_only --model runs/fsdd_helu/model --dataset ../shared/data/fsdd
+    python recipes/run_speech.py --task classify --eval_only --model_name_or_path runs/fsdd_helu/model \\
+        --dataset ../shared/data/fsdd
 
 ``--dataset`` is a local folder (FSDD, or the ``datasets`` audiofolder convention) or a hub id; a folder without an
 eval split gets a stratified held-out split (``--eval_fraction``, ``--split_seed``, recorded in results.json).
@@ -42,6 +44,7 @@ import torch
 from recipe_support import speech
 from recipe_support.args import (
     add_conversion_args,
+    add_model_args,
     add_training_args,
     check_conversion_args,
     check_training_args,
@@ -49,27 +52,13 @@ from recipe_support.args import (
     run_config,
 )
 from recipe_support.evaluation import evaluate_only, make_evaluator
+from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.models import check_model_source, prepare_model, trainable_parameters
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.paths import DATA_DIR_ENV, data_path
-from recipe_support.results import (
-    finish_training,
-    log_metrics,
-    new_results,
-    write_results,
-)
+from recipe_support.results import finish_training, new_results
 from recipe_support.speech.setups import load_task_model, train_new_head, wav2vec2_setup, whisper_setup
-from recipe_support.training import (
-    RunState,
-    check_checkpoint,
-    check_finite_loss,
-    create_optimizer_and_scheduler,
-    make_accelerator,
-    resume,
-    save_checkpoint,
-    total_training_steps,
-)
-from tqdm.auto import tqdm
+from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train, with_progress
 
 import hf_helu  # noqa: F401  (registers "helu" in transformers' ACT2FN, for checkpoints that use it)
 from hf_helu import conversion
@@ -118,26 +107,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Whisper: keep only this window of the encoder (50 positions per second; default: the checkpoint's).",
     )
     parser.add_argument("--generation_max_tokens", type=positive_int, default=64, help="Whisper asr: generate cap.")
-    add_training_args(parser, lr=None, batch_size=16)
+    add_training_args(parser, learning_rate=None, per_device_train_batch_size=16)
+    add_model_args(parser)
     add_conversion_args(parser)
     args = parser.parse_args(argv)
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LR[args.init]
     check_training_args(args)
     check_conversion_args(args)
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.init]
-    if args.model is None and args.init == "pretrained":
-        args.model = DEFAULT_PRETRAINED
+    if args.model_name_or_path is None and args.init == "pretrained":
+        args.model_name_or_path = DEFAULT_PRETRAINED
+    args.output_dir = args.output_dir or f"runs/speech_{args.task}_{args.activation}_s{args.seed}"
     if args.lora and not args.lora_target_modules:
         args.lora_target_modules = list(LORA_TARGET_MODULES)
     fsdd = data_path("fsdd")
     if args.dataset is None and (fsdd is None or not fsdd.is_dir()):
         parser.error(f"--dataset is required (no FSDD folder in ${DATA_DIR_ENV})")
     args.dataset = args.dataset or str(fsdd)
-    if args.config_overrides and args.model is not None:
-        parser.error("--config_overrides applies to a scratch model built from --model_size; drop --model")
-    if args.model is not None:  # a missing folder, a file, a text checkpoint: refused before any loading
+    if args.config_overrides and args.model_name_or_path is not None:
+        parser.error("--config_overrides applies to a scratch model built from --model_size; drop --model_name_or_path")
+    if args.model_name_or_path is not None:  # a missing folder, a file, a text checkpoint: refused before any loading
         kinds = ("AUDIO_CLASSIFICATION", "CTC", "SPEECH_SEQ_2_SEQ")
-        check_model_source(args.model, kinds, "a speech model (Wav2Vec2-style or Whisper)")
+        check_model_source(args.model_name_or_path, kinds, "a speech model (Wav2Vec2-style or Whisper)")
     return args
 
 
@@ -147,9 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_config(args: argparse.Namespace):
     from transformers import AutoConfig
 
-    if args.model is None:
+    if args.model_name_or_path is None:
         return speech.scratch_config(args.model_size, args.config_overrides)
-    return AutoConfig.from_pretrained(args.model)
+    return AutoConfig.from_pretrained(args.model_name_or_path)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -231,7 +222,7 @@ def convert(args, accelerator, model, setup, train_data, state, model_info) -> t
                 train_data,
                 setup.collator,
                 args.calibration_samples,
-                args.eval_batch_size or 2 * args.batch_size,
+                args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size,
                 by_target_length=setup.whisper and args.task == "asr",
             ),
             ridge=args.calibration_ridge,
@@ -249,97 +240,20 @@ def convert(args, accelerator, model, setup, train_data, state, model_info) -> t
     return annealer, distiller
 
 
-def train(
-    args,
-    accelerator,
-    model,
-    train_dataloader,
-    eval_dataloaders,
-    evaluator,
-    results,
-    *,
-    annealer,
-    compute_loss,
-    processor,
-) -> tuple:
-    """The training loop, as in run_glue.py: optimizer and schedule, resume, epochs of steps, evaluation and a
-    checkpoint per epoch, the final model saved. Returns the prepared model and the results."""
-    total_steps = total_training_steps(
-        args.epochs, args.max_steps, args.gradient_accumulation_steps, len(train_dataloader), accelerator.num_processes
-    )
-    # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
-    optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps * accelerator.num_processes)
-    names = list(eval_dataloaders)
-    model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
-    )
-    eval_dataloaders = dict(zip(names, loaders, strict=True))
-    state = RunState()  # step counters and per-epoch history, saved and restored with the checkpoints
-    accelerator.register_for_checkpointing(state)
-    if args.resume_from_checkpoint:
-        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-        results["epochs"] = state.history
-    if annealer is not None:
-        annealer.on_step(state.completed_steps, total_steps)
-    progress = tqdm(
-        total=total_steps,
-        initial=state.completed_steps,
-        disable=args.no_progress or not accelerator.is_local_main_process,
-        desc="train",
-    )
-    for epoch in range(state.epoch, args.epochs):
-        if state.completed_steps >= total_steps:
-            break
-        model.train()
-        # The seedable sampler's order depends on seed + epoch only; a resumed epoch skips the batches it has seen.
-        skip = state.batches_in_epoch
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        batches.set_epoch(epoch)
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
-                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.lr)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            state.add_batch(loss, batch, accelerator.num_processes)
-            if accelerator.sync_gradients:
-                state.completed_steps += 1
-                progress.update(1)
-                if args.checkpointing_steps and state.completed_steps % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}")
-                if annealer is not None:
-                    annealer.on_step(state.completed_steps, total_steps)
-                if state.completed_steps >= total_steps:
-                    break
-        metrics, dead = evaluator(model, eval_dataloaders)
-        log_metrics(accelerator, f"epoch {epoch}", metrics)
-        lr = lr_scheduler.get_last_lr()[0]
-        state.end_epoch(accelerator, epoch, {"lr": lr, "eval": metrics, "dead_units": dead})
-        results["epochs"] = state.history
-        write_results(accelerator, Path(args.output_dir), results)
-        save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}")
-    progress.close()
-
-    # The final metrics, the model (and its stock-ReLU export), results.json.
-    return model, finish_training(accelerator, model, evaluator, eval_dataloaders, state, results, args, processor)
-
-
 # --- main ----------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     accelerator = make_accelerator(args)
     # The output folder (writable, locked, no other run's files) is checked before any data or model is loaded.
-    with claim_output_dir(accelerator, args, inputs=[args.model] if args.model else []):
+    with claim_output_dir(accelerator, args, inputs=[args.model_name_or_path] if args.model_name_or_path else []):
         if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
             check_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        check_hub(args)  # --push_to_hub: the hub repository exists before any training
         return _run(args, accelerator)
 
 
@@ -351,7 +265,8 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
     whisper = speech.is_whisper(config)
     if args.encoder_seconds is not None and not whisper:
         raise UsageError(
-            f"--encoder_seconds applies to Whisper checkpoints; {args.model or 'a scratch Wav2Vec2'} is not one"
+            "--encoder_seconds applies to Whisper checkpoints; "
+            f"{args.model_name_or_path or 'a scratch Wav2Vec2'} is not one"
         )
     if args.freeze_feature_encoder is None:  # default: the pretrained Wav2Vec2 conv stack stays as trained
         args.freeze_feature_encoder = args.init == "pretrained" and not whisper
@@ -364,14 +279,14 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
         train_data = speech.SpeechDataset(waveforms(clips.train, setup, args), setup.encode(clips.train))
     model, model_info, state = build_model(args, config, setup)
 
-    eval_batch_size = args.eval_batch_size or 2 * args.batch_size
+    eval_batch_size = args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size
     eval_loader = torch.utils.data.DataLoader(eval_data, batch_size=eval_batch_size, collate_fn=setup.collator)
     train_loader, annealer, distiller = None, None, None
     if train_data is not None:
         # Its own generator: a new epoch's iterator seeds from it, not from the global RNG a resume restores.
         train_loader = torch.utils.data.DataLoader(
             train_data,
-            batch_size=args.batch_size,
+            batch_size=args.per_device_train_batch_size,
             shuffle=True,
             collate_fn=setup.collator,
             generator=torch.Generator().manual_seed(args.seed),
@@ -392,23 +307,21 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
         },
     }
     results = new_results(accelerator, run, model_info)
+    start_tracking(accelerator, args, "run_speech")
     evaluator = make_evaluator(accelerator, model, setup.compute_metrics, setup.eval_step, args.scope)
     if args.eval_only:
         model, eval_loader = accelerator.prepare(model, eval_loader)
-        results = evaluate_only(accelerator, model, {clips.eval_split: eval_loader}, evaluator, args, results)
+        loaders = with_progress(args, accelerator, {clips.eval_split: eval_loader})
+        results = evaluate_only(accelerator, model, loaders, evaluator, args, results)
     else:
-        _, results = train(
-            args,
-            accelerator,
-            model,
-            train_loader,
-            {clips.eval_split: eval_loader},
-            evaluator,
-            results,
-            annealer=annealer,
-            compute_loss=distiller,
-            processor=setup.processor,
-        )
+        # The loop (recipe_support.training.train): epochs of optimizer steps, an evaluation and a checkpoint each.
+        model, loaders, state = train(
+            args, accelerator, model, train_loader, {clips.eval_split: eval_loader}, evaluator, results,
+            annealer=annealer, compute_loss=distiller,
+        )  # fmt: skip
+        # The final metrics, the model (and its stock-ReLU export) with model cards, results.json.
+        results = finish_training(accelerator, model, evaluator, loaders, state, results, args, setup.processor)
+        publish(accelerator, args, args.model_name_or_path, results, results["final"])
     accelerator.end_training()
     return results
 

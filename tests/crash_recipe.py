@@ -1,10 +1,14 @@
-"""Run a recipe's ``main`` with a crash injected after its N-th optimizer step (for the resume tests).
+"""Run a recipe's ``main`` with a crash injected after its N-th optimizer step, or inside its N-th checkpoint save
+(for the resume tests).
 
     python tests/crash_recipe.py RECIPE.py N [recipe options...]
+    python tests/crash_recipe.py RECIPE.py save:N [recipe options...]
 
-Wraps accelerate's ``AcceleratedOptimizer.step`` so that the (N+1)-th real optimizer step (one that ends an
+N: wraps accelerate's ``AcceleratedOptimizer.step`` so that the (N+1)-th real optimizer step (one that ends an
 accumulation window) ends the process with an abrupt ``os._exit(3)`` (like a kill: no cleanup, no final save)
 before it updates anything: what step N left (its checkpoint, if due, and the annealer's step) is all there is.
+save:N: the N-th ``accelerator.save_state`` ends the process the same way after it has written the model and
+optimizer, before the registered run state.
 """
 
 from __future__ import annotations
@@ -37,10 +41,29 @@ def crash_after(steps: int):
     return crashing_step
 
 
+def crash_in_save(saves: int):
+    """accelerate's ``save_custom_state`` (run state, written after the weights) ending the ``saves``-th save."""
+    import accelerate.accelerator
+
+    save, done = accelerate.accelerator.save_custom_state, [0]
+
+    def crashing_save(*args, **kwargs):
+        done[0] += 1
+        if done[0] == saves:
+            print(f"simulated crash inside checkpoint save {saves}", flush=True)
+            os._exit(EXIT_STATUS)
+        return save(*args, **kwargs)
+
+    accelerate.accelerator.save_custom_state = crashing_save
+
+
 def main(argv: list[str]) -> None:
-    path, steps, *recipe_argv = argv
+    path, when, *recipe_argv = argv
     recipe = load_script(path, "crashing_recipe")
-    AcceleratedOptimizer.step = crash_after(int(steps))
+    if when.startswith("save:"):
+        crash_in_save(int(when.removeprefix("save:")))
+    else:
+        AcceleratedOptimizer.step = crash_after(int(when))
     recipe.main(recipe_argv)
 
 

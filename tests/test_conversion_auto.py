@@ -166,9 +166,10 @@ def glue_recipe():
 
 
 def glue_run(model, out, *extra: str) -> dict:
-    argv = ["--task", "sst2", "--model", str(model), "--data_dir", str(GLUE_DIR), "--output_dir", str(out)]
-    argv += ["--max_train_samples", "48", "--max_eval_samples", "40", "--batch_size", "16", "--max_length", "32"]
-    return glue_recipe().main([*argv, "--epochs", "1", "--seed", "0", "--no_progress", *extra])
+    argv = ["--task", "sst2", "--model_name_or_path", str(model), "--data_dir", str(GLUE_DIR), "--output_dir", str(out)]
+    argv += ["--max_train_samples", "48", "--max_eval_samples", "40", "--per_device_train_batch_size", "16"]
+    argv += ["--max_length", "32", "--num_train_epochs", "1", "--seed", "0", "--no_progress"]
+    return glue_recipe().main([*argv, *extra])
 
 
 @needs_glue
@@ -216,7 +217,8 @@ def test_compare_keep_runs_the_same_budget_with_the_checkpoints_activation(tmp_p
     results = glue_run(tiny_bert_dir, out, "--activation", "helu", "--compare_keep")
     baseline = json.loads((tmp_path / "helu_keep" / "results.json").read_text())
     assert baseline["config"]["activation"] == "keep" and baseline["model"]["conversion"]["method"] == "none"
-    same = ("max_train_samples", "epochs", "lr", "seed", "batch_size", "max_length", "model")
+    same = ("max_train_samples", "num_train_epochs", "learning_rate", "seed", "per_device_train_batch_size")
+    same += ("max_length", "model_name_or_path")
     assert all(baseline["config"][key] == results["config"][key] for key in same)
     assert baseline["completed_steps"] == results["completed_steps"]
     printed = capsys.readouterr().out

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,13 +90,13 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 def clm_args(tiny: dict[str, Path], out: Path, **extra) -> list[str]:
     args = {
-        "model": tiny["model"],
+        "model_name_or_path": tiny["model"],
         "train_file": tiny["train"],
         "validation_file": tiny["valid"],
         "block_size": BLOCK,
-        "batch_size": 4,
+        "per_device_train_batch_size": 4,
         "max_eval_tokens": 20 * BLOCK,
-        "lr": 1e-3,
+        "learning_rate": 1e-3,
         "seed": 0,
         "output_dir": out,
         **extra,
@@ -141,7 +143,7 @@ def test_helu_calibrate_run_perplexity_and_export(tmp_path, tiny, one_thread):
 
     out = tmp_path / "run"
     results = recipe().main(
-        clm_args(tiny, out, activation="helu", conversion="calibrate", max_steps=4, check_export=True)
+        clm_args(tiny, out, activation="helu", conversion="calibrate", max_train_steps=4, check_export=True)
     )
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(results)) and saved["status"] == "complete"
@@ -185,49 +187,33 @@ def test_helu_calibrate_run_perplexity_and_export(tmp_path, tiny, one_thread):
     assert "helu" not in json.dumps(config)
 
 
-# Runs recipes/run_clm.py's main with an abrupt exit (like a kill) right after the checkpoint at step argv[3].
-CRASHING = """
-import os, sys
-recipes, recipe_path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-sys.path.insert(0, recipes)
-import importlib.util
-spec = importlib.util.spec_from_file_location("run_clm", recipe_path)
-recipe = importlib.util.module_from_spec(spec)
-sys.modules["run_clm"] = recipe
-spec.loader.exec_module(recipe)
-save = recipe.save_checkpoint
-def crashing(accelerator, state):
-    save(accelerator, state)
-    if state.completed_steps >= steps:
-        os._exit(3)
-recipe.save_checkpoint = crashing
-recipe.main(sys.argv[4:])
-"""
+CRASH = REPO / "tests" / "crash_recipe.py"  # runs a recipe's main, ending the process before optimizer step N + 1
 
 
-def _run(argv: list[str], script: str | None = None, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", script, *extra, *argv] if script else [sys.executable, str(RECIPE), *argv]
+def _run(argv: list[str], crash_after: int | str | None = None) -> subprocess.CompletedProcess:
+    crash = [str(CRASH), str(RECIPE), str(crash_after)] if crash_after is not None else [str(RECIPE)]
+    command = [sys.executable, *crash, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env, cwd=REPO)
 
 
 def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(tmp_path, tiny):
-    """A run killed right after its step-2 checkpoint, resumed with --resume_from_checkpoint latest, ends with the
-    weights of the same run left alone (4 steps, HeLU, calibrated and annealed: optimizer, schedule, data order
+    """A run killed before step 3 (its last checkpoint: step 2), resumed with --resume_from_checkpoint latest, ends
+    with the weights of the same run left alone (4 steps, HeLU, calibrated and annealed: optimizer, schedule, data order
     and annealer all resume). Both run on one thread in fresh processes."""
     from safetensors.torch import load_file
 
-    common = dict(activation="helu", conversion="calibrate+anneal", max_steps=4, checkpointing_steps=2)
+    common = dict(activation="helu", conversion="calibrate+anneal", max_train_steps=4, checkpointing_steps=2)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = _run(clm_args(tiny, whole, **common))
     assert done.returncode == 0, done.stderr[-3000:]
-    crashed = _run(clm_args(tiny, broken, **common), CRASHING, [str(REPO / "recipes"), str(RECIPE), "2"])
+    crashed = _run(clm_args(tiny, broken, **common), crash_after=2)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     assert not (broken / "model").exists()
     resumed = _run(clm_args(tiny, broken, **common, resume_from_checkpoint="latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     results = json.loads((broken / "results.json").read_text())
-    assert results["resumed_from"].endswith("checkpoint_0") and results["train"]["completed_steps"] == 4
+    assert results["resumed_from"]["path"].endswith("checkpoint_0") and results["train"]["completed_steps"] == 4
     expected, got = load_file(whole / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors")
     assert expected.keys() == got.keys()
     start = load_file(tiny["model"] / "model.safetensors")
@@ -264,7 +250,11 @@ def test_eval_only_reads_a_dataset_through_datasets(tmp_path, tiny, one_thread):
     ("flags", "message"),
     [
         ({"block_size": 1}, "--block_size 1: a block needs at least 2 tokens"),
-        ({"conversion": "calibrate"}, "--conversion calibrate converts to relu/helu"),
+        ({"conversion": "calibrate"}, "--conversion calibrate needs --activation relu or helu"),
+        ({"learning_rate": "inf"}, "--learning_rate must be a finite number > 0, got inf"),
+        ({"learning_rate": "nan"}, "--learning_rate must be a finite number > 0, got nan"),
+        ({"learning_rate": "-1"}, "--learning_rate must be a finite number > 0, got -1.0"),
+        ({"weight_decay": "-5"}, "--weight_decay must be a finite number >= 0, got -5.0"),
         ({"activation": "relu", "check_export": True}, "--check_export checks the stock-ReLU export"),
         ({"train_file": "/no/such.txt"}, "--train_file: /no/such.txt is not a text file"),
         ({"eval_only": True, "resume_from_checkpoint": "latest"}, "--eval_only does not train"),
@@ -278,17 +268,16 @@ def test_bad_flags_are_refused_before_loading(tmp_path, tiny, flags, message):
     (broken / "config.json").write_text("{not json")
     out = tmp_path / "out"
     with pytest.raises(hf_helu.UsageError, match="^" + message.replace("(", r"\(")):
-        recipe().main(clm_args(tiny, out, **{**flags, "model": broken}))
+        recipe().main(clm_args(tiny, out, **{**flags, "model_name_or_path": broken}))
     assert not out.exists()
 
 
 def test_usage_error_exits_2_and_a_missing_model_is_named(tmp_path, tiny):
     """As a script: a UsageError prints one `error: ...` line and exits 2 (here a --model that does not exist)."""
-    proc = _run(clm_args(tiny, tmp_path / "out", model=tmp_path / "nothing"))
+    proc = _run(clm_args(tiny, tmp_path / "out", model_name_or_path=tmp_path / "nothing"))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"error: --model {tmp_path / 'nothing'}: no such file or folder (and not a hub model id)"
-    ]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --model_name_or_path {tmp_path / 'nothing'}: ") and "does not exist" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -298,7 +287,7 @@ def test_two_processes_with_torchrun(tmp_path, tiny):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RECIPE)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    argv = clm_args(tiny, out, activation="helu", conversion="none", max_steps=2, max_eval_tokens=19 * BLOCK)
+    argv = clm_args(tiny, out, activation="helu", conversion="none", max_train_steps=2, max_eval_tokens=19 * BLOCK)
     proc = subprocess.run([*command, *argv], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -308,3 +297,222 @@ def test_two_processes_with_torchrun(tmp_path, tiny):
     assert results["perplexity"]["original"] == pytest.approx(reference, rel=1e-5)
     final = reference_perplexity(out / "model", tiny["valid"], 19 * BLOCK)
     assert results["perplexity"]["final"] == pytest.approx(final, rel=1e-5)
+
+
+def _all_finite(folder: Path) -> list[str]:
+    """The files under ``folder`` holding a tensor that is not finite (safetensors and torch pickles alike)."""
+    from safetensors.torch import load_file
+
+    bad = []
+    for file in sorted(folder.rglob("*")):
+        if file.suffix == ".safetensors":
+            tensors = list(load_file(file).values())
+        elif file.suffix in (".bin", ".pt"):
+            loaded = torch.load(file, weights_only=False)
+            tensors = [t for t in _tensors(loaded) if t.is_floating_point()]
+        else:
+            continue
+        if not all(torch.isfinite(t).all() for t in tensors):
+            bad.append(str(file.relative_to(folder)))
+    return bad
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def test_learning_rate_inf_exits_2_before_loading(tmp_path, tiny):
+    """As a script: `--learning_rate inf` prints one `error:` line and exits 2; OUTPUT_DIR is never made."""
+    proc = _run(clm_args(tiny, tmp_path / "out", learning_rate="inf"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: --learning_rate must be a finite number > 0, got inf"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_exits_2_naming_the_step_and_saves_nothing_non_finite(tmp_path, tiny):
+    """--learning_rate 1e12 without clipping: the loss turns non-finite; the run exits 2 naming the optimizer step,
+    writes no model/ or model_relu/, and no file it left (checkpoints, optimizer state) holds a non-finite value."""
+    out = tmp_path / "diverged"
+    argv = clm_args(tiny, out, activation="helu", conversion="none", learning_rate="1e12", max_grad_norm=0)
+    proc = _run([*argv, "--max_train_steps", "8", "--checkpointing_steps", "1"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()[-1:]
+    # Step 1 moves every weight by about 1e12 (finite); the loss of step 2 is no longer finite: stopped there.
+    expected = r"error: the training loss became (nan|inf) at optimizer step 2: .*--learning_rate 1e\+12"
+    assert re.match(expected, line), line
+    assert not (out / "model").exists() and not (out / "model_relu").exists()
+    assert list(out.glob("checkpoints/checkpoint_*")), "the steps before the divergence were checkpointed"
+    assert _all_finite(out) == []
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    assert results.get("status") != "complete"
+
+
+def test_a_corpus_that_is_not_utf8_is_named_before_the_model_loads(tmp_path, tiny, monkeypatch):
+    """A training file with a Latin-1 byte on its third line: a UsageError naming FILE:3, and no model was loaded."""
+    import transformers
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("the cat sat .\nthe dog ran .\ncaf\u00e9 .\n".encode("latin-1"))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", no_loading)
+    with pytest.raises(hf_helu.UsageError, match=rf"^{re.escape(str(latin1))}:3: not UTF-8 text"):
+        recipe().main(clm_args(tiny, tmp_path / "out", train_file=latin1))
+
+
+@pytest.mark.parametrize("case", ["malformed_config", "truncated_gguf", "bert_classifier"])
+def test_a_model_that_cannot_be_a_causal_lm_is_refused_with_exit_2(tmp_path, tiny, case):
+    """A config.json that is not JSON, a .gguf file cut in half, and a BERT sequence classifier (which transformers
+    would load as a BertLMHeadModel): each is one `error:` line, exit 2, before OUTPUT_DIR is made."""
+    from gguf_helpers import tiny_llama_lm, write_tiny_gguf
+    from helpers import tiny_bert_config
+    from transformers import BertForSequenceClassification
+
+    model = tmp_path / case
+    if case == "malformed_config":
+        shutil.copytree(tiny["model"], model)
+        (model / "config.json").write_text('{"model_type": "llama", ')
+        expected = "config.json"
+    elif case == "truncated_gguf":
+        model.mkdir()
+        whole = write_tiny_gguf(tiny_llama_lm(), tmp_path / "whole.gguf").read_bytes()
+        (model / "tiny.gguf").write_bytes(whole[: len(whole) // 2])
+        expected = "GGUF"
+    else:
+        BertForSequenceClassification(tiny_bert_config(vocab_size=20)).save_pretrained(model)
+        expected = "holds a BertForSequenceClassification (config.architectures), not a causal language model"
+    proc = _run(clm_args(tiny, tmp_path / "out", model_name_or_path=model, max_train_steps=1))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"error: --model_name_or_path {model}") and expected in line, line
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_save_total_limit_1_and_a_kill_inside_the_second_save_leave_a_checkpoint_to_resume(tmp_path, tiny):
+    """--save_total_limit 1 --checkpointing_steps 1: the process dies inside its second checkpoint save (weights
+    written, run state not). The first checkpoint is still complete; --resume_from_checkpoint latest continues from
+    it to the end, with the weights of the run left alone."""
+    from safetensors.torch import load_file
+
+    common = dict(activation="helu", conversion="none", max_train_steps=3, checkpointing_steps=1, save_total_limit=1)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert _run(clm_args(tiny, whole, **common)).returncode == 0
+    crashed = _run(clm_args(tiny, broken, **common), crash_after="save:2")
+    assert crashed.returncode == 3 and "inside checkpoint save 2" in crashed.stdout, crashed.stderr[-3000:]
+    assert (broken / "checkpoints" / "checkpoint_0" / "custom_checkpoint_0.pkl").is_file()
+    resumed = _run(clm_args(tiny, broken, **common, resume_from_checkpoint="latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((broken / "results.json").read_text())
+    assert results["resumed_from"]["path"].endswith("checkpoint_0") and results["train"]["completed_steps"] == 3
+    assert [p.name for p in (broken / "checkpoints").iterdir()] == ["checkpoint_2"]  # the limit holds again
+    expected, got = load_file(whole / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_model_card_tracker_and_progress(tmp_path, tiny):
+    """--with_tracking (tensorboard): the loss of every optimizer step is in OUTPUT_DIR/logs, equal to the per-step
+    losses the bar shows; model/ and model_relu/ carry a model card naming the conversion and the measured
+    perplexities."""
+    pytest.importorskip("tensorboard", reason="the default tracker; installed with hf-helu[recipes]")
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tracked"
+    argv = clm_args(tiny, out, activation="helu", conversion="calibrate", max_train_steps=3, with_tracking=True)
+    proc = _run([a for a in argv if a != "--no_progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    [events] = list((out / "logs" / "run_clm").glob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    losses = accumulator.Scalars("train_loss")
+    assert [e.step for e in losses] == [1, 2, 3]
+    shown = [float(x) for x in re.findall(r"loss=([0-9.e+-]+)", proc.stderr)]
+    assert shown and shown[-1] == pytest.approx(losses[-1].value, rel=1e-3)  # the bar's postfix: 4 digits
+    final = accumulator.Scalars("perplexity/final")[0].value
+    assert final == pytest.approx(results["perplexity"]["final"], rel=1e-6)
+    assert "eval final" in proc.stderr  # the evaluation's own bar
+    for folder in ("model", "model_relu"):
+        card = ModelCard.load(out / folder / "README.md")
+        assert "hf-helu" in card.data.tags and "activation-helu" in card.data.tags
+        assert "conversion calibrate" in card.text and f"{results['perplexity']['final']:.6g}" in card.text
+        assert f"{results['perplexity']['original']:.6g}" in card.text
+    assert "stock-ReLU export" in ModelCard.load(out / "model_relu" / "README.md").text
+
+
+def test_push_to_hub_with_the_hub_offline_exits_2_before_training(tmp_path, tiny):
+    """HF_HUB_OFFLINE=1 --push_to_hub: one `error:` line naming --push_to_hub and the repository, exit 2, before
+    any checkpoint or model is written."""
+    out = tmp_path / "push"
+    argv = clm_args(tiny, out, max_train_steps=1, push_to_hub=True, hub_model_id="someone/tiny-helu")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(RECIPE), *argv], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [line] = proc.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: --push_to_hub: cannot create the hub repository 'someone/tiny-helu'"), line
+    assert "offline" in line
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()
+
+
+def test_push_to_hub_creates_the_repo_first_and_uploads_the_stock_relu_export(tmp_path, tiny, monkeypatch, one_thread):
+    """--push_to_hub --hub_model_id: huggingface_hub's create_repo is called before the model loads, upload_folder at
+    the end with the stock-ReLU export (it loads without hf_helu) and its model card; the token never reaches
+    results.json. (The hub client is replaced by a recorder: no network here.)"""
+    import huggingface_hub
+    import transformers
+
+    calls = []
+    loaded = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        calls.append(("load",))
+        return loaded(cls, *args, **kwargs)
+
+    def create_repo(name, token=None, exist_ok=False):
+        calls.append(("create_repo", name, token, exist_ok))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{name}")
+
+    def upload_folder(repo_id, folder_path, token=None, commit_message=None):
+        calls.append(
+            ("upload_folder", repo_id, str(folder_path), token, sorted(p.name for p in Path(folder_path).iterdir()))
+        )
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "push"
+    flags = dict(activation="helu", conversion="none", max_train_steps=1, push_to_hub=True, hub_model_id="me/tiny")
+    results = recipe().main([*clm_args(tiny, out, **flags), "--hub_token", "hf_secret"])
+    assert calls[0] == ("create_repo", "me/tiny", "hf_secret", True) and calls[1] == ("load",)
+    upload = calls[-1]
+    assert upload[:4] == ("upload_folder", "me/tiny", str(out / "model_relu"), "hf_secret")
+    assert "README.md" in upload[4] and "model.safetensors" in upload[4]
+    assert "hf_secret" not in (out / "results.json").read_text() and results["status"] == "complete"
+    card = (out / "model_relu" / "README.md").read_text()
+    assert "hf_secret" not in card and "--hub_token '***'" in card and "python recipes/run_clm.py" in card
+
+
+def test_a_gguf_file_is_read_by_hf_helus_loader(tmp_path, tiny, one_thread):
+    """--model_name_or_path FILE.gguf (hf_helu's own loader, dequantized to float32): the perplexity equals the
+    reference computed on the stock model the file was written from, with the tokenizer stored in the file."""
+    from gguf_helpers import tiny_llama_lm, write_tiny_gguf
+    from transformers import AutoTokenizer
+
+    model = tiny_llama_lm()
+    gguf = write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    stock = tmp_path / "stock"
+    model.save_pretrained(stock)
+    AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf").save_pretrained(stock)
+    results = recipe().main(clm_args(tiny, tmp_path / "eval", model_name_or_path=gguf, eval_only=True))
+    assert results["model"]["gguf_file"] == "tiny.gguf"
+    reference = reference_perplexity(stock, tiny["valid"], 20 * BLOCK)
+    assert results["perplexity"]["original"] == pytest.approx(reference, rel=1e-5)

@@ -43,15 +43,15 @@ def run_recipe(*argv: str) -> dict:
 def tiny_args(model: Path, out: Path, task: str = "rte", **extra) -> list[str]:
     args = {
         "task": task,
-        "model": model,
+        "model_name_or_path": model,
         "data_dir": DATA,
         "output_dir": out,
         "max_train_samples": 96,
         "max_eval_samples": 37,  # odd: the last eval batch is ragged, and 2 processes must not duplicate it
-        "batch_size": 16,
+        "per_device_train_batch_size": 16,
         "max_length": 48,
-        "epochs": 2,
-        "lr": 1e-3,
+        "num_train_epochs": 2,
+        "learning_rate": 1e-3,
         "seed": 0,
         **extra,
     }
@@ -125,14 +125,14 @@ runpy.run_path(recipe, run_name="__main__")
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--lr", "inf", "--lr must be a finite number > 0, got inf"),
-        ("--lr", "-1", "--lr must be a finite number > 0, got -1.0"),
+        ("--learning_rate", "inf", "--learning_rate must be a finite number > 0, got inf"),
+        ("--learning_rate", "-1", "--learning_rate must be a finite number > 0, got -1.0"),
         ("--weight_decay", "-5", "--weight_decay must be a finite number >= 0, got -5.0"),
     ],
 )
 def test_hyperparameters_that_cannot_train_are_refused_before_any_loading(tmp_path, flag, value, message):
     """Refused before the model (a missing folder here) or the data (none) is looked at."""
-    argv = ["--task", "rte", "--model", tmp_path / "no_model", "--data_dir", tmp_path / "no_data"]
+    argv = ["--task", "rte", "--model_name_or_path", tmp_path / "no_model", "--data_dir", tmp_path / "no_data"]
     with pytest.raises(UsageError, match=f"^{message}$"):
         run_recipe(*argv, "--output_dir", tmp_path / "out", flag, value)
     assert not (tmp_path / "out").exists()
@@ -151,10 +151,19 @@ def test_a_model_that_is_not_a_text_checkpoint_is_refused_before_any_loading(tmp
         wav2vec2: "is a 'wav2vec2' checkpoint; this recipe needs a text encoder",
     }
     for model, message in cases.items():
-        argv = [sys.executable, str(RECIPE), "--task", "rte", "--model", str(model), "--data_dir", str(tmp_path)]
+        argv = [
+            sys.executable,
+            str(RECIPE),
+            "--task",
+            "rte",
+            "--model_name_or_path",
+            str(model),
+            "--data_dir",
+            str(tmp_path),
+        ]
         proc = subprocess.run([*argv, "--output_dir", str(tmp_path / "out")], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --model {model}")
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --model_name_or_path {model}")
         assert message in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -217,7 +226,7 @@ def test_max_length_must_be_positive(capsys):
 @needs_data
 def test_train_then_eval_only_reproduces(tmp_path, tiny_bert_dir):
     out = tmp_path / "run"
-    results = run_recipe(*tiny_args(tiny_bert_dir, out, task="sst2", epochs=3, max_train_samples=64))
+    results = run_recipe(*tiny_args(tiny_bert_dir, out, task="sst2", num_train_epochs=3, max_train_samples=64))
     saved = read_results(out)
     assert saved["status"] == "complete" and saved == json.loads(json.dumps(results))
     losses = [epoch["train_loss"] for epoch in saved["epochs"]]
@@ -228,6 +237,11 @@ def test_train_then_eval_only_reproduces(tmp_path, tiny_bert_dir):
     assert saved["train_samples_per_s"] > 0 and saved["wall_time_s"] > 0
     assert sorted(checkpoint_names(out)) == ["epoch_1", "epoch_2", "epoch_3"]
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "model" / "README.md")  # what was made, how, and what it measured
+    assert "hf-helu" in card.data.tags and "activation-keep" in card.data.tags
+    assert f"| dev accuracy | {final['accuracy']:.6g} |" in card.text and "run_glue" in card.text
 
     again = tmp_path / "eval"
     run_recipe(*tiny_args(out / "model", again, task="sst2", eval_only=True, max_train_samples=64))
@@ -243,16 +257,16 @@ def test_train_then_eval_only_reproduces(tmp_path, tiny_bert_dir):
 @needs_data
 def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, tiny_bert_dir):
     out = tmp_path / "run"
-    run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32))
+    run_recipe(*tiny_args(tiny_bert_dir, out, num_train_epochs=1, max_train_samples=32))
     with pytest.raises(UsageError, match="--resume_from_checkpoint latest"):
-        run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32))
-    run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32, overwrite_output_dir=True))
+        run_recipe(*tiny_args(tiny_bert_dir, out, num_train_epochs=1, max_train_samples=32))
+    run_recipe(*tiny_args(tiny_bert_dir, out, num_train_epochs=1, max_train_samples=32, overwrite_output_dir=True))
     assert read_results(out)["status"] == "complete"
 
 
 @needs_data
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_bert_dir):
-    common = {"epochs": 2, "max_train_samples": 80, "checkpointing_steps": 2}  # 5 steps per epoch
+    common = {"num_train_epochs": 2, "max_train_samples": 80, "checkpointing_steps": 2}  # 5 steps per epoch
     full = tmp_path / "full"
     run_recipe(*tiny_args(tiny_bert_dir, full, **common))
 
@@ -288,7 +302,14 @@ def test_two_processes_give_the_same_dev_predictions(tmp_path, tiny_bert_dir):
     # the same length as in 1 process. A small learning rate keeps the predictions spread as at the random init
     # (at 1e-3 the regression head collapses to the mean label and every example predicts nearly the same value).
     task_args = tiny_args(
-        tiny_bert_dir, out, task="stsb", epochs=1, max_train_samples=64, batch_size=8, eval_batch_size=8, lr=1e-5
+        tiny_bert_dir,
+        out,
+        task="stsb",
+        num_train_epochs=1,
+        max_train_samples=64,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-5,
     )
     proc = subprocess.run(
         [sys.executable, *argv, *task_args, "--save_predictions", "--no_progress"],
@@ -303,7 +324,9 @@ def test_two_processes_give_the_same_dev_predictions(tmp_path, tiny_bert_dir):
     assert two["final"]["dev"]["num_samples"] == 37  # no duplicated / dropped rows
 
     one = tmp_path / "one"
-    run_recipe(*tiny_args(out / "model", one, task="stsb", eval_only=True, eval_batch_size=8), "--save_predictions")
+    run_recipe(
+        *tiny_args(out / "model", one, task="stsb", eval_only=True, per_device_eval_batch_size=8), "--save_predictions"
+    )
     single = read_results(one, "eval_results.json")
     assert single["num_processes"] == 1 and single["final"]["dev"]["num_samples"] == 37
     # Each dev example's prediction, in dataset order, not a statistic of them: the tiny model's predictions are
@@ -331,7 +354,7 @@ def test_minilm_with_helu_trains_and_exports_relu(tmp_path):
 
     out = tmp_path / "minilm"
     argv = tiny_args(Path(MINILM), out, task="stsb", activation="helu", max_train_samples=96, max_eval_samples=64)
-    results = run_recipe(*argv, "--batch_size", "32", "--max_length", "32", "--lr", "1e-4")
+    results = run_recipe(*argv, "--per_device_train_batch_size", "32", "--max_length", "32", "--learning_rate", "1e-4")
     assert results["model"]["activation"] == "helu"
     assert [c["after"] for c in results["model"]["patch_report"]["changed"]] == ["helu"] * 6
     losses = [epoch["train_loss"] for epoch in results["epochs"]]
@@ -381,7 +404,9 @@ def test_lora_run_saves_a_plain_merged_model(tmp_path, tiny_bert_dir):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "lora"
-    results = run_recipe(*tiny_args(tiny_bert_dir, out, epochs=1, max_train_samples=32, activation="helu", lora=True))
+    results = run_recipe(
+        *tiny_args(tiny_bert_dir, out, num_train_epochs=1, max_train_samples=32, activation="helu", lora=True)
+    )
     lora = results["model"]["lora"]
     assert 0 < lora["trainable_params"] < results["model"]["params"] / 2
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")  # no adapter left: merged

@@ -61,8 +61,27 @@ def test_compare_summary_statistics():
 def test_compare_end_to_end(tmp_path, tiny_bert_dir):
     root = tmp_path / "cmp"
     argv = ["--tasks", "rte", "stsb", "--activations", "keep", "helu", "--alphas", "0.05", "0.5", "--seeds", "0", "1"]
-    argv += ["--output_dir", str(root), "--", "--model", str(tiny_bert_dir), "--data_dir", str(DATA), "--epochs", "1"]
-    argv += ["--max_train_samples", "16", "--max_eval_samples", "16", "--max_length", "32", "--batch_size", "16"]
+    argv += [
+        "--output_dir",
+        str(root),
+        "--",
+        "--model_name_or_path",
+        str(tiny_bert_dir),
+        "--data_dir",
+        str(DATA),
+        "--num_train_epochs",
+        "1",
+    ]
+    argv += [
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "16",
+        "--max_length",
+        "32",
+        "--per_device_train_batch_size",
+        "16",
+    ]
     argv += ["--no_progress"]
     summary = compare().main(argv)
     labels = ["keep", "helu_0.05", "helu_0.5"]

@@ -56,9 +56,9 @@ def mlm_args(corpus: tuple[Path, Path], out: Path, **extra) -> list[str]:
         "train_files": corpus[0],
         "valid_files": corpus[1],
         "block_size": 32,
-        "batch_size": 4,
+        "per_device_train_batch_size": 4,
         "max_eval_blocks": 8,
-        "lr": 1e-3,
+        "learning_rate": 1e-3,
         "seed": 0,
         "output_dir": out,
         **extra,
@@ -102,9 +102,18 @@ def test_tiny_pretraining_writes_a_model_the_glue_recipe_fine_tunes(tmp_path, co
     glue = load_script(REPO / "recipes" / "run_glue.py", "run_glue_for_mlm")
     tuned = glue.main(
         [
-            *("--task", "sst2", "--model", str(out / "model"), "--init", "pretrained", "--data_dir", str(GLUE_DIR)),
+            *(
+                "--task",
+                "sst2",
+                "--model_name_or_path",
+                str(out / "model"),
+                "--init",
+                "pretrained",
+                "--data_dir",
+                str(GLUE_DIR),
+            ),
             *("--output_dir", str(tmp_path / "sst2"), "--max_train_samples", "32", "--max_eval_samples", "16"),
-            *("--batch_size", "16", "--max_length", "32", "--epochs", "1", "--no_progress"),
+            *("--per_device_train_batch_size", "16", "--max_length", "32", "--num_train_epochs", "1", "--no_progress"),
         ]
     )
     assert tuned["status"] == "complete" and tuned["final"]["dev"]["num_samples"] == 16
@@ -112,7 +121,7 @@ def test_tiny_pretraining_writes_a_model_the_glue_recipe_fine_tunes(tmp_path, co
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, corpus):
-    common = {"max_steps": 6, "evaluations": 2, "checkpointing_steps": 2}  # rounds of 3 steps
+    common = {"max_train_steps": 6, "evaluations": 2, "checkpointing_steps": 2}  # rounds of 3 steps
     full = tmp_path / "full"
     recipe().main(mlm_args(corpus, full, **common))
 
@@ -139,16 +148,19 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, corpus):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"hidden_act": "swish", "max_steps": 2}, "gelu, relu, helu or helu_<alpha>"),
+        ({"hidden_act": "swish", "max_train_steps": 2}, "gelu, relu, helu or helu_<alpha>"),
         ({}, "exactly one training budget"),
-        ({"max_steps": 2, "max_tokens": 100}, "exactly one training budget"),
-        ({"max_steps": 2, "epochs": 3}, "--epochs"),
-        ({"max_steps": 2, "activation": "relu"}, "--hidden_act"),
-        ({"max_steps": 2, "config_overrides": "hidden_size"}, "key=value"),
-        ({"max_steps": 2, "config_overrides": "hidden_size=abc"}, "hidden_size=abc: .* takes a int value, got 'abc'"),
-        ({"max_steps": 2, "config_overrides": "hidden_dropout_prob=x"}, "hidden_dropout_prob=x: .* float value"),
-        ({"max_steps": 2, "lr": "inf"}, "--lr must be a finite number > 0, got inf"),
-        ({"max_steps": 2, "weight_decay": -5}, "--weight_decay must be a finite number >= 0, got -5"),
+        ({"max_train_steps": 2, "max_tokens": 100}, "exactly one training budget"),
+        ({"max_train_steps": 2, "num_train_epochs": 3}, "--num_train_epochs"),
+        ({"max_train_steps": 2, "model_name_or_path": "bert-base-uncased"}, "--model_name_or_path"),
+        ({"max_train_steps": 2, "config_overrides": "hidden_size"}, "key=value"),
+        (
+            {"max_train_steps": 2, "config_overrides": "hidden_size=abc"},
+            "hidden_size=abc: .* takes a int value, got 'abc'",
+        ),
+        ({"max_train_steps": 2, "config_overrides": "hidden_dropout_prob=x"}, "hidden_dropout_prob=x: .* float value"),
+        ({"max_train_steps": 2, "learning_rate": "inf"}, "--learning_rate must be a finite number > 0, got inf"),
+        ({"max_train_steps": 2, "weight_decay": -5}, "--weight_decay must be a finite number >= 0, got -5"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, corpus, extra, message):
@@ -160,7 +172,7 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, corpus, extra, message)
 def test_a_corpus_file_that_is_not_utf8_is_named_with_its_line(tmp_path, corpus, capsys):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("first line\nsecond line\ncaf\u00e9 au lait\n".encode("latin-1"))
-    argv = mlm_args(corpus, tmp_path / "out", train_files=latin1, max_steps=2)
+    argv = mlm_args(corpus, tmp_path / "out", train_files=latin1, max_train_steps=2)
     proc = subprocess.run([sys.executable, str(RUN_MLM), *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (

@@ -43,9 +43,16 @@ def run(recipe, tmp_path: Path, name: str, *argv: str) -> dict:
 def test_a_text_checkpoint_is_refused_before_any_loading(recipe, tmp_path, tiny_bert_dir):
     from hf_helu.errors import UsageError
 
-    argv = ["--model", str(tiny_bert_dir), "--dataset", str(tmp_path / "no_data"), "--output_dir", str(tmp_path / "o")]
+    argv = [
+        "--model_name_or_path",
+        str(tiny_bert_dir),
+        "--dataset",
+        str(tmp_path / "no_data"),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     with pytest.raises(
-        UsageError, match=rf"--model {tiny_bert_dir} is a 'bert' checkpoint; this recipe needs a speech"
+        UsageError, match=rf"--model_name_or_path {tiny_bert_dir} is a 'bert' checkpoint; this recipe needs a speech"
     ):
         recipe.main(argv)
     assert not (tmp_path / "o").exists()
@@ -129,7 +136,7 @@ def test_undecodable_clip_is_a_one_line_error_with_exit_status_2(tmp_path):
 def test_plain_audio_folder_gets_a_reproducible_stratified_split(recipe, tmp_path):
     data = tmp_path / "data"
     write_audiofolder(data, {str(d): [f"{d}_jackson_{i}.wav" for i in range(5)] for d in (3, 8)})
-    argv = [*TINY, "--dataset", str(data), "--eval_fraction", "0.4", "--split_seed", "7", "--max_steps", "1"]
+    argv = [*TINY, "--dataset", str(data), "--eval_fraction", "0.4", "--split_seed", "7", "--max_train_steps", "1"]
     results = recipe.main([*argv, "--output_dir", str(tmp_path / "out")])
     held_out = results["config"]["data"]["held_out_split"]
     assert held_out == {
@@ -144,7 +151,16 @@ def test_plain_audio_folder_gets_a_reproducible_stratified_split(recipe, tmp_pat
 
 # --- training runs -------------------------------------------------------------------------------
 
-TRAIN = ["--max_train_samples", "96", "--max_eval_samples", "96", "--eval_split", "train", "--batch_size", "8"]
+TRAIN = [
+    "--max_train_samples",
+    "96",
+    "--max_eval_samples",
+    "96",
+    "--eval_split",
+    "train",
+    "--per_device_train_batch_size",
+    "8",
+]
 
 
 @pytest.mark.slow
@@ -152,15 +168,28 @@ TRAIN = ["--max_train_samples", "96", "--max_eval_samples", "96", "--eval_split"
 def test_one_epoch_lowers_the_loss_and_eval_only_reproduces_it(recipe, tmp_path, task):
     # Eval split = the 96 training clips, so the before/after losses are over the same clips the epoch saw.
     before = run(recipe, tmp_path, "before", "--task", task, *TRAIN, "--eval_only")["final"]["train"]
-    trained = run(recipe, tmp_path, "train", "--task", task, *TRAIN, "--epochs", "1", "--lr", "2e-3")
+    trained = run(
+        recipe, tmp_path, "train", "--task", task, *TRAIN, "--num_train_epochs", "1", "--learning_rate", "2e-3"
+    )
     after = trained["final"]["train"]
     assert after["num_samples"] == before["num_samples"] == 96
     assert after["loss"] < before["loss"]
     assert trained["status"] == "complete" and trained["num_processes"] == 1
     saved = tmp_path / "train" / "model"
-    evaluate = ["--task", task, "--eval_only", "--model", str(saved), "--output_dir", str(tmp_path / "again")]
+    evaluate = [
+        "--task",
+        task,
+        "--eval_only",
+        "--model_name_or_path",
+        str(saved),
+        "--output_dir",
+        str(tmp_path / "again"),
+    ]
     again = recipe.main([*TINY[4:], *evaluate, *TRAIN[:6]])
     assert again["final"]["train"] == pytest.approx(after, rel=1e-5)
+
+
+SMALL = ["--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "8"]
 
 
 @pytest.mark.slow
@@ -173,8 +202,10 @@ def test_pretrained_classification_checkpoint_is_loaded_and_its_feature_encoder_
     encoder.save_pretrained(checkpoint)
     Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(checkpoint)
 
-    sizes = ["--max_train_samples", "16", "--max_eval_samples", "8", "--batch_size", "8", "--epochs", "1"]
-    results = recipe.main([*TINY[4:], "--model", str(checkpoint), "--output_dir", str(tmp_path / "out"), *sizes])
+    sizes = [*SMALL, "--num_train_epochs", "1"]
+    results = recipe.main(
+        [*TINY[4:], "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "out"), *sizes]
+    )
     assert results["config"]["freeze_feature_encoder"] is True
     from transformers import AutoModelForAudioClassification
 
@@ -198,19 +229,18 @@ def test_lora_trains_adapters_and_the_new_head(recipe, tmp_path):
     encoder = Wav2Vec2Model(config)
     encoder.save_pretrained(checkpoint)
     Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(checkpoint)
-    sizes = [
-        "--max_train_samples",
-        "16",
-        "--max_eval_samples",
-        "8",
-        "--batch_size",
-        "8",
-        "--max_steps",
-        "1",
-        "--warmup_ratio",
-        "0",
+    sizes = [*SMALL, "--max_train_steps", "1", "--warmup_ratio", "0"]
+    argv = [
+        *TINY[4:],
+        "--model_name_or_path",
+        str(checkpoint),
+        "--lora",
+        "--lora_r",
+        "4",
+        "--activation",
+        "helu",
+        *sizes,
     ]
-    argv = [*TINY[4:], "--model", str(checkpoint), "--lora", "--lora_r", "4", "--activation", "helu", *sizes]
     results = recipe.main([*argv, "--output_dir", str(tmp_path / "out")])
     hidden, layers, labels = config.hidden_size, config.num_hidden_layers, 10
     lora = layers * 2 * (4 * hidden + hidden * 4)  # q_proj and v_proj: A (r x in) and B (out x r)
@@ -238,8 +268,10 @@ def test_pretrained_ctc_checkpoint_keeps_its_tokenizer(recipe, tmp_path):
     Wav2Vec2ForCTC(config).save_pretrained(checkpoint)
     Wav2Vec2Processor(Wav2Vec2FeatureExtractor(return_attention_mask=True), tokenizer).save_pretrained(checkpoint)
 
-    common = [*TINY[4:], "--task", "asr", "--model", str(checkpoint), "--max_train_samples", "8"]
-    results = recipe.main([*common, "--max_eval_samples", "8", "--max_steps", "1", "--output_dir", str(tmp_path / "a")])
+    common = [*TINY[4:], "--task", "asr", "--model_name_or_path", str(checkpoint), "--max_train_samples", "8"]
+    results = recipe.main(
+        [*common, "--max_eval_samples", "8", "--max_train_steps", "1", "--output_dir", str(tmp_path / "a")]
+    )
     assert results["config"]["data"]["vocabulary_size"] == len(vocabulary)  # 'q', 'a', 'c', 'k' kept, not rebuilt
     assert json.loads((tmp_path / "a" / "model" / "vocab.json").read_text()) == vocabulary
 
@@ -254,8 +286,8 @@ def test_two_processes(tmp_path):
     """torchrun with 2 CPU processes trains; its eval metrics see each clip once (as 1 process re-evaluating)."""
     output_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(RECIPE), *TINY, "--output_dir", str(output_dir), "--epochs", "1"]
-    command += ["--max_train_samples", "32", "--max_eval_samples", "21", "--batch_size", "4"]
+    command += [str(RECIPE), *TINY, "--output_dir", str(output_dir), "--num_train_epochs", "1"]
+    command += ["--max_train_samples", "32", "--max_eval_samples", "21", "--per_device_train_batch_size", "4"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -263,6 +295,12 @@ def test_two_processes(tmp_path):
     assert results["num_processes"] == 2
     assert results["final"]["test"]["num_samples"] == 21
     assert results["train_samples"] == 32
-    evaluate = ["--eval_only", "--model", str(output_dir / "model"), "--output_dir", str(tmp_path / "again")]
+    evaluate = [
+        "--eval_only",
+        "--model_name_or_path",
+        str(output_dir / "model"),
+        "--output_dir",
+        str(tmp_path / "again"),
+    ]
     again = load_script(RECIPE, "run_speech_again").main([*TINY[4:], *evaluate, "--max_eval_samples", "21"])
     assert again["final"]["test"] == pytest.approx(results["final"]["test"], rel=1e-4)

@@ -17,7 +17,16 @@ pytestmark = [
     pytest.mark.skipif(not (WHISPER_DIR / "tokenizer.json").is_file(), reason=f"no Whisper at {WHISPER_DIR}"),
     pytest.mark.usefixtures("fresh_accelerate_state"),
 ]
-SIZES = ["--max_train_samples", "4", "--max_eval_samples", "2", "--batch_size", "4", "--epochs", "1"]
+SIZES = [
+    "--max_train_samples",
+    "4",
+    "--max_eval_samples",
+    "2",
+    "--per_device_train_batch_size",
+    "4",
+    "--num_train_epochs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +40,7 @@ def tiny_whisper(tmp_path_factory):
 
 
 def common(model, tmp_path):
-    return ["--model", str(model), "--dataset", str(FSDD), "--encoder_seconds", "3", "--no_progress"]
+    return ["--model_name_or_path", str(model), "--dataset", str(FSDD), "--encoder_seconds", "3", "--no_progress"]
 
 
 def test_whisper_asr_with_helu_auto_conversion_and_distillation_exports_stock_relu(recipe, tiny_whisper, tmp_path):

@@ -18,12 +18,12 @@ def run(*argv) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("ridge", ["-1", "nan", "inf"])
 def test_a_bad_ridge_is_refused_before_any_work(tmp_path, ridge):
-    """--model and --data_dir do not exist: had they been read first, the error would name them."""
+    """--model_name_or_path and --data_dir do not exist: had they been read first, the error would name them."""
     proc = run(
         "--ridges",
         "0.01",
         ridge,
-        "--model",
+        "--model_name_or_path",
         tmp_path / "none",
         "--data_dir",
         tmp_path / "none",
@@ -41,6 +41,6 @@ def test_an_unwritable_output_is_refused_before_any_work(tmp_path):
         (blocker / "out.json", f"error: --output {blocker / 'out.json'}: its folder is not writable"),
         (tmp_path, f"error: --output {tmp_path} is a folder"),
     ):
-        proc = run("--model", tmp_path / "none", "--data_dir", tmp_path / "none", "--output", output)
+        proc = run("--model_name_or_path", tmp_path / "none", "--data_dir", tmp_path / "none", "--output", output)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(message)

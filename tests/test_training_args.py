@@ -12,23 +12,39 @@ from hf_helu.errors import UsageError
 
 
 def parse(*argv: str, **defaults) -> argparse.Namespace:
-    parser = flags.add_conversion_args(flags.add_training_args(argparse.ArgumentParser(), **defaults))
+    parser = flags.add_conversion_args(
+        flags.add_model_args(flags.add_training_args(argparse.ArgumentParser(), **defaults))
+    )
     return parser.parse_args(list(argv))
 
 
 def test_defaults_and_overrides():
-    args = parse("--output_dir", "out", "--epochs", "2", "--no_progress", "--scope", "0,1", lr=1e-3)
-    assert args.lr == 1e-3 and args.alpha == DEFAULT_ALPHA and args.activation == "keep"
+    args = parse(
+        "--output_dir", "out", "--num_train_epochs", "2", "--no_progress", "--scope", "0,1", learning_rate=1e-3
+    )
+    assert args.learning_rate == 1e-3 and args.alpha == DEFAULT_ALPHA and args.activation == "keep"
     assert flags.ACTIVATION_CHOICES == ("keep", "relu", "helu")
-    assert (args.output_dir, args.epochs, args.no_progress, args.scope) == ("out", 2, True, "0,1")
+    assert (args.output_dir, args.num_train_epochs, args.no_progress, args.scope) == ("out", 2, True, "0,1")
+    assert (args.checkpointing_steps, args.lr_scheduler_type, args.report_to) == ("epoch", "linear", "tensorboard")
+    assert parse("--checkpointing_steps", "5").checkpointing_steps == 5
     flags.check_training_args(args)  # the defaults and these values are accepted
-    recorded = flags.run_config(args)
-    assert recorded == vars(args) and list(recorded) == sorted(vars(args))
+    secret = parse("--push_to_hub", "--hub_token", "hf_secret")
+    recorded = flags.run_config(secret)
+    assert "hf_secret" not in str(recorded) and list(recorded) == sorted(recorded)
+    assert recorded == {k: v for k, v in vars(secret).items() if k != "hub_token"}
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--epochs", "0"], ["--batch_size", "-1"], ["--warmup_ratio", "1"], ["--alpha", "-0.1"], ["--activation", "gelu"]],
+    [
+        ["--num_train_epochs", "0"],
+        ["--per_device_train_batch_size", "-1"],
+        ["--warmup_ratio", "1"],
+        ["--alpha", "-0.1"],
+        ["--activation", "gelu"],
+        ["--checkpointing_steps", "often"],
+        ["--lr_scheduler_type", "exponential"],
+    ],
 )
 def test_bad_values_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
@@ -39,10 +55,10 @@ def test_bad_values_are_refused_by_the_parser(argv, capsys):
 @pytest.mark.parametrize(
     ("flag", "value"),
     [
-        ("--lr", "inf"),
-        ("--lr", "-1"),
-        ("--lr", "0"),
-        ("--lr", "nan"),
+        ("--learning_rate", "inf"),
+        ("--learning_rate", "-1"),
+        ("--learning_rate", "0"),
+        ("--learning_rate", "nan"),
         ("--weight_decay", "-5"),
         ("--weight_decay", "inf"),
         ("--max_grad_norm", "-1"),
@@ -52,6 +68,19 @@ def test_bad_values_are_refused_by_the_parser(argv, capsys):
 def test_hyperparameters_that_cannot_train_are_refused(flag, value):
     with pytest.raises(UsageError, match=rf"^{flag} must be a finite number .*, got {float(value)}$"):
         flags.check_training_args(parse(flag, value))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num_warmup_steps", "-1"], "--num_warmup_steps must be an integer >= 0, got -1"),
+        (["--hub_model_id", "me/model"], "add --push_to_hub"),
+        (["--push_to_hub", "--eval_only"], "--eval_only trains none"),
+    ],
+)
+def test_warmup_and_hub_flags_that_cannot_work_are_refused(argv, message):
+    with pytest.raises(UsageError, match=message):
+        flags.check_training_args(parse(*argv))
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-0.1", "1.5"])

@@ -26,8 +26,32 @@ pytestmark = [
 
 def run(model: Path, out: Path, *extra: str) -> dict:
     recipe = load_script(REPO / "recipes" / "run_glue.py", "run_glue_loop_test")
-    argv = ["--task", "rte", "--model", model, "--data_dir", GLUE_DIR, "--output_dir", out, "--max_train_samples", 48]
-    argv += ["--max_eval_samples", 10, "--batch_size", 4, "--max_length", 32, "--epochs", 2, "--lr", 1e-3, "--seed", 0]
+    argv = [
+        "--task",
+        "rte",
+        "--model_name_or_path",
+        model,
+        "--data_dir",
+        GLUE_DIR,
+        "--output_dir",
+        out,
+        "--max_train_samples",
+        48,
+    ]
+    argv += [
+        "--max_eval_samples",
+        10,
+        "--per_device_train_batch_size",
+        4,
+        "--max_length",
+        32,
+        "--num_train_epochs",
+        2,
+        "--learning_rate",
+        1e-3,
+        "--seed",
+        0,
+    ]
     return recipe.main([*map(str, argv), "--checkpointing_steps", "2", "--no_progress", *extra])
 
 
@@ -91,7 +115,7 @@ def test_the_output_folder_keeps_what_is_not_this_runs(tmp_path, tiny_bert_dir):
     out = tmp_path / "run"
     (out / "model").mkdir(parents=True)
     (out / "model" / "mine.txt").write_text("mine")
-    one = ("--epochs", "1")
+    one = ("--num_train_epochs", "1")
     with pytest.raises(UsageError, match="not empty and no hf_helu run made it"):
         run(tiny_bert_dir, out, *one)
     assert (out / "model" / "mine.txt").read_text() == "mine"
@@ -126,7 +150,9 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     out = tmp_path / "diverged"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(BertForSequenceClassification, "forward", forward)
-        with pytest.raises(UsageError, match=r"the training loss became (nan|inf) at optimizer step 5: .*--lr"):
+        with pytest.raises(
+            UsageError, match=r"the training loss became (nan|inf) at optimizer step 5: .*--learning_rate"
+        ):
             run(tiny_bert_dir, out)
     assert checkpoint_names(out) == ["step_2", "step_4"] and not (out / "model").exists()
     from safetensors.torch import load_file
@@ -146,4 +172,9 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     ],
 )
 def test_total_training_steps(batches, accumulation, processes, epochs, max_steps, expected):
-    assert total_training_steps(epochs, max_steps, accumulation, batches, processes) == expected
+    import argparse
+
+    args = argparse.Namespace(
+        num_train_epochs=epochs, max_train_steps=max_steps, gradient_accumulation_steps=accumulation
+    )
+    assert total_training_steps(args, batches, processes) == expected

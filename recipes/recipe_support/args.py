@@ -1,8 +1,11 @@
-"""The recipes' command-line flags, and the settings objects the library takes in their place.
+"""The recipes' command-line flags, named as in transformers' ``examples/pytorch/*_no_trainer.py``, and the one
+check of their values that every recipe runs before it loads anything.
 
-- :func:`add_training_args` / :func:`check_training_args`: the knobs every recipe shares;
-  :func:`add_conversion_args` / :func:`check_conversion_args`: ``--conversion`` and its calibration, annealing and
-  distillation knobs.
+- :func:`add_training_args` / :func:`check_training_args`: what every training recipe takes (model, output folder,
+  optimizer and schedule, checkpoints and resume, trackers, the hub);
+- :func:`add_model_args`: the fine-tuning recipes' activation scope, LoRA, initialisation and subsets;
+- :func:`add_conversion_args` / :func:`check_conversion_args`: ``--activation``, ``--alpha``, ``--conversion`` and
+  its calibration, annealing and distillation knobs;
 - :func:`lora_settings`, :func:`run_config`: a parsed Namespace as what ``prepare_model`` and results.json take.
 """
 
@@ -21,11 +24,8 @@ from hf_helu.inputs import alpha, fraction, positive_int
 ACTIVATION_CHOICES = ("keep", "relu", "helu")  # keep the checkpoint's activation, or put ReLU / HeLU in its place
 INITS = ("pretrained", "scratch")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The settings the library takes
-# ----------------------------------------------------------------------------------------------------------------
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+EPOCH = "epoch"
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,18 @@ class LoraSettings:
     task_type: str | None = None
 
 
+def checkpointing_steps(value: str) -> str | int:
+    """``--checkpointing_steps``: "epoch" or a number of optimizer steps."""
+    return value if value == EPOCH else positive_int(value)
+
+
 def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse.ArgumentParser:
-    """Add the knobs every recipe shares to ``parser``; ``defaults`` overrides their default values."""
-    g = parser.add_argument_group("training (recipe_support)")
-    g.add_argument("--model", default=None, help="Local folder or hub id.")
+    """Add the flags every training recipe shares to ``parser``; ``defaults`` overrides their default values."""
+    g = parser.add_argument_group("training (the flag names of transformers' examples)")
+    g.add_argument("--model_name_or_path", default=None, help="Local folder or hub id.")
     g.add_argument(
         "--output_dir",
-        default="runs/out",
+        default=None,
         help="Where checkpoints, results.json and the model go: a new or empty folder, or an earlier run's. One run "
         "at a time holds it.",
     )
@@ -55,37 +60,95 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
         help="Start afresh: remove an earlier run's files (checkpoints, model, model_relu, results) from OUTPUT_DIR; "
         "also use a non-empty folder no run made (its other files are kept).",
     )
-    g.add_argument("--epochs", type=positive_int, default=3)
-    g.add_argument("--max_steps", type=positive_int, default=None, help="Stop after this many optimizer steps.")
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--batch_size", type=positive_int, default=32, help="Per-process training batch size.")
-    g.add_argument("--eval_batch_size", type=positive_int, default=None, help="Default: 2 x --batch_size.")
+    g.add_argument("--num_train_epochs", type=positive_int, default=3)
+    g.add_argument("--max_train_steps", type=positive_int, default=None, help="Stop after this many optimizer steps.")
+    g.add_argument("--learning_rate", type=float, default=5e-5)
+    g.add_argument("--per_device_train_batch_size", type=positive_int, default=32)
+    g.add_argument("--per_device_eval_batch_size", type=positive_int, default=None, help="Default: 2 x the train one.")
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    g.add_argument("--warmup_ratio", type=fraction, default=0.1)
+    g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="linear")
+    g.add_argument("--num_warmup_steps", type=int, default=None, help="Default: --warmup_ratio of the steps.")
+    g.add_argument("--warmup_ratio", type=fraction, default=0.1, help="Warmup share when --num_warmup_steps is unset.")
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--max_train_samples", type=positive_int, default=None)
-    g.add_argument("--max_eval_samples", type=positive_int, default=None)
     g.add_argument(
-        "--eval_only", action="store_true", help="Evaluate --model and write eval_results.json; no training."
+        "--checkpointing_steps",
+        type=checkpointing_steps,
+        default=EPOCH,
+        help='"epoch": a checkpoint at each epoch end; N: also one every N optimizer steps.',
     )
+    g.add_argument("--save_total_limit", type=positive_int, default=None, help="Keep only the newest N checkpoints.")
     g.add_argument(
         "--resume_from_checkpoint",
         default=None,
         help='A checkpoint folder, or "latest" for the newest one in OUTPUT_DIR/checkpoints.',
     )
+    g.add_argument("--with_tracking", action="store_true", help="Log the loss, lr and metrics to --report_to.")
+    g.add_argument(
+        "--report_to", default="tensorboard", help='accelerate tracker(s): "tensorboard", "wandb", ..., or "all".'
+    )
+    g.add_argument(
+        "--push_to_hub", action="store_true", help="Upload the model (its stock-ReLU export if any) at the end."
+    )
+    g.add_argument("--hub_model_id", default=None, help="The hub repository (default: OUTPUT_DIR's name).")
+    g.add_argument("--hub_token", default=None, help="Default: the token huggingface_hub finds (HF_TOKEN, login).")
+    g.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="no")
+    g.add_argument("--eval_only", action="store_true", help="Evaluate the model and write eval_results.json.")
+    g.add_argument("--no_progress", action="store_true", help="No tqdm bars.")
     g.add_argument(
         "--save_predictions",
         action="store_true",
         help="Also write OUTPUT_DIR/predictions.json (--eval_only: eval_predictions.json): each eval example's model "
         "output (logits, or the regression score), per split, in dataset order.",
     )
-    g.add_argument("--checkpointing_steps", type=positive_int, default=None, help="Also checkpoint every N steps.")
-    g.add_argument("--save_total_limit", type=positive_int, default=None, help="Keep only the newest N checkpoints.")
-    g.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="no")
-    g.add_argument("--activation", choices=ACTIVATION_CHOICES, default="keep", help="FFN activation to train with.")
-    g.add_argument("--alpha", type=alpha, default=DEFAULT_ALPHA, help="HeLU margin: gradient passes where z > -alpha.")
+    if defaults:
+        parser.set_defaults(**defaults)
+    return parser
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Refuse a learning rate, weight decay, clipping norm or warmup that cannot train, and a hub upload that cannot
+    happen, before anything is loaded (the warmup ratio is checked by its argparse type: a number in [0, 1))."""
+    checks = {
+        "--learning_rate": (args.learning_rate, lambda v: 0 < v < math.inf, "a finite number > 0"),
+        "--weight_decay": (args.weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+        "--max_grad_norm": (args.max_grad_norm, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: no clipping)"),
+        "--num_warmup_steps": (args.num_warmup_steps, lambda v: v >= 0, "an integer >= 0"),
+    }
+    for flag, (value, valid, expected) in checks.items():
+        if value is not None and not valid(value):
+            raise UsageError(f"{flag} must be {expected}, got {value}")
+    if (args.hub_model_id or args.hub_token) and not args.push_to_hub:
+        raise UsageError("--hub_model_id / --hub_token name where to upload: add --push_to_hub")
+    if args.push_to_hub and args.eval_only:
+        raise UsageError("--push_to_hub uploads a trained model; --eval_only trains none")
+    trackers(args, "logs")
+
+
+def trackers(args: Any, logging_dir: str) -> list | None:
+    """``--report_to`` (comma-separated) as accelerate's trackers, with ``--with_tracking``; one that accelerate does
+    not know, or that is not installed, is a UsageError (accelerate would drop it without a word)."""
+    if not getattr(args, "with_tracking", False):
+        return None
+    from accelerate import PartialState
+    from accelerate.tracking import filter_trackers
+
+    PartialState()  # accelerate's logging, which filter_trackers uses, needs it (Accelerator would make it anyway)
+    names = [name.strip() for name in args.report_to.split(",")]
+    try:
+        found = filter_trackers(names, logging_dir)
+    except ValueError as error:
+        raise UsageError(f"--report_to {args.report_to}: {error}") from None
+    missing = [name for name in names if name != "all" and name not in map(str, found)]
+    if missing or not found:
+        raise UsageError(f"--report_to {args.report_to}: {', '.join(missing) or 'no tracker'} is not installed")
+    return found
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The encoder recipes' (run_glue, run_speech) scope, LoRA, initialisation and subset flags."""
+    g = parser.add_argument_group("model (recipe_support.models)")
     g.add_argument("--scope", default="ffn", help='Which activations to patch: "ffn", "all" or layers "0,1,5".')
     g.add_argument("--lora", action="store_true", help="Train PEFT LoRA adapters instead of all weights.")
     g.add_argument("--lora_r", type=positive_int, default=8)
@@ -98,30 +161,20 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
         help="Module names for LoRA (default: PEFT's choice for the architecture).",
     )
     g.add_argument("--init", choices=INITS, default="pretrained", help="scratch: same config, random weights.")
-    g.add_argument("--no_progress", action="store_true", help="No tqdm bar.")
-    if defaults:
-        parser.set_defaults(**defaults)
+    g.add_argument("--max_train_samples", type=positive_int, default=None)
+    g.add_argument("--max_eval_samples", type=positive_int, default=None)
     return parser
-
-
-def check_training_args(args: argparse.Namespace) -> None:
-    """Refuse a learning rate, weight decay or clipping norm that cannot train, before anything is loaded (the
-    warmup ratio is checked by its argparse type: a number in [0, 1))."""
-    checks = {
-        "--lr": (args.lr, lambda v: 0 < v < math.inf, "a finite number > 0"),
-        "--weight_decay": (args.weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-        "--max_grad_norm": (args.max_grad_norm, lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: no clipping)"),
-    }
-    for flag, (value, valid, expected) in checks.items():
-        if value is not None and not valid(value):
-            raise UsageError(f"{flag} must be {expected}, got {value}")
 
 
 def add_conversion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The conversion flags of a recipe: ``--conversion``, the calibration and annealing knobs, ``--distill_weight``."""
     from hf_helu.conversion import CONVERSION_CHOICES, DEFAULT_ANNEAL_FRACTION, DEFAULT_RIDGE, RECOMMENDED_METHOD
 
-    group = parser.add_argument_group("conversion of the pretrained activation (hf_helu.conversion)")
+    group = parser.add_argument_group("activation and its conversion (hf_helu.conversion)")
+    group.add_argument("--activation", choices=ACTIVATION_CHOICES, default="keep", help="FFN activation to train with.")
+    group.add_argument(
+        "--alpha", type=alpha, default=DEFAULT_ALPHA, help="HeLU margin: gradient passes where z > -alpha."
+    )
     group.add_argument(
         "--conversion",
         choices=CONVERSION_CHOICES,
@@ -182,14 +235,9 @@ def _check_explicit_conversion(args: argparse.Namespace) -> None:
         raise UsageError("--conversion applies to training; it cannot be combined with --eval_only")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# A parsed Namespace as the library's settings
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's arguments as a JSON-able dict (results.json ``config``)."""
-    return dict(sorted(vars(args).items()))
+    """The run's arguments as a JSON-able dict (results.json ``config``), without ``--hub_token``."""
+    return {key: value for key, value in sorted(vars(args).items()) if key != "hub_token"}
 
 
 def lora_settings(args: argparse.Namespace, task_type: str | None = None) -> LoraSettings | None:
@@ -209,11 +257,15 @@ __all__ = [
     "ACTIVATION_CHOICES",
     "INITS",
     "MIXED_PRECISION",
+    "SCHEDULERS",
     "LoraSettings",
     "add_conversion_args",
+    "add_model_args",
     "add_training_args",
     "check_conversion_args",
     "check_training_args",
+    "checkpointing_steps",
     "lora_settings",
     "run_config",
+    "trackers",
 ]

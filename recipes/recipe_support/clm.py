@@ -1,5 +1,5 @@
-"""Causal-LM pieces of recipes/run_clm.py: the model source (folder, hub id or GGUF), the text, its token blocks,
-perplexity, and the greedy-generation check of the stock-ReLU export.
+"""Causal-LM pieces of recipes/run_clm.py: the model source (folder, hub id or GGUF), the text, its token blocks and
+perplexity.
 
 Perplexity is ``exp(sum of token NLLs / predicted tokens)`` over contiguous ``block_size`` blocks of the validation
 text (each block predicts its tokens 2..block_size; the remainder shorter than a block is dropped), summed over
@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from hf_helu.cli.common import (  # hf_helu's own loader (folders, hub ids, GGUF files): imported here only
+    gguf_file,
+    load_checkpoint,
+    load_config,
+    load_tokenizer,
+    resolve_source,
+    source_model_class,
+)
 from hf_helu.errors import UsageError
-from hf_helu.inputs import is_hub_id
+from recipe_support.paths import DATA_DIR_ENV, data_path
 
-DATA_DIR_ENV = "HF_HELU_DATA_DIR"
 WIKITEXT = "wikitext-2"
 
 
@@ -35,53 +38,38 @@ WIKITEXT = "wikitext-2"
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where ``--model`` points: a folder or hub id (``location``) and, for a GGUF checkpoint, the file in it."""
+    """Where ``--model_name_or_path`` points: a local folder (``location``) and, for a GGUF checkpoint, the file."""
 
     location: str
     gguf_file: str | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+    path: Path | None = None  # what hf_helu's loader takes: the folder, or the .gguf file
 
 
-def model_source(model: str) -> ModelSource:
-    """``--model`` as a :class:`ModelSource`: a ``.gguf`` file, a folder with config.json or with one ``.gguf``
-    file, or a hub id; anything else is a UsageError (before any loading)."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise UsageError(f"--model {model} is a file but not a .gguf file; give a checkpoint folder or a .gguf")
-        return ModelSource(str(path.parent), path.name)
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return ModelSource(str(path))
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return ModelSource(str(path), ggufs[0])
-        found = f"several .gguf files ({', '.join(ggufs)}): name one" if ggufs else "no config.json and no .gguf file"
-        raise UsageError(f"--model {model}: {found}")
-    if not is_hub_id(model):
-        raise UsageError(f"--model {model}: no such file or folder (and not a hub model id)")
-    return ModelSource(model)
+def model_source(name: str) -> ModelSource:
+    """``--model_name_or_path`` resolved (a folder, a ``.gguf`` file or a folder with one, a hub snapshot) and its
+    config read, by hf_helu's own loader; a config that is unreadable, or whose class is not a causal LM (a BERT
+    classifier), is a UsageError, before any weight is loaded."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        path = resolve_source(name)
+        cls = source_model_class(path, load_config(path))
+    except UsageError as error:
+        raise UsageError(f"--model_name_or_path {name}: {error}") from None
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    if cls.__name__ not in causal and cls is not AutoModelForCausalLM:  # the latter: a GGUF file's own config
+        raise UsageError(
+            f"--model_name_or_path {name} holds a {cls.__name__} (config.architectures), not a causal language model; "
+            "run_clm trains a *ForCausalLM checkpoint"
+        )
+    gguf = gguf_file(path)
+    return ModelSource(str(gguf[0] if gguf else path), gguf[1] if gguf else None, path)
 
 
 def load_causal_lm(source: ModelSource) -> tuple[nn.Module, Any]:
-    """The float32 causal LM and its tokenizer from ``source``.
-
-    A GGUF checkpoint is dequantized by transformers on loading; its quantizer record is then cleared so that the
-    float32 model saves like any other (transformers refuses to ``save_pretrained`` a gguf-"quantized" model).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **source.kwargs())
-    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **source.kwargs())
-    if source.gguf_file:
-        model.hf_quantizer = None
-        model.is_quantized = False
-        for attribute in ("quantization_config", "_is_quantized"):
-            if hasattr(model.config, attribute):
-                delattr(model.config, attribute)
-    return model, tokenizer
+    """The float32 causal LM and its tokenizer (hf_helu's loader: a GGUF checkpoint dequantized, saveable)."""
+    return load_checkpoint(source.path).float(), load_tokenizer(source.path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,7 +101,7 @@ def text_source(args: Any) -> TextSource:
     if files:
         train, validation = args.train_file, args.validation_file
     else:
-        root = args.data_dir or (Path(os.environ[DATA_DIR_ENV]) / WIKITEXT if os.environ.get(DATA_DIR_ENV) else None)
+        root = args.data_dir or data_path(WIKITEXT)
         if root is None:
             raise UsageError(
                 f"no data: give --data_dir, --train_file/--validation_file or --dataset_name (or set {DATA_DIR_ENV})"
@@ -135,10 +123,8 @@ def needs_training_text(args: Any) -> bool:
 def read_texts(source: TextSource, with_train: bool) -> dict[str, str]:
     """``{"validation": ...}`` and, ``with_train``, ``"train"``, each as a single string."""
     if source.dataset is None:
-        texts = {"validation": source.validation.read_text(encoding="utf-8")}
-        if with_train:
-            texts["train"] = source.train.read_text(encoding="utf-8")
-        return texts
+        files = {"validation": source.validation} | ({"train": source.train} if with_train else {})
+        return {name: _read_utf8(path) for name, path in files.items()}
     import datasets
 
     loaded = datasets.load_dataset(source.dataset, source.dataset_config)
@@ -154,6 +140,14 @@ def read_texts(source: TextSource, with_train: bool) -> dict[str, str]:
         rows = loaded[split][source.text_column]
         texts[name] = "".join(row if row.endswith("\n") else row + "\n" for row in rows)
     return texts
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {error.start}: {error.reason})") from None
 
 
 def token_blocks(tokenizer: Any, text: str, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -211,83 +205,11 @@ def evaluate(accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool 
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The stock-ReLU export, generating without hf_helu
-# ----------------------------------------------------------------------------------------------------------------
-
-# Runs in `python -I` with hf_helu blocked from import: stock transformers loads the export and generates greedily.
-_STOCK_GENERATE = """
-import sys
-sys.modules["hf_helu"] = None  # any `import hf_helu` now fails
-import torch, transformers
-export_dir, prompts_path, out_path, new_tokens = sys.argv[1:5]
-torch.set_num_threads(1)
-model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
-prompts = torch.load(prompts_path)
-tokens = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                        max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens), pad_token_id=0)
-torch.save(tokens, out_path)
-"""
-
-
-def greedy_tokens(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """``model``'s greedy continuation of ``prompts`` (one thread, float32 on the CPU, exactly ``new_tokens``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            return (
-                model.cpu()
-                .float()
-                .eval()
-                .generate(
-                    prompts,
-                    attention_mask=torch.ones_like(prompts),
-                    do_sample=False,
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    pad_token_id=0,
-                )
-            )
-    finally:
-        torch.set_num_threads(threads)
-
-
-def check_export_generation(
-    export_dir: str | os.PathLike, model: nn.Module, prompts: torch.Tensor, new_tokens: int = 16
-) -> dict[str, Any]:
-    """Generate greedily from ``prompts`` with ``model`` here and with ``export_dir`` in a Python process where
-    hf_helu cannot be imported; ``{"prompts", "new_tokens", "identical"}``. A failed subprocess raises RuntimeError."""
-    import copy
-
-    expected = greedy_tokens(copy.deepcopy(model), prompts, new_tokens)
-    with tempfile.TemporaryDirectory(prefix="hf_helu_clm_export_") as tmp:
-        prompts_path, out_path = f"{tmp}/prompts.pt", f"{tmp}/tokens.pt"
-        torch.save(prompts, prompts_path)
-        command = [
-            sys.executable,
-            "-I",
-            "-c",
-            _STOCK_GENERATE,
-            str(export_dir),
-            prompts_path,
-            out_path,
-            str(new_tokens),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"the stock-transformers generation of {export_dir} failed:\n{done.stderr[-2000:]}")
-        got = torch.load(out_path)
-    return {"prompts": len(prompts), "new_tokens": new_tokens, "identical": bool(torch.equal(got, expected))}
-
-
 __all__ = [
     "BlockDataset",
     "ModelSource",
     "TextSource",
-    "check_export_generation",
     "evaluate",
-    "greedy_tokens",
     "load_causal_lm",
     "model_source",
     "needs_training_text",

@@ -100,17 +100,19 @@ def check_model_source(source: str, kinds: tuple[str, ...], what: str) -> None:
         try:
             validate_repo_id(source)
         except HFValidationError:
-            raise UsageError(f"--model {source}: no such folder (and not a hub model id)") from None
+            raise UsageError(f"--model_name_or_path {source}: no such folder (and not a hub model id)") from None
         return
     if not path.is_dir():
-        raise UsageError(f"--model {source} is a file; give the checkpoint folder (with config.json)")
+        raise UsageError(f"--model_name_or_path {source} is a file; give the checkpoint folder (with config.json)")
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as error:
-        raise UsageError(f"--model {source} is not a transformers checkpoint (config.json: {error})") from None
+        raise UsageError(
+            f"--model_name_or_path {source} is not a transformers checkpoint (config.json: {error})"
+        ) from None
     supported = set().union(*(getattr(modeling_auto, f"MODEL_FOR_{kind}_MAPPING_NAMES") for kind in kinds))
     if model_type not in supported:
-        raise UsageError(f"--model {source} is a {model_type!r} checkpoint; this recipe needs {what}")
+        raise UsageError(f"--model_name_or_path {source} is a {model_type!r} checkpoint; this recipe needs {what}")
 
 
 def has_trained_head(config: Any, kind: str = "classification") -> bool:
@@ -226,17 +228,22 @@ def prepare_model(
 # The stock-ReLU export, checked without hf_helu
 # ----------------------------------------------------------------------------------------------------------------
 
-# Runs in a fresh `python -I` (no cwd, no PYTHONPATH on sys.path): loads the export with stock transformers only.
-_STOCK_PREDICT = """
-import sys, torch, transformers
-export_dir, auto_class, inputs_path, outputs_path = sys.argv[1:5]
+# Runs in `python -I` (no cwd, no PYTHONPATH) where `import hf_helu` fails: stock transformers loads the export and
+# runs each batch: its logits, or with NEW_TOKENS > 0 its greedy continuation of exactly that many tokens.
+_STOCK_RUN = """
+import sys
+sys.modules["hf_helu"] = None
+import torch, transformers
+export_dir, auto_class, inputs_path, outputs_path, new_tokens = sys.argv[1:6]
 torch.set_num_threads(1)
 model = getattr(transformers, auto_class).from_pretrained(export_dir, dtype=torch.float32).eval()
+def run(batch):
+    if not int(new_tokens):
+        return model(**batch).logits
+    return model.generate(**batch, do_sample=False, max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens),
+                          pad_token_id=0)
 with torch.no_grad():
-    logits = [model(**batch).logits for batch in torch.load(inputs_path)]
-loaded = sorted(m for m in sys.modules if m == "hf_helu" or m.startswith("hf_helu."))
-assert not loaded, f"hf_helu was imported: {loaded}"
-torch.save(torch.cat(logits), outputs_path)
+    torch.save(torch.cat([run(batch) for batch in torch.load(inputs_path)]), outputs_path)
 """
 
 
@@ -246,32 +253,40 @@ def check_stock_export(
     batches: Iterable[Mapping[str, Any]],
     auto_class: str = "AutoModelForSequenceClassification",
     regression: bool = False,
+    new_tokens: int = 0,
 ) -> dict[str, Any]:
-    """Load ``export_dir`` in a Python process that never imports hf_helu and compare its predictions with ``model``'s.
+    """Run ``export_dir`` in a Python process where hf_helu cannot be imported and compare with ``model`` (both in
+    float32 on the CPU, one thread) on ``batches`` (labels dropped).
 
-    ``batches``: model inputs (labels are dropped); both sides run in float32 on the CPU, one thread. Returns
-    ``{"examples", "same_predictions", "max_abs_logit_diff"}`` (a prediction is the argmax, or for ``regression`` the
-    output within 1e-4). A subprocess failure (hf_helu imported, export not loadable) raises RuntimeError.
+    ``new_tokens`` = 0: ``{"examples", "same_predictions", "max_abs_logit_diff"}`` (a prediction is the argmax, or
+    for ``regression`` the output within 1e-4). ``new_tokens`` > 0: greedy generation of that many tokens,
+    ``{"prompts", "new_tokens", "identical"}``. A subprocess failure (export not loadable) raises RuntimeError.
     """
     from hf_helu.conversion.batches import model_inputs
 
     inputs = [model_inputs(batch, torch.device("cpu")) for batch in batches]
+    if new_tokens:
+        inputs = [{"input_ids": b["input_ids"], "attention_mask": torch.ones_like(b["input_ids"])} for b in inputs]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         original = copy.deepcopy(model).cpu().float().eval()
         with torch.no_grad():
-            expected = torch.cat([original(**batch).logits for batch in inputs])
+            options = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            run = (lambda b: original.generate(**b, **options)) if new_tokens else (lambda b: original(**b).logits)
+            expected = torch.cat([run(batch) for batch in inputs])
     finally:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="hf_helu_export_check_") as tmp:
-        inputs_path, outputs_path = f"{tmp}/inputs.pt", f"{tmp}/logits.pt"
+        inputs_path, outputs_path = f"{tmp}/inputs.pt", f"{tmp}/outputs.pt"
         torch.save(inputs, inputs_path)
-        command = [sys.executable, "-I", "-c", _STOCK_PREDICT, str(export_dir), auto_class, inputs_path, outputs_path]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        command = [sys.executable, "-I", "-c", _STOCK_RUN, str(export_dir), auto_class, inputs_path, outputs_path]
+        done = subprocess.run([*command, str(new_tokens)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"the stock-transformers check of {export_dir} failed:\n{done.stderr[-2000:]}")
         got = torch.load(outputs_path)
+    if new_tokens:
+        return {"prompts": len(expected), "new_tokens": new_tokens, "identical": bool(torch.equal(got, expected))}
     if regression:
         same = ((got - expected).abs().reshape(len(got), -1).amax(dim=1) <= 1e-4).sum()
     else:

@@ -35,13 +35,14 @@ from recipe_support.results import (
     RELU_SUFFIX,
     RESULTS_FILE,
 )
-from recipe_support.training import CHECKPOINTS_DIR, has_checkpoints
+from recipe_support.training import CHECKPOINTS_DIR, LOGS_DIR, has_checkpoints
 
 MARKER_FILE = ".hf_helu_run.json"
 LOCK_FILE = ".hf_helu_run.lock"
 # What a run writes into OUTPUT_DIR: all that --overwrite_output_dir removes.
 RUN_ARTIFACTS = (
     CHECKPOINTS_DIR,
+    LOGS_DIR,
     MODEL_DIR,
     MODEL_DIR + RELU_SUFFIX,
     RESULTS_FILE,

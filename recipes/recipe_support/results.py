@@ -110,15 +110,14 @@ def finish_training(
     args: Any,
     processor: Any = None,
 ) -> dict[str, Any]:
-    """After the last step: the final metrics (the last epoch's when they are of the final weights), the model in
-    OUTPUT_DIR/model (and its stock-ReLU export) unless a weight is non-finite, results.json complete."""
+    """After the last step (``recipe_support.training.train`` ends with finite weights or stops): the final metrics
+    (the last epoch's when they are of the final weights), the model in OUTPUT_DIR/model (and its stock-ReLU
+    export), results.json complete."""
     from recipe_support.evaluation import final_metrics
-    from recipe_support.training import check_finite_weights
 
     output_dir = Path(args.output_dir)
     step = state.completed_steps
     metrics, dead = final_metrics(evaluator, model, eval_dataloaders, state.history, step, args.save_predictions)
-    check_finite_weights(accelerator, model, step)
     model_dir = output_dir / MODEL_DIR
     save_model(accelerator, model, model_dir, processor)
     exported = relu_export_dir(model_dir) if has_helu(accelerator.unwrap_model(model)) else None

@@ -24,17 +24,19 @@ def load_processor(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
     """(feature extractor, CTC tokenizer or None) of ``--model``, or new ones for a scratch config."""
     from transformers import AutoFeatureExtractor, Wav2Vec2CTCTokenizer
 
-    if args.model is None:
+    if args.model_name_or_path is None:
         return speech.scratch_feature_extractor(config), None
     try:
-        feature_extractor = AutoFeatureExtractor.from_pretrained(args.model)
+        feature_extractor = AutoFeatureExtractor.from_pretrained(args.model_name_or_path)
     except OSError:
-        logger.warning("%s has no feature extractor config; using the default for its architecture", args.model)
+        logger.warning(
+            "%s has no feature extractor config; using the default for its architecture", args.model_name_or_path
+        )
         feature_extractor = speech.scratch_feature_extractor(config)
     tokenizer = None
     if args.task == "asr":
         try:
-            tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(args.model)
+            tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(args.model_name_or_path)
         except (OSError, ValueError, TypeError):
             tokenizer = None  # no vocabulary in the checkpoint: one is built from the training transcripts
     return feature_extractor, tokenizer
@@ -50,7 +52,7 @@ def train_new_head(model: torch.nn.Module, task: str) -> None:
 
 def classify_labels(args: argparse.Namespace, config, train_split: list[speech.Clip]) -> list[str]:
     """The checkpoint's trained labels, else the train split's classes (at least two)."""
-    if args.model is not None and has_trained_head(config, "classification"):
+    if args.model_name_or_path is not None and has_trained_head(config, "classification"):
         return [config.id2label[i] for i in range(config.num_labels)]  # keep the checkpoint's label ids
     labels = speech.label_names(train_split)
     if len(labels) < 2:
@@ -90,8 +92,8 @@ def wav2vec2_setup(args: argparse.Namespace, config, train_split: list[speech.Cl
         train_texts = [speech.clean_transcript(c.transcript, c.source) for c in train_split]
         if not train_texts:
             raise UsageError(
-                f"no CTC vocabulary: {args.model} has no vocab.json and there is no {args.train_split!r} split "
-                "to build one from"
+                f"no CTC vocabulary: {args.model_name_or_path} has no vocab.json and there is no "
+                f"{args.train_split!r} split to build one from"
             )
         tokenizer = speech.ctc_tokenizer(speech.build_vocabulary(train_texts))
     vocabulary = tokenizer.get_vocab()
@@ -112,7 +114,7 @@ def whisper_setup(args: argparse.Namespace, config, train_split: list[speech.Cli
 
     seconds = args.encoder_seconds or speech.window_seconds(config)
     speech.encoder_positions(seconds, config.max_source_positions)  # a bad window is refused before any decoding
-    feature_extractor = speech.load_feature_extractor(args.model, seconds)
+    feature_extractor = speech.load_feature_extractor(args.model_name_or_path, seconds)
     common = {
         "sampling_rate": feature_extractor.sampling_rate,
         "max_seconds": min(args.max_seconds, seconds),
@@ -123,7 +125,7 @@ def whisper_setup(args: argparse.Namespace, config, train_split: list[speech.Cli
     if args.task == "classify":
         common["collator"] = speech.WhisperCollator(feature_extractor)
         return classify_setup(args, config, train_split, feature_extractor, common)
-    tokenizer = WhisperTokenizer.from_pretrained(args.model)
+    tokenizer = WhisperTokenizer.from_pretrained(args.model_name_or_path)
 
     def encode(clips):
         texts = [speech.clean_transcript(clip.transcript, clip.source) for clip in clips]
@@ -139,7 +141,7 @@ def load_task_model(args: argparse.Namespace, config, setup: speech.TaskSetup) -
     """The task's float32 model, its encoder window cut (Whisper) or its feature encoder frozen if asked."""
     if setup.whisper:
         labels = setup.head.get("labels")
-        model = speech.build_whisper_model(args.task, args.model, args.init, labels)
+        model = speech.build_whisper_model(args.task, args.model_name_or_path, args.init, labels)
         if args.encoder_seconds is not None:
             speech.shorten_encoder(model, args.encoder_seconds)
         if args.freeze_feature_encoder:  # off unless asked
@@ -147,9 +149,9 @@ def load_task_model(args: argparse.Namespace, config, setup: speech.TaskSetup) -
         return model
     model = speech.build_model(
         args.task,
-        model_name_or_path=args.model,
+        model_name_or_path=args.model_name_or_path,
         init=args.init,
-        config=config if args.model is None else None,
+        config=config if args.model_name_or_path is None else None,
         **setup.head,
     )
     if args.freeze_feature_encoder:
