@@ -62,7 +62,11 @@ def conversion_card(
         lines.append(f"- calibration tokens (fit): {calibration_tokens}")
     lines += ["", "## Measured results", ""]
     if results:
-        lines += [f"- {key}: {_figure(value)}" for key, value in results.items() if not isinstance(value, Mapping)]
+        lines += [
+            f"- {key}: {_figure(value)}"
+            for key, value in results.items()
+            if not isinstance(value, Mapping) and value not in (None, "")
+        ]
     else:
         lines.append("Nothing was measured: evaluate the model before use; its quality may differ from the source's.")
     if details:

@@ -46,7 +46,11 @@ class NormalEquations:
         penalty = torch.full((gram.shape[0],), ridge * self.tokens, dtype=torch.float64, device=self.device)
         if self.bias:
             penalty[-1] = 0
-        return torch.linalg.solve(gram + torch.diag(penalty), cross + penalty[:, None] * original)
+        system, right = gram + torch.diag(penalty), cross + penalty[:, None] * original
+        factor, info = torch.linalg.cholesky_ex(system)  # positive definite with a ridge: half LU's work
+        if info.item() == 0:
+            return torch.cholesky_solve(right, factor)
+        return torch.linalg.solve(system, right)  # an unpenalised bias column can leave it semidefinite
 
     def relative_error(self, theta: torch.Tensor) -> float:
         """``||X theta - Y|| / ||Y||`` over the accumulated tokens."""
