@@ -157,7 +157,7 @@ def bench_decoding(args, label: str, tokenizer, model, rows: list[dict]) -> tupl
     """One row per thread count and load: greedy decoding dense vs sparse, interleaved."""
     n = args.new_tokens
     kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    inputs = [tokenizer(p, return_tensors="pt") for p in PROMPTS]
+    inputs = [tokenizer(p, return_tensors="pt") for p in PROMPTS[: args.prompts]]
     for threads in args.threads:
         torch.set_num_threads(threads)
         for kind in args.loads:
@@ -269,6 +269,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32"])
     parser.add_argument("--loads", nargs="+", choices=list(LOADS), default=["idle"])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--pairs", type=int, default=1, help="interleaved dense/sparse pairs per prompt")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
