@@ -14,12 +14,12 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from hf_helu.inputs import is_hub_id
 
-TAGS = ["hf_helu", "helu", "relu"]
+TAGS = ["hf_helu"]
 
 
 def _figure(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     return str(value)
 
 
@@ -38,7 +38,7 @@ def conversion_card(
     ``"hf-helu patch"``, ...). ``calibration_tokens``: the tokens the fit used; ``results``: measured figures
     (e.g. ``ConversionResult.quality.to_dict()``), listed as they are; ``details``: a report printed verbatim.
     ``card.save(folder / "README.md")`` writes it."""
-    data = ModelCardData(library_name="transformers", tags=TAGS)
+    data = ModelCardData(library_name="transformers", tags=[*TAGS, f"activation-{activation}"])
     if is_hub_id(source):
         data.base_model = source
     lines = [

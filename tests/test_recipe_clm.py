@@ -443,8 +443,8 @@ def test_model_card_tracker_and_progress(tmp_path, tiny):
     assert "eval final" in proc.stderr  # the evaluation's own bar
     for folder in ("model", "model_relu"):
         card = ModelCard.load(out / folder / "README.md")
-        assert "hf-helu" in card.data.tags and "activation-helu" in card.data.tags
-        assert "conversion calibrate" in card.text and f"{results['perplexity']['final']:.6g}" in card.text
+        assert "hf_helu" in card.data.tags and "activation-helu" in card.data.tags
+        assert "method `calibrate`" in card.text and f"{results['perplexity']['final']:.6g}" in card.text
         assert f"{results['perplexity']['original']:.6g}" in card.text
     assert "stock-ReLU export" in ModelCard.load(out / "model_relu" / "README.md").text
 

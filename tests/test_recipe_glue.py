@@ -240,8 +240,8 @@ def test_train_then_eval_only_reproduces(tmp_path, tiny_bert_dir):
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(out / "model" / "README.md")  # what was made, how, and what it measured
-    assert "hf-helu" in card.data.tags and "activation-keep" in card.data.tags
-    assert f"| dev accuracy | {final['accuracy']:.6g} |" in card.text and "run_glue" in card.text
+    assert "hf_helu" in card.data.tags and "activation-keep" in card.data.tags
+    assert f"- dev accuracy: {final['accuracy']:.6g}" in card.text and "run_glue" in card.text
 
     again = tmp_path / "eval"
     run_recipe(*tiny_args(out / "model", again, task="sst2", eval_only=True, max_train_samples=64))

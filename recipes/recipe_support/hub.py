@@ -11,7 +11,7 @@ from typing import Any
 
 from hf_helu.atomic import atomic_write_text
 from hf_helu.errors import UsageError
-from hf_helu.inputs import is_hub_id
+from hf_helu.model_card import conversion_card
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
@@ -38,50 +38,33 @@ def check_hub(args: Any) -> None:
         raise UsageError(f"--push_to_hub: cannot create the hub repository {name!r}: {error}") from None
 
 
-def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[str]:
-    rows = []
+def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    rows: dict[str, Any] = {}
     for key, value in metrics.items():
         if isinstance(value, dict):
-            rows += _metric_rows(value, f"{prefix}{key} ")
+            rows.update(_flat(value, f"{prefix}{key} "))
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            rows.append(f"| {prefix}{key} | {value:.6g} |")
+            rows[f"{prefix}{key}"] = value
     return rows
 
 
 def write_model_card(
     folder: str | Path, source: str | None, model_info: dict[str, Any], metrics: dict, command: str, note: str = ""
 ) -> None:
-    """OUTPUT_DIR/model/README.md: the source checkpoint, the activation and conversion (``model_info`` as
-    results.json records it), the command that made it and the ``metrics`` it measured."""
-    from huggingface_hub import ModelCard, ModelCardData
-
+    """OUTPUT_DIR/model/README.md through hf_helu's :func:`~hf_helu.model_card.conversion_card`: the source
+    checkpoint, the activation and conversion (``model_info`` as results.json records it), the ``metrics`` the run
+    measured and the command that made it."""
     activation = model_info.get("activation") or model_info.get("hidden_act", "keep")
     conversion = model_info.get("conversion") or model_info.get("conversion_choice") or {}
     method = conversion.get("choice", conversion).get("method", "none")
-    tags = ["hf-helu", f"activation-{activation}"]
-    data = ModelCardData(
-        base_model=source if source and is_hub_id(source) and not Path(source).exists() else None,
-        library_name="transformers",
-        tags=tags,
+    card = conversion_card(
+        source or "a new model",
+        activation=activation,
+        alpha=model_info.get("alpha"),
+        method=method,
+        results=_flat(metrics),
+        details="\n".join(filter(None, [note, command])),
     )
-    alpha = f" (alpha {model_info['alpha']:g})" if model_info.get("alpha") else ""
-    lines = [
-        f"# {Path(folder).name}",
-        "",
-        f"Made by [hf-helu](https://pypi.org/project/hf-helu/) from `{source or 'a new model'}`: FFN activation "
-        f"{activation}{alpha}, conversion {method}. {note}".rstrip(),
-        "",
-        "## How",
-        "",
-        f"`{command}`",
-        "",
-        "## Results (measured by the run)",
-        "",
-        "| metric | value |",
-        "|---|---:|",
-        *_metric_rows(metrics),
-    ]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     atomic_write_text(Path(folder) / "README.md", str(card))
 
 
