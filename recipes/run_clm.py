@@ -46,9 +46,11 @@ from transformers import get_linear_schedule_with_warmup
 
 import hf_helu
 from hf_helu.conversion import CONVERSION_CHOICES, DEFAULT_ANNEAL_FRACTION, DEFAULT_RIDGE, resolve_conversion
+from hf_helu.diagnostics import decode_sparsity
 from hf_helu.errors import UsageError
 from hf_helu.inputs import alpha, fraction, positive_int
 
+DECODE_PROMPTS, DECODE_NEW_TOKENS = 4, 32
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "custom_checkpoint_0.pkl"  # the TrainState, registered first; written last, so a kill leaves none
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)$")
@@ -89,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--eval_batch_size", type=positive_int, default=None, help="Default: --batch_size.")
     train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="0: no clipping.")
+    train.add_argument(
+        "--sparsity_penalty", type=float, default=0.0, help="Weight of hf_helu.ActivationSparsityPenalty (0: off)."
+    )
+    train.add_argument("--sparsity_warmup_steps", type=int, default=0, help="Steps over which the penalty ramps up.")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--eval_only", action="store_true", help="Only measure perplexity (eval_results.json).")
@@ -110,6 +116,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--anneal_fraction must be in (0, 1], got {args.anneal_fraction}")
     if args.calibration_ridge < 0 or not math.isfinite(args.calibration_ridge):
         raise UsageError(f"--calibration_ridge must be a finite number >= 0, got {args.calibration_ridge}")
+    if not math.isfinite(args.sparsity_penalty) or args.sparsity_penalty < 0:
+        raise UsageError(f"--sparsity_penalty must be a finite number >= 0 (0: off), got {args.sparsity_penalty}")
+    if args.sparsity_warmup_steps < 0:
+        raise UsageError(f"--sparsity_warmup_steps must be >= 0, got {args.sparsity_warmup_steps}")
+    if args.eval_only and args.sparsity_penalty:
+        raise UsageError("--eval_only does not train: drop --sparsity_penalty")
     if args.eval_only and args.resume_from_checkpoint:
         raise UsageError("--eval_only does not train: drop --resume_from_checkpoint")
     if args.eval_only and "anneal" in args.conversion:
@@ -190,6 +202,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     model_dir = args.output_dir / MODEL_DIR
     exported = save_model(accelerator, model, model_dir, tokenizer)
     results.update(model_dir=str(model_dir), relu_export_dir=str(exported) if exported else None)
+    if accelerator.is_main_process:  # FFN zeros while decoding greedily at batch 1: what sparse_inference skips
+        prompts = eval_blocks[:DECODE_PROMPTS, : min(16, args.block_size)]
+        results["decode_sparsity"] = decode_sparsity(accelerator.unwrap_model(model), prompts, DECODE_NEW_TOKENS)
     if args.check_export and accelerator.is_main_process:
         prompts = eval_blocks[: args.export_prompts, : min(16, args.block_size)]
         check = clm.check_export_generation(relu_export_dir(model_dir), accelerator.unwrap_model(model), prompts)
@@ -255,6 +270,7 @@ class TrainState:
     def __init__(self) -> None:
         self.completed_steps = self.epoch = self.batches_in_epoch = self.train_tokens = 0
         self.loss_sum, self.loss_count, self.wall_time_s = 0.0, 0, 0.0
+        self.penalty_sum = 0.0
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -267,6 +283,7 @@ def train(args, accelerator: Accelerator, model, train_dataloader, total_steps: 
     """The training loop (accelerate's nlp_example, plus resume and checkpoints). Returns the prepared model and
     the training summary."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    penalty = hf_helu.ActivationSparsityPenalty(model, args.sparsity_penalty, warmup_steps=args.sparsity_warmup_steps)
     # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
     schedule = total_steps * accelerator.num_processes
     lr_scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * schedule), schedule)
@@ -285,6 +302,7 @@ def train(args, accelerator: Accelerator, model, train_dataloader, total_steps: 
     )
     if annealer is not None:
         annealer.on_step(state.completed_steps, total_steps)
+    penalty.completed_steps = state.completed_steps
     for epoch in range(state.epoch, args.epochs):
         if state.completed_steps >= total_steps:
             break
@@ -295,7 +313,8 @@ def train(args, accelerator: Accelerator, model, train_dataloader, total_steps: 
         for batch in batches:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                accelerator.backward(loss)
+                penalty_term = penalty.loss()  # a constant 0 with --sparsity_penalty 0
+                accelerator.backward(loss + penalty_term)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -304,10 +323,12 @@ def train(args, accelerator: Accelerator, model, train_dataloader, total_steps: 
             state.batches_in_epoch += 1
             state.train_tokens += batch["input_ids"].numel() * accelerator.num_processes
             state.loss_sum, state.loss_count = state.loss_sum + loss.item(), state.loss_count + 1
+            state.penalty_sum += penalty_term.item()
             if not accelerator.sync_gradients:
                 continue
             state.completed_steps += 1
             progress.update(1)
+            penalty.step()
             if annealer is not None:
                 annealer.on_step(state.completed_steps, total_steps)
             if state.completed_steps % args.checkpointing_steps == 0 or state.completed_steps >= total_steps:
@@ -318,11 +339,16 @@ def train(args, accelerator: Accelerator, model, train_dataloader, total_steps: 
         else:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
     progress.close()
+    penalty.remove()
     wall = time.perf_counter() - start
-    loss = torch.tensor(state.loss_sum / max(state.loss_count, 1), device=accelerator.device)
+    count = max(state.loss_count, 1)
+    losses = torch.tensor([state.loss_sum / count, state.penalty_sum / count], device=accelerator.device)
+    loss, penalty_mean = accelerator.reduce(losses, reduction="mean").tolist()
+    accelerator.print(f"train loss {loss:.4f} (language model), sparsity penalty {penalty_mean:.4g} (mean term)")
     summary = {
         "completed_steps": state.completed_steps,
-        "train_loss": accelerator.reduce(loss, reduction="mean").item(),
+        "train_loss": loss,
+        "sparsity_penalty": penalty_mean,
         "train_tokens": state.train_tokens,
         "wall_time_s": wall,
         "train_tokens_per_s": state.train_tokens / wall if wall > 0 else None,
