@@ -209,7 +209,8 @@ def test_decode_sparsity_counts_the_decode_steps():
         ids = model.generate(prompt[None], do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
         gates = []
         hooks = [
-            layer.mlp.gate_proj.register_forward_hook(lambda m, a, o: gates.append(o)) for layer in model.model.layers
+            layer.mlp.gate_proj.register_forward_hook(lambda m, a, o, kept=gates: kept.append(o))
+            for layer in model.model.layers
         ]
         with torch.no_grad():
             model(ids)
