@@ -103,7 +103,7 @@ def test_table_plots_and_best(sweep, capsys):
     capsys.readouterr()
     module.main([str(sweep), "--best"])
     assert capsys.readouterr().out.strip() == "0.1"
-    module.main([str(sweep), "--best", "--tolerance", "0.6"])  # now penalty 1 qualifies and has more decode zeros
+    module.main([str(sweep), "--best", "--tolerance", "0.6"])  # penalty 1 qualifies too, with more decode zeros
     assert capsys.readouterr().out.strip() == "1"
 
 
