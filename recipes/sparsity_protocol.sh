@@ -4,7 +4,8 @@
 # over the first half of the steps), seed 0; then seed 1 at the penalty `sparsity_compare.py --best` picks. Budget:
 # STEPS x 4 x 256 recovery tokens per run (48 steps: 49,152). Per run (OUT/<activation>_p<penalty>_s<seed>/
 # results.json): perplexity on the first 32 x 256 validation tokens, FFN zeros and dead units per layer, zeros while
-# decoding, HeLU's band share. Table (OUT/table.md) and plots (OUT/pareto.png, OUT/dead_units.png): recipes/sparsity_compare.py.
+# decoding, HeLU's band share. Table (OUT/table.md) and plots (OUT/pareto.png, OUT/dead_units.png):
+# recipes/sparsity_compare.py.
 #   HF_HELU_DATA_DIR=../shared/data flock /tmp/cpu.lock nice -n 5 bash recipes/sparsity_protocol.sh [OUT]
 set -euo pipefail
 OUT=${1:-runs/sparsity_protocol}

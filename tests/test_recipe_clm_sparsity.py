@@ -5,9 +5,12 @@ weights of a run without the flag, and a negative or non-finite penalty is refus
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
+from helpers import REPO
 from safetensors.torch import load_file
 from test_recipe_clm import _run, clm_args, recipe, tiny  # noqa: F401  (tiny: the module-scoped fixture)
 
@@ -82,3 +85,32 @@ def test_negative_penalty_exits_2_as_a_script(tmp_path, tiny):  # noqa: F811
         "error: --sparsity_penalty must be a finite number >= 0 (0: off), got -1.0"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_protocol_script_end_to_end(tmp_path, tiny):  # noqa: F811
+    """recipes/sparsity_protocol.sh with the tiny LLaMA as MODEL, 2 steps and penalties 0 and 20: ReLU and HeLU at
+    each penalty (seed 0), then both at the one non-zero penalty with seed 1, then the table and plots."""
+    data = tmp_path / "data" / "wikitext-2"
+    data.mkdir(parents=True)
+    (data / "train.txt").write_text(tiny["train"].read_text() * 4)
+    (data / "valid.txt").write_text(tiny["valid"].read_text() * 4)
+    out = tmp_path / "protocol"
+    env = {
+        **os.environ,
+        "MODEL": str(tiny["model"]),
+        "STEPS": "2",
+        "PENALTIES": "0 20",
+        "HF_HELU_DATA_DIR": str(tmp_path / "data"),
+        "OMP_NUM_THREADS": "1",
+    }
+    script = REPO / "recipes" / "sparsity_protocol.sh"
+    proc = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "second seed at penalty 20" in proc.stdout
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert runs == ["helu_p0_s0", "helu_p20_s0", "helu_p20_s1", "relu_p0_s0", "relu_p20_s0", "relu_p20_s1"]
+    table = (out / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 6 and (out / "pareto.png").is_file() and (out / "dead_units.png").is_file()
+    result = json.loads((out / "helu_p20_s1" / "results.json").read_text())
+    assert result["config"]["seed"] == 1 and result["config"]["sparsity_warmup_steps"] == 1
+    assert result["train"]["train_tokens"] == 2 * 4 * 256
