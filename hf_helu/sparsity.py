@@ -60,9 +60,10 @@ class ActivationSparsityPenalty:
       entry per position of an activation, padded positions neither count nor get a gradient (padding is not
       decoded, its zeros buy nothing). ``attention_mask`` that does not match an activation's positions is ignored
       for that call.
-    * **Schedule** (ProSparse's progressive regularisation, one stage): step ``t`` (0-based, :attr:`completed_steps`)
-      uses ``weight * sin(pi/2 * min(1, (t + 1) / warmup_steps))``; ``warmup_steps=0`` is the full weight at once.
-      Call :meth:`step` after each optimizer step (or set ``completed_steps`` when resuming).
+    * **Schedule** (a smooth ramp, as in ProSparse's progressive regularisation): step ``t`` (0-based,
+      :attr:`completed_steps`) uses ``weight * sin(pi/2 * min(1, (t + 1) / warmup_steps))``; ``warmup_steps=0`` is
+      the full weight at once. Call :meth:`step` after each optimizer step (or set ``completed_steps`` when
+      resuming): a sudden strong penalty kills units before the language-model loss can hold them.
     * ``weight == 0`` registers no hook at all and :meth:`loss` returns a constant 0: the run is the run without
       the penalty, bit for bit.
 

@@ -1,6 +1,6 @@
 """hf_helu.ActivationSparsityPenalty and hf_helu.diagnostics.decode_sparsity on tiny LLaMAs (ReLU, HeLU) and a
 plain module: the term equals an independent computation (padding excluded, gradient included), the schedule is
-ProSparse's quarter sine, weight 0 leaves training bit-identical, a strong penalty raises the FFN zeros, bad weights
+a quarter-sine ramp, weight 0 leaves training bit-identical, a strong penalty raises the FFN zeros, bad weights
 are refused, and decode sparsity counts exactly the batch-1 decode steps."""
 
 from __future__ import annotations
