@@ -63,7 +63,7 @@ class ActivationSparsityPenalty:
     * **Schedule** (a smooth ramp, as in ProSparse's progressive regularisation): step ``t`` (0-based,
       :attr:`completed_steps`) uses ``weight * sin(pi/2 * min(1, (t + 1) / warmup_steps))``; ``warmup_steps=0`` is
       the full weight at once. Call :meth:`step` after each optimizer step (or set ``completed_steps`` when
-      resuming): a sudden strong penalty kills units before the language-model loss can hold them.
+      resuming).
     * ``weight == 0`` registers no hook at all and :meth:`loss` returns a constant 0: the run is the run without
       the penalty, bit for bit.
 
