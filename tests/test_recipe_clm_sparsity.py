@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import REPO
 from safetensors.torch import load_file
-from test_recipe_clm import _run, clm_args, recipe, tiny  # noqa: F401  (tiny: the module-scoped fixture)
+from test_recipe_clm import CRASHING, RECIPE, _run, clm_args, recipe, tiny  # noqa: F401  (tiny: the module fixture)
 
 import hf_helu
 
@@ -54,6 +54,25 @@ def test_zero_penalty_is_bit_identical_to_no_flag(tmp_path, tiny, one_thread):  
     assert all(torch.equal(weights["none"][k], weights["zero"][k]) for k in weights["none"])
     assert results["none"]["perplexity"] == results["zero"]["perplexity"]
     assert not all(torch.equal(weights["none"][k], weights["small"][k]) for k in weights["none"])
+
+
+def test_resumed_run_keeps_the_penalty_schedule(tmp_path, tiny):  # noqa: F811
+    """A penalised run (weight ramping up over 4 steps) killed after its step-2 checkpoint and resumed ends with the
+    weights of the same run left alone: the schedule resumes at step 2, not at 0."""
+    common = dict(**COMMON, sparsity_penalty=20.0, sparsity_warmup_steps=4, checkpointing_steps=2)
+    common["max_steps"] = 4
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    done = _run(clm_args(tiny, whole, **common))
+    assert done.returncode == 0, done.stderr[-3000:]
+    crashed = _run(clm_args(tiny, broken, **common), CRASHING, [str(REPO / "recipes"), str(RECIPE), "2"])
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+    resumed = _run(clm_args(tiny, broken, **common, resume_from_checkpoint="latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = load_file(whole / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    results = [json.loads((run / "results.json").read_text()) for run in (whole, broken)]
+    assert results[1]["train"]["sparsity_penalty"] == pytest.approx(results[0]["train"]["sparsity_penalty"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
