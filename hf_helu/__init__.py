@@ -24,6 +24,7 @@ from hf_helu.patching import (
 )
 from hf_helu.registry import register
 from hf_helu.sparse import SparseInference, dense_inference, sparse_inference
+from hf_helu.sparsity import ActivationSparsityPenalty
 
 register()
 
@@ -32,6 +33,7 @@ __all__ = [
     "ActivationAnnealer",
     "ActivationMonitor",
     "ActivationSite",
+    "ActivationSparsityPenalty",
     "ActivationStats",
     "CalibrationReport",
     "ConversionResult",

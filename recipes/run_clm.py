@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,11 @@ from torch.utils.data import DataLoader
 
 import hf_helu
 from hf_helu.conversion import resolve_conversion
+from hf_helu.diagnostics import decode_sparsity
 from hf_helu.errors import UsageError
 from hf_helu.inputs import positive_int
+
+DECODE_PROMPTS, DECODE_NEW_TOKENS = 4, 32  # decode sparsity: greedy batch-1 decoding of 4 validation prompts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         save_total_limit=2,
     )
     add_conversion_args(parser).set_defaults(calibration_samples=16)
+    sparsity = parser.add_argument_group("sparsity pressure (hf_helu.ActivationSparsityPenalty)")
+    sparsity.add_argument(
+        "--sparsity_penalty", type=float, default=0.0, help="Weight of the FFN activation L1 term (0: off)."
+    )
+    sparsity.add_argument("--sparsity_warmup_steps", type=int, default=0, help="Steps the weight ramps up over.")
     report = parser.add_argument_group("the stock-ReLU export")
     report.add_argument("--check_export", action="store_true", help="Check model_relu generates as the HeLU model.")
     report.add_argument("--export_prompts", type=positive_int, default=4, help="Prompts for --check_export.")
@@ -98,6 +107,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--eval_only does not train: drop --resume_from_checkpoint")
     if args.check_export and args.activation != "helu":
         raise UsageError("--check_export checks the stock-ReLU export of a HeLU model: give --activation helu")
+    if not math.isfinite(args.sparsity_penalty) or args.sparsity_penalty < 0:
+        raise UsageError(f"--sparsity_penalty must be a finite number >= 0 (0: off), got {args.sparsity_penalty}")
+    if args.sparsity_warmup_steps < 0:
+        raise UsageError(f"--sparsity_warmup_steps must be >= 0, got {args.sparsity_warmup_steps}")
+    if args.eval_only and args.sparsity_penalty:
+        raise UsageError("--eval_only does not train: drop --sparsity_penalty")
     if args.distill_weight or args.save_predictions:
         raise UsageError("run_clm does not take --distill_weight or --save_predictions")
     if args.model_name_or_path is None:
@@ -180,6 +195,9 @@ def run(args: argparse.Namespace, accelerator) -> dict:
     model_dir = args.output_dir / MODEL_DIR
     exported = save_model(accelerator, model, model_dir, tokenizer)
     results.update(model_dir=str(model_dir), relu_export_dir=str(exported) if exported else None)
+    if accelerator.is_main_process:  # FFN zeros while decoding greedily at batch 1: what sparse_inference skips
+        prompts = eval_blocks[:DECODE_PROMPTS, : min(16, args.block_size)]
+        results["decode_sparsity"] = decode_sparsity(accelerator.unwrap_model(model), prompts, DECODE_NEW_TOKENS)
     if args.check_export and accelerator.is_main_process:
         prompts = eval_blocks[: args.export_prompts, : min(16, args.block_size)]
         unwrapped, batches = accelerator.unwrap_model(model), [{"input_ids": prompts}]
@@ -238,24 +256,31 @@ def train(args, accelerator, model, train_dataloader, total_steps: int, annealer
     """The training loop (accelerate's nlp_example, plus resume, checkpoints and the finite-loss guard). Returns the
     prepared model and the training summary."""
     optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps, accelerator.num_processes)
+    penalty = hf_helu.ActivationSparsityPenalty(model, args.sparsity_penalty, warmup_steps=args.sparsity_warmup_steps)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
     # The step counters (restored by --resume_from_checkpoint), the annealer at its step, the progress bar.
     state, progress = start_training(args, accelerator, results, annealer, total_steps)
+    penalty.completed_steps, penalty_sum, batches = state.completed_steps, 0.0, 0
     while state.completed_steps < total_steps and state.epoch < args.num_train_epochs:
         model.train()
         epoch = state.epoch
         for batch in state.epoch_batches(accelerator, train_dataloader, epoch):
             with accelerator.accumulate(model):
-                # The training loss, in one place: a regularising term is added here.
+                # The training loss, in one place: the language model's, plus the sparsity term (0 when off).
                 loss = model(**batch).loss
+                penalty_term = penalty.loss()
                 # The finite-loss guard, backward, clipping, optimizer and scheduler steps.
-                step(args, accelerator, model, loss, optimizer, lr_scheduler, state)
+                step(args, accelerator, model, loss + penalty_term, optimizer, lr_scheduler, state)
             state.add_batch(loss, batch, accelerator.num_processes)
+            penalty_sum, batches = penalty_sum + penalty_term.item(), batches + 1
             if not accelerator.sync_gradients:
                 continue
             end_step(args, accelerator, model, state, progress, loss, lr_scheduler)  # bar, tracker, checkpoint
+            penalty.step()
+            if penalty.enabled and args.with_tracking:
+                accelerator.log({"sparsity_penalty": penalty_term.item()}, state.completed_steps)
             if annealer is not None:
                 annealer.on_step(state.completed_steps, total_steps)
             if state.completed_steps >= total_steps:
@@ -264,10 +289,12 @@ def train(args, accelerator, model, train_dataloader, total_steps: int, annealer
             state.epoch, state.batches_in_epoch = epoch + 1, 0
             save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}", args.save_total_limit)
     progress.close()
+    penalty.remove()
     wall = state.elapsed()
     summary = {
         "completed_steps": state.completed_steps,
         "train_loss": state.mean_loss(accelerator),
+        "sparsity_penalty": penalty_sum / max(batches, 1),  # the mean term of this process
         "train_tokens": state.train_tokens,
         "wall_time_s": wall,
         "train_tokens_per_s": state.train_tokens / wall if wall > 0 else None,
