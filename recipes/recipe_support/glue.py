@@ -133,8 +133,8 @@ def read_tsv(task: GlueTask, path: str | os.PathLike):
         raise UsageError(f"{path}:1: header {raw.column_names} lacks column(s) {missing} for task {task.name}")
     if len(raw) == 0:
         raise UsageError(f"{path}: no data rows")
-    first_line = 1 if names else 2
-    labels = [_parse_label(task, value, f"{path}:{i + first_line}") for i, value in enumerate(raw[task.tsv_columns[-1]])]
+    first = 1 if names else 2  # the line of the first data row
+    labels = [_parse_label(task, value, f"{path}:{i + first}") for i, value in enumerate(raw[task.tsv_columns[-1]])]
     columns = {ours: raw[theirs] for ours, theirs in zip(task.text_columns, task.tsv_columns, strict=False)}
     return datasets.Dataset.from_dict({**columns, "label": labels, "idx": range(len(raw))}, features=features(task))
 

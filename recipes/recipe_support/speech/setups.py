@@ -73,10 +73,7 @@ def classify_setup(args, config, train_split, feature_extractor, common: dict[st
 def wav2vec2_setup(args: argparse.Namespace, config, train_split: list[speech.Clip]) -> speech.TaskSetup:
     feature_extractor, tokenizer = load_processor(args, config)
     common = {
-        "collator": speech.SpeechCollator(
-            return_attention_mask=bool(feature_extractor.return_attention_mask),
-            padding_value=float(feature_extractor.padding_value),
-        ),
+        "collator": speech.SpeechCollator(feature_extractor),
         "sampling_rate": feature_extractor.sampling_rate,
         "max_seconds": args.max_seconds,
         "normalize": getattr(feature_extractor, "do_normalize", True),
