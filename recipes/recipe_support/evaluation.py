@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from recipe_support.results import log_metrics, results_file, write_predictions, write_results
+
 logger = logging.getLogger(__name__)
 
 EvalStep = Callable[[nn.Module, Mapping[str, Any]], dict[str, Any]]
@@ -163,8 +165,6 @@ def evaluate_only(
     results: dict[str, Any],
 ) -> dict[str, Any]:
     """--eval_only: evaluate the prepared ``model`` once, write OUTPUT_DIR/eval_results.json (and predictions)."""
-    from recipe_support.results import log_metrics, results_file, write_predictions, write_results
-
     start = time.perf_counter()
     metrics, dead = evaluator(model, dataloaders)
     log_metrics(accelerator, "eval", metrics)
@@ -173,25 +173,3 @@ def evaluate_only(
     if args.save_predictions:
         write_predictions(accelerator, Path(args.output_dir), evaluator.last_outputs, eval_only=True)
     return results
-
-
-def final_metrics(
-    evaluator: Evaluator, model: nn.Module, dataloaders: Mapping[str, Any], history: list, step: int, outputs: bool
-) -> tuple[dict[str, Any], dict | None]:
-    """The last epoch's metrics if they are of the final weights (and their outputs are not wanted, or held),
-    else a new evaluation (after a resume past the last epoch's checkpoint)."""
-    last = history[-1] if history else None
-    if last is None or last["step"] != step or (outputs and not evaluator.last_outputs):
-        return evaluator(model, dataloaders)
-    return last["eval"], last["dead_units"]
-
-
-__all__ = [
-    "DeadUnitTracker",
-    "Evaluator",
-    "default_eval_step",
-    "evaluate",
-    "evaluate_only",
-    "final_metrics",
-    "make_evaluator",
-]
