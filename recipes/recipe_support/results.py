@@ -153,4 +153,3 @@ def _save(path: Path, model: nn.Module, processor: Any, state_dict: dict | None 
         if processor is not None:
             processor.save_pretrained(tmp)
     return path
-

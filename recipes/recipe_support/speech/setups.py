@@ -152,6 +152,3 @@ def load_task_model(args: argparse.Namespace, config, setup: speech.TaskSetup) -
     if args.freeze_feature_encoder:
         model.freeze_feature_encoder()
     return model
-
-
-__all__ = ["classify_setup", "load_processor", "load_task_model", "train_new_head", "wav2vec2_setup", "whisper_setup"]
