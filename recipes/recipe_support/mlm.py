@@ -213,6 +213,4 @@ def masked_eval_set(blocks: torch.Tensor, collator: Any, seed: int = 0) -> list[
     ]
 
 
-def stack_batch(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Collate equal-length items by stacking (the eval loader's collate_fn)."""
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+stack_batch = torch.utils.data.default_collate  # the eval loader's collate_fn: equal-length items stacked
