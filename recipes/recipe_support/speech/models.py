@@ -93,16 +93,21 @@ def scratch_feature_extractor(config, sampling_rate: int = SAMPLING_RATE):
     )
 
 
+def label_fields(labels: Sequence[str] | None) -> dict[str, Any]:
+    """The config fields of a classification head for ``labels``: their number, names and ids."""
+    if not labels:
+        raise UsageError("classification needs the label names")
+    return {
+        "num_labels": len(labels),
+        "label2id": {n: i for i, n in enumerate(labels)},
+        "id2label": dict(enumerate(labels)),
+    }
+
+
 def _head_fields(task: str, labels: Sequence[str] | None, vocabulary: Mapping[str, int] | None) -> dict[str, Any]:
     """The config fields of the task's head: label names and ids (classify) or the CTC vocabulary size (asr)."""
     if task == "classify":
-        if not labels:
-            raise ValueError("classification needs the label names")
-        return {
-            "num_labels": len(labels),
-            "label2id": {name: i for i, name in enumerate(labels)},
-            "id2label": dict(enumerate(labels)),
-        }
+        return label_fields(labels)
     if not vocabulary or PAD_TOKEN not in vocabulary:
         raise ValueError(f"speech recognition needs a vocabulary with {PAD_TOKEN!r} (the CTC blank)")
     return {"vocab_size": len(vocabulary), "pad_token_id": vocabulary[PAD_TOKEN]}

@@ -20,6 +20,7 @@ from torch import nn
 
 from hf_helu.errors import UsageError
 from recipe_support.models import load_model
+from recipe_support.speech.models import label_fields
 
 ENCODER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's second conv (stride 2)
 MEL_FRAMES_PER_POSITION = 2
@@ -102,14 +103,7 @@ def build_whisper_model(
 
     if task == "asr":
         return load_model(WhisperForConditionalGeneration, source, init)
-    if not labels:
-        raise UsageError("classification needs the label names")
-    fields = {
-        "num_labels": len(labels),
-        "label2id": {n: i for i, n in enumerate(labels)},
-        "id2label": dict(enumerate(labels)),
-    }
-    return load_model(WhisperForAudioClassification, source, init, **fields)
+    return load_model(WhisperForAudioClassification, source, init, **label_fields(labels))
 
 
 def transcript_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -142,13 +136,11 @@ class WhisperCollator:
             return batch
         if self.pad_token_id is None:
             raise ValueError("WhisperCollator needs pad_token_id for token-id targets")
-        longest = max(len(ids) for ids in targets) - 1
-        decoder_inputs = torch.full((len(targets), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(targets), longest), -100, dtype=torch.long)
-        for row, ids in enumerate(targets):
-            if len(ids) < 2:
-                raise ValueError(f"transcript token ids {ids} are too short (need a start token and an end)")
-            decoder_inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
-            labels[row, : len(ids) - 1] = torch.as_tensor(ids[1:])
-        batch.update(decoder_input_ids=decoder_inputs, labels=labels)
+        short = [ids for ids in targets if len(ids) < 2]
+        if short:
+            raise ValueError(f"transcript token ids {short[0]} are too short (need a start token and an end)")
+        rows = [torch.as_tensor(ids, dtype=torch.long) for ids in targets]
+        pad = torch.nn.utils.rnn.pad_sequence
+        batch["decoder_input_ids"] = pad([r[:-1] for r in rows], batch_first=True, padding_value=self.pad_token_id)
+        batch["labels"] = pad([r[1:] for r in rows], batch_first=True, padding_value=-100)
         return batch
