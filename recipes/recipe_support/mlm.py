@@ -99,12 +99,7 @@ def read_corpus(
             where = f"at {folder}" if folder is not None else f"(${DATA_DIR_ENV} is not set)"
             raise UsageError(f"no corpus: WikiText-2 not found {where}; pass text files or a hub dataset")
         lines = read_text_files([folder / f"{split}.txt"])
-    return [map_unk(line, unk_token) for line in lines] if unk_token is not None else lines
-
-
-def map_unk(line: str, unk_token: str) -> str:
-    """``line`` with each WikiText ``<unk>`` written as ``unk_token`` (e.g. ``[UNK]``)."""
-    return line.replace(WIKITEXT_UNK, unk_token)
+    return [line.replace(WIKITEXT_UNK, unk_token) for line in lines] if unk_token is not None else lines
 
 
 def token_blocks(lines: Iterable[str], tokenizer: Any, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
