@@ -3,7 +3,7 @@
 - the Free Spoken Digit Dataset (``{digit}_{speaker}_{index}.wav``; index 0-4 is the test split),
 - a local folder in the ``datasets`` audiofolder convention (split folders optional; labels from label subfolders,
   or a ``metadata.csv`` with ``file_name`` plus ``label`` and/or ``transcript``), read as a file listing:
-  ``load_dataset("audiofolder")`` encodes every file through torchcodec, even undecoded,
+  ``load_dataset("audiofolder")`` encodes every file through torchcodec (FFmpeg), even with ``decode=False``;
 - a hub dataset (online only) through ``datasets.load_dataset``.
 
 Audio columns are read undecoded (``Audio(decode=False)``): soundfile decodes them, not torchcodec/FFmpeg.
@@ -68,14 +68,17 @@ def _audiofolder_split(folder: Path) -> list[Clip]:
     metadata = folder / METADATA_FILE
     if metadata.is_file():
         with metadata.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-        columns = list(rows[0]) if rows else []
+            reader = csv.DictReader(handle)
+            rows, columns = list(reader), reader.fieldnames or []
         text = next((c for c in TRANSCRIPT_COLUMNS if c in columns), None)
         if "file_name" not in columns or ("label" not in columns and text is None):
             raise UsageError(
                 f"{metadata} needs a 'file_name' column and a 'label' or transcript column (one of "
                 f"{list(TRANSCRIPT_COLUMNS)}); columns: {columns}"
             )
+        empty = [line for line, row in enumerate(rows, 2) if not row["file_name"]]
+        if empty:
+            raise UsageError(f"{metadata}, line {empty[0]}: empty file_name")
         return [Clip(str(folder / r["file_name"]), r.get("label"), r[text] if text else None) for r in rows]
     clips = []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()):
