@@ -156,9 +156,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, corpus):
         ({"max_train_steps": 2, "config_overrides": "hidden_size"}, "key=value"),
         (
             {"max_train_steps": 2, "config_overrides": "hidden_size=abc"},
-            "hidden_size=abc: .* takes a int value, got 'abc'",
+            "'hidden_size=abc': invalid literal for int.*'abc'",
         ),
-        ({"max_train_steps": 2, "config_overrides": "hidden_dropout_prob=x"}, "hidden_dropout_prob=x: .* float value"),
+        ({"max_train_steps": 2, "config_overrides": "hidden_dropout_prob=x"}, "could not convert string to float: 'x'"),
         ({"max_train_steps": 2, "learning_rate": "inf"}, "--learning_rate must be a finite number > 0, got inf"),
         ({"max_train_steps": 2, "weight_decay": -5}, "--weight_decay must be a finite number >= 0, got -5"),
     ],

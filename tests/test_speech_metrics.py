@@ -1,4 +1,4 @@
-"""Speech metrics (recipe_support.speech.metrics, jiwer's WER and CER) against an edit distance written here."""
+"""Speech metrics (recipe_support.speech.evaluation, jiwer's WER and CER) against an edit distance written here."""
 
 from __future__ import annotations
 

@@ -160,10 +160,10 @@ def test_bert_config_presets_overrides_and_activation_names():
     config = bert_config("tiny", "helu_0.5", 1000, 128, num_hidden_layers=3, hidden_dropout_prob=0.0)
     assert (config.num_hidden_layers, config.hidden_size, config.hidden_act) == (3, 128, "helu_0.5")
     assert config.vocab_size == 1000 and config.max_position_embeddings == 512
-    assert parse_overrides("num_hidden_layers=2,hidden_dropout_prob=0.1,position_embedding_type=absolute") == {
+    assert parse_overrides("num_hidden_layers=2,hidden_dropout_prob=0.1,is_decoder=true") == {
         "num_hidden_layers": 2,
         "hidden_dropout_prob": 0.1,
-        "position_embedding_type": "absolute",
+        "is_decoder": True,
     }
     assert [check_hidden_act(name) for name in ("gelu", "relu", "helu", "helu_1")] == ["gelu", "relu", "helu", "helu_1"]
     with pytest.raises(ValueError, match="gelu, relu, helu or helu_<alpha>"):
@@ -172,6 +172,8 @@ def test_bert_config_presets_overrides_and_activation_names():
         check_hidden_act("helu_x")
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides("num_hidden_layers")
+    with pytest.raises(ValueError, match="key num_layers isn't in the original config"):
+        parse_overrides("num_layers=2")
     with pytest.raises(ValueError, match="no field"):
         bert_config("tiny", "gelu", 100, 128, num_layers=2)
     with pytest.raises(ValueError, match="--size"):

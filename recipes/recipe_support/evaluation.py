@@ -1,9 +1,10 @@
-"""Evaluation for the recipes' loops: one pass over a dataloader with outputs gathered across processes, and the
-dead-unit statistics of that pass (:class:`hf_helu.diagnostics.ActivationMonitor`, reduced over processes).
+"""Evaluation for the recipes' loops: one pass per eval split with outputs gathered across processes
+(``accelerator.gather_for_metrics``), and the dead-unit statistics of the first split's pass
+(:class:`hf_helu.diagnostics.ActivationMonitor`, reduced over processes).
 
 ``eval_step(model, batch) -> dict[str, Tensor | list]`` returns per-sample outputs (first dim = batch). Tensors are
-gathered as tensors and concatenated into numpy arrays; lists (e.g. decoded strings, variable-length ids) are
-gathered as Python objects. ``compute_metrics(outputs) -> dict[str, float]`` receives those concatenated outputs.
+gathered as tensors and concatenated into numpy arrays; lists (decoded strings, variable-length ids) are gathered as
+Python objects. ``compute_metrics(outputs) -> dict[str, float]`` receives those concatenated outputs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from recipe_support.results import log_metrics, results_file, write_predictions, write_results
+
 logger = logging.getLogger(__name__)
 
 EvalStep = Callable[[nn.Module, Mapping[str, Any]], dict[str, Any]]
@@ -27,144 +30,79 @@ ComputeMetrics = Callable[[dict[str, Any]], dict[str, float]]
 
 def default_eval_step(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     """Logits and labels of one batch (the classification/regression case)."""
-    outputs = model(**batch)
-    return {"predictions": outputs.logits, "labels": batch["labels"]}
-
-
-def _gather(accelerator: Any, dataloader: Any, model: nn.Module, eval_step: EvalStep) -> dict[str, Any]:
-    gathered: dict[str, list] = {}
-    with torch.no_grad():
-        for batch in dataloader:
-            for key, value in eval_step(model, batch).items():
-                if isinstance(value, torch.Tensor):
-                    value = accelerator.gather_for_metrics(value.detach()).float().cpu().numpy()
-                    gathered.setdefault(key, []).append(value)
-                else:
-                    objects = accelerator.gather_for_metrics(list(value), use_gather_object=True)
-                    gathered.setdefault(key, []).extend(objects)
-    return {k: np.concatenate(v) if v and isinstance(v[0], np.ndarray) else v for k, v in gathered.items()}
-
-
-def evaluate(
-    accelerator: Any,
-    model: nn.Module,
-    dataloader: Any,
-    compute_metrics: ComputeMetrics,
-    eval_step: EvalStep = default_eval_step,
-    monitor: Any = None,
-    outputs_sink: dict[str, Any] | None = None,
-) -> dict[str, float]:
-    """Metrics over every sample of ``dataloader`` exactly once (gathered across processes).
-
-    Adds ``num_samples`` (how many samples the metrics saw). ``monitor`` (an object with ``start()``/``stop()``,
-    e.g. the dead-unit tracker) records only during this pass; the caller reads its statistics. ``outputs_sink``
-    receives the gathered per-sample outputs, in dataset order.
-    """
-    model.eval()
-    if monitor is not None:
-        monitor.start()
-    try:
-        outputs = _gather(accelerator, dataloader, model, eval_step)
-    finally:
-        if monitor is not None:
-            monitor.stop()
-    if outputs_sink is not None:
-        outputs_sink.update(outputs)
-    metrics = {k: float(v) for k, v in compute_metrics(outputs).items()}
-    metrics["num_samples"] = len(next(iter(outputs.values()))) if outputs else 0
-    return metrics
-
-
-class DeadUnitTracker:
-    """Attach :class:`hf_helu.diagnostics.ActivationMonitor` for one eval pass, then reduce across processes."""
-
-    def __init__(self, monitor: Any, accelerator: Any):
-        self.monitor = monitor
-        self.accelerator = accelerator
-
-    @classmethod
-    def create(cls, model: nn.Module, accelerator: Any, scope: Any = "ffn") -> DeadUnitTracker | None:
-        """A tracker for ``model``'s activations in ``scope``, or None (logged) when the monitor cannot read it."""
-        try:
-            from hf_helu.diagnostics import ActivationMonitor
-
-            monitor = ActivationMonitor(accelerator.unwrap_model(model), scope=scope)
-        except Exception as err:  # a model the monitor cannot read: the run goes on, results say why
-            logger.warning("dead-unit monitor unavailable for this model: %s", err)
-            return None
-        return cls(monitor, accelerator)
-
-    def start(self) -> None:
-        self.monitor.reset()
-        self.monitor.attach()
-
-    def stop(self) -> None:
-        self.monitor.detach()
-
-    def stats(self) -> dict[str, Any]:
-        """Statistics of the last pass, summed over processes (collective: every process calls it)."""
-        return json.loads(json.dumps(self.monitor.stats(self.accelerator).to_dict(), default=_jsonable))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    return str(value)
+    return {"predictions": model(**batch).logits, "labels": batch["labels"]}
 
 
 class Evaluator:
-    """Evaluates every eval split with the task's ``eval_step`` and ``compute_metrics``; the dead-unit tracker (if
-    any) watches the first split only."""
+    """Evaluates every eval split with the task's ``eval_step`` and ``compute_metrics``; ``monitor`` (an
+    ``ActivationMonitor`` or None) records the first split's pass only. ``last_outputs`` holds the gathered per-sample
+    outputs of the last pass, per split, in dataset order."""
 
-    def __init__(
-        self, accelerator: Any, compute_metrics: ComputeMetrics, eval_step: EvalStep, tracker: DeadUnitTracker | None
-    ):
+    def __init__(self, accelerator: Any, compute_metrics: ComputeMetrics, eval_step: EvalStep, monitor: Any = None):
         self.accelerator = accelerator
         self.compute_metrics = compute_metrics
         self.eval_step = eval_step
-        self.tracker = tracker
-        self.last_outputs: dict[str, dict[str, Any]] = {}  # the gathered outputs of the last pass, per split
+        self.monitor = monitor
+        self.last_outputs: dict[str, dict[str, Any]] = {}
+
+    def _gather(self, model: nn.Module, dataloader: Any) -> dict[str, Any]:
+        gathered: dict[str, list] = {}
+        with torch.no_grad():
+            for batch in dataloader:
+                for key, value in self.eval_step(model, batch).items():
+                    if isinstance(value, torch.Tensor):
+                        value = [self.accelerator.gather_for_metrics(value.detach()).float().cpu().numpy()]
+                    else:
+                        value = self.accelerator.gather_for_metrics(list(value), use_gather_object=True)
+                    gathered.setdefault(key, []).extend(value)
+        return {k: np.concatenate(v) if v and isinstance(v[0], np.ndarray) else v for k, v in gathered.items()}
 
     def __call__(self, model: nn.Module, dataloaders: Mapping[str, Any]) -> tuple[dict[str, Any], dict | None]:
-        """(metrics per split, dead-unit statistics of the first split or None)."""
-        metrics, dead = {}, None
-        self.last_outputs = {split: {} for split in dataloaders}
+        """(metrics per split, each with ``num_samples``; dead-unit statistics of the first split, or None)."""
+        model.eval()
+        metrics, dead, self.last_outputs = {}, None, {}
         for i, (split, dataloader) in enumerate(dataloaders.items()):
-            monitor = self.tracker if i == 0 else None
-            metrics[split] = evaluate(
-                self.accelerator,
-                model,
-                dataloader,
-                self.compute_metrics,
-                self.eval_step,
-                monitor,
-                self.last_outputs[split],
-            )
+            monitor = self.monitor if i == 0 else None
             if monitor is not None:
-                dead = {"split": split, **monitor.stats()}
+                monitor.reset()
+                monitor.attach()
+            try:
+                outputs = self._gather(model, dataloader)
+            finally:
+                if monitor is not None:
+                    monitor.detach()
+            self.last_outputs[split] = outputs
+            metrics[split] = {k: float(v) for k, v in self.compute_metrics(outputs).items()}
+            metrics[split]["num_samples"] = len(next(iter(outputs.values()))) if outputs else 0
+            if monitor is not None:  # summed over processes (collective: every process calls it)
+                stats = monitor.stats(self.accelerator).to_dict()
+                dead = {"split": split, **json.loads(json.dumps(stats, default=_jsonable))}
         return metrics, dead
+
+
+def _jsonable(value: Any) -> Any:
+    return value.tolist() if isinstance(value, torch.Tensor | np.ndarray | np.generic) else str(value)
 
 
 def make_evaluator(
     accelerator: Any, model: nn.Module, compute_metrics: ComputeMetrics, eval_step: EvalStep, scope: Any
 ) -> Evaluator:
-    """An :class:`Evaluator` that also reports the dead units of ``model``'s activations in ``scope``."""
-    return Evaluator(accelerator, compute_metrics, eval_step, DeadUnitTracker.create(model, accelerator, scope))
+    """An :class:`Evaluator` that also reports the dead units of ``model``'s activations in ``scope`` (none, logged,
+    when the monitor cannot read the model: the run goes on and its results say so)."""
+    from hf_helu.diagnostics import ActivationMonitor
+
+    try:
+        monitor = ActivationMonitor(accelerator.unwrap_model(model), scope=scope)
+    except Exception as err:
+        logger.warning("dead-unit monitor unavailable for this model: %s", err)
+        monitor = None
+    return Evaluator(accelerator, compute_metrics, eval_step, monitor)
 
 
 def evaluate_only(
-    accelerator: Any,
-    model: nn.Module,
-    dataloaders: dict[str, Any],
-    evaluator: Evaluator,
-    args: Any,
-    results: dict[str, Any],
+    accelerator: Any, model: nn.Module, dataloaders: dict[str, Any], evaluator: Evaluator, args: Any, results: dict
 ) -> dict[str, Any]:
     """--eval_only: evaluate the prepared ``model`` once, write OUTPUT_DIR/eval_results.json (and predictions)."""
-    from recipe_support.results import log_metrics, results_file, write_predictions, write_results
-
     start = time.perf_counter()
     metrics, dead = evaluator(model, dataloaders)
     log_metrics(accelerator, "eval", metrics)
@@ -173,25 +111,3 @@ def evaluate_only(
     if args.save_predictions:
         write_predictions(accelerator, Path(args.output_dir), evaluator.last_outputs, eval_only=True)
     return results
-
-
-def final_metrics(
-    evaluator: Evaluator, model: nn.Module, dataloaders: Mapping[str, Any], history: list, step: int, outputs: bool
-) -> tuple[dict[str, Any], dict | None]:
-    """The last epoch's metrics if they are of the final weights (and their outputs are not wanted, or held),
-    else a new evaluation (after a resume past the last epoch's checkpoint)."""
-    last = history[-1] if history else None
-    if last is None or last["step"] != step or (outputs and not evaluator.last_outputs):
-        return evaluator(model, dataloaders)
-    return last["eval"], last["dead_units"]
-
-
-__all__ = [
-    "DeadUnitTracker",
-    "Evaluator",
-    "default_eval_step",
-    "evaluate",
-    "evaluate_only",
-    "final_metrics",
-    "make_evaluator",
-]

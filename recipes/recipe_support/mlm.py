@@ -30,24 +30,37 @@ SPLITS = ("train", "valid")
 
 
 def read_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """The lines of ``paths``, in order; a missing or empty file is an error (nothing silently skipped)."""
+    """The lines of ``paths`` in order (``datasets.load_dataset("text")``, one file at a time); a missing, empty or
+    non-UTF-8 file is an error naming it (nothing silently skipped)."""
+    import datasets
+
     lines: list[str] = []
     for path in map(Path, paths):
         if not path.is_file():
             raise UsageError(f"corpus file {path} not found")
-        data = path.read_bytes()
         try:
-            text = data.decode("utf-8").splitlines()
-        except UnicodeDecodeError as error:
-            line = data[: error.start].count(b"\n") + 1
-            raise UsageError(
-                f"corpus file {path} is not UTF-8 text: line {line} holds byte 0x{data[error.start]:02x} "
-                f"({error.reason})"
-            ) from None
+            text = datasets.load_dataset("text", data_files=str(path), split="train")["text"]
+        except datasets.exceptions.DatasetGenerationError as error:
+            if not isinstance(error.__cause__, UnicodeDecodeError):
+                raise
+            raise UsageError(_not_utf8(path)) from None
         if not any(line.strip() for line in text):
             raise UsageError(f"corpus file {path} holds no text")
         lines += text
     return lines
+
+
+def _not_utf8(path: Path) -> str:
+    """Which line of ``path`` holds its first byte that is not UTF-8 (the whole file read again: the decoder's
+    offset is within one chunk of it)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        where = f"line {line} holds byte 0x{data[error.start]:02x}"
+        return f"corpus file {path} is not UTF-8 text: {where} ({error.reason})"
+    return f"corpus file {path} is not UTF-8 text"
 
 
 def read_hub_dataset(name: str, config: str | None, split: str, column: str = "text") -> list[str]:
@@ -86,12 +99,7 @@ def read_corpus(
             where = f"at {folder}" if folder is not None else f"(${DATA_DIR_ENV} is not set)"
             raise UsageError(f"no corpus: WikiText-2 not found {where}; pass text files or a hub dataset")
         lines = read_text_files([folder / f"{split}.txt"])
-    return [map_unk(line, unk_token) for line in lines] if unk_token is not None else lines
-
-
-def map_unk(line: str, unk_token: str) -> str:
-    """``line`` with each WikiText ``<unk>`` written as ``unk_token`` (e.g. ``[UNK]``)."""
-    return line.replace(WIKITEXT_UNK, unk_token)
+    return [line.replace(WIKITEXT_UNK, unk_token) for line in lines] if unk_token is not None else lines
 
 
 def token_blocks(lines: Iterable[str], tokenizer: Any, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
@@ -200,22 +208,4 @@ def masked_eval_set(blocks: torch.Tensor, collator: Any, seed: int = 0) -> list[
     ]
 
 
-def stack_batch(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Collate equal-length items by stacking (the eval loader's collate_fn)."""
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-__all__ = [
-    "SPLITS",
-    "WIKITEXT_DIR",
-    "WIKITEXT_UNK",
-    "BlockRounds",
-    "SeededMasking",
-    "map_unk",
-    "masked_eval_set",
-    "read_corpus",
-    "read_hub_dataset",
-    "read_text_files",
-    "stack_batch",
-    "token_blocks",
-]
+stack_batch = torch.utils.data.default_collate  # the eval loader's collate_fn: equal-length items stacked

@@ -45,43 +45,22 @@ def check_hidden_act(name: str) -> str:
     raise UsageError(f"--hidden_act must be gelu, relu, helu or helu_<alpha> (e.g. helu_0.5), got {name!r}")
 
 
-def parse_overrides(text: str | None) -> dict[str, Any]:
-    """``"num_hidden_layers=2,hidden_dropout_prob=0.0"`` -> a dict of ints / floats / strings."""
-    if not text:
-        return {}
-    overrides: dict[str, Any] = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UsageError(f"--config_overrides must be key=value[,key=value...], got part {part!r} of {text!r}")
-        overrides[key.strip()] = _number(value.strip())
-    _check_override_types(overrides)
-    return overrides
-
-
-def _check_override_types(overrides: dict[str, Any]) -> None:
-    """Each value of a BertConfig int or float field is a number of that type (a float field takes an int too)."""
+def parse_overrides(text: str | None, config_class: Any = None) -> dict[str, Any]:
+    """``"num_hidden_layers=2,hidden_dropout_prob=0.0"`` -> the fields it sets, typed as ``config_class``'s
+    (default ``BertConfig``) by ``PretrainedConfig.update_from_string``."""
     from transformers import BertConfig
 
-    default = BertConfig()
-    for key, value in overrides.items():
-        if not isinstance(getattr(default, key, None), int | float):
-            continue  # unknown fields and hidden_act are refused by bert_config
-        expected = type(getattr(default, key))
-        accepted = (int, float) if expected is float else (expected,)
-        if type(value) not in accepted:
-            raise UsageError(
-                f"--config_overrides {key}={value}: BertConfig.{key} takes a {expected.__name__} value, got {value!r}"
-            )
-
-
-def _number(text: str) -> Any:
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text
+    if not text:
+        return {}
+    config = (config_class or BertConfig)()
+    try:
+        config.update_from_string(text)
+    except (ValueError, TypeError) as err:
+        raise UsageError(
+            f"--config_overrides {text!r}: {err}; expected key=value[,key=value...] over the int, float, bool and "
+            f"string fields of {type(config).__name__}"
+        ) from None
+    return {key: getattr(config, key) for key in (part.partition("=")[0] for part in text.split(","))}
 
 
 def bert_config(preset: str, hidden_act: str, vocab_size: int, max_length: int, **overrides: Any) -> Any:
@@ -254,17 +233,3 @@ def _loss_metrics(outputs: Mapping[str, Any]) -> dict[str, float]:
         "perplexity": float(torch.tensor(loss).exp()),
         "masked_tokens": masked,
     }
-
-
-__all__ = [
-    "IGNORE_INDEX",
-    "NEAR_DEAD_RATE",
-    "SIZE_PRESETS",
-    "FiringCounts",
-    "SparsePrediction",
-    "bert_config",
-    "check_hidden_act",
-    "firing_metrics",
-    "mlm_metrics",
-    "parse_overrides",
-]

@@ -17,6 +17,3 @@ def data_path(name: str) -> Path | None:
     """``$HF_HELU_DATA_DIR/<name>``, or None when the variable is unset or empty."""
     root = os.environ.get(DATA_DIR_ENV)
     return Path(root) / name if root else None
-
-
-__all__ = ["DATA_DIR_ENV", "data_path"]

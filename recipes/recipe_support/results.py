@@ -110,14 +110,19 @@ def finish_training(
     args: Any,
     processor: Any = None,
 ) -> dict[str, Any]:
-    """After the last step (``recipe_support.training.train`` ends with finite weights or stops): the final metrics
-    (the last epoch's when they are of the final weights), the model in OUTPUT_DIR/model (and its stock-ReLU
-    export), results.json complete."""
-    from recipe_support.evaluation import final_metrics
+    """After the last step (``recipe_support.training.train`` ends with finite weights or stops): the final metrics,
+    the model in OUTPUT_DIR/model (and its stock-ReLU export), results.json complete.
 
+    The final metrics are the last epoch's when they are of the final weights (and their outputs, if wanted, are
+    held); else (a resume past the last epoch's checkpoint) a new evaluation.
+    """
     output_dir = Path(args.output_dir)
     step = state.completed_steps
-    metrics, dead = final_metrics(evaluator, model, eval_dataloaders, state.history, step, args.save_predictions)
+    last = state.history[-1] if state.history else None
+    if last is None or last["step"] != step or (args.save_predictions and not evaluator.last_outputs):
+        metrics, dead = evaluator(model, eval_dataloaders)
+    else:
+        metrics, dead = last["eval"], last["dead_units"]
     model_dir = output_dir / MODEL_DIR
     save_model(accelerator, model, model_dir, processor)
     exported = relu_export_dir(model_dir) if has_helu(accelerator.unwrap_model(model)) else None
@@ -146,21 +151,3 @@ def _save(path: Path, model: nn.Module, processor: Any, state_dict: dict | None 
         if processor is not None:
             processor.save_pretrained(tmp)
     return path
-
-
-__all__ = [
-    "EVAL_PREDICTIONS_FILE",
-    "EVAL_RESULTS_FILE",
-    "MODEL_DIR",
-    "PREDICTIONS_FILE",
-    "RESULTS_FILE",
-    "finish_training",
-    "has_helu",
-    "log_metrics",
-    "new_results",
-    "relu_export_dir",
-    "results_file",
-    "save_model",
-    "write_predictions",
-    "write_results",
-]

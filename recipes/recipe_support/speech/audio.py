@@ -67,9 +67,10 @@ def resample(waveform: np.ndarray, orig_rate: int, target_rate: int = SAMPLING_R
 
 
 def normalize(waveform: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance over the clip, as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does."""
-    waveform = np.asarray(waveform, dtype=np.float32)
-    return (waveform - waveform.mean()) / np.sqrt(waveform.var() + 1e-7)
+    """Zero mean, unit variance over the clip: ``Wav2Vec2FeatureExtractor(do_normalize=True)``'s own function."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm([np.asarray(waveform, dtype=np.float32)], None)[0]
 
 
 def load_waveform(

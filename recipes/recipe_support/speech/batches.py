@@ -35,37 +35,19 @@ class SpeechDataset(torch.utils.data.Dataset):
 
 @dataclass
 class SpeechCollator:
-    """Pads waveforms with ``padding_value`` (after per-clip normalisation) and builds the attention mask.
+    """Pads waveforms with the feature extractor's ``pad`` (its padding value, and an attention mask only where the
+    extractor returns one: not for ``feat_extract_norm="group"`` checkpoints such as wav2vec2-base). Class labels
+    become a ``LongTensor``; token-id labels are padded with -100, which CTC loss ignores."""
 
-    Class labels become a ``LongTensor``; token-id labels are padded with -100, which CTC loss ignores.
-    Models with ``feat_extract_norm="group"`` (wav2vec2-base) were trained without an attention mask:
-    for them ``return_attention_mask`` is False and padding is zeros, as their feature extractor does.
-    """
-
-    return_attention_mask: bool = True
-    padding_value: float = 0.0
-    pad_to_multiple_of: int | None = None
+    feature_extractor: Any
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_values"]) for f in features]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        values = torch.full((len(features), width), self.padding_value, dtype=torch.float32)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
-            values[row, :length] = torch.as_tensor(feature["input_values"], dtype=torch.float32)
-            mask[row, :length] = 1
-        batch = {"input_values": values}
-        if self.return_attention_mask:
-            batch["attention_mask"] = mask
+        waveforms = [{"input_values": np.asarray(f["input_values"], dtype=np.float32)} for f in features]
+        batch = dict(self.feature_extractor.pad(waveforms, padding=True, return_tensors="pt"))
         labels = [f["labels"] for f in features]
         if isinstance(labels[0], (list, tuple)):
-            longest = max(len(tokens) for tokens in labels)
-            padded = torch.full((len(labels), longest), -100, dtype=torch.long)
-            for row, tokens in enumerate(labels):
-                padded[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
-            batch["labels"] = padded
+            rows = [torch.as_tensor(tokens, dtype=torch.long) for tokens in labels]
+            batch["labels"] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-100)
         else:
             batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
         return batch

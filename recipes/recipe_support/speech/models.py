@@ -4,7 +4,6 @@ model of a task, loaded through :func:`recipe_support.models.load_model`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,61 +55,20 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def parse_config_overrides(text: str | None) -> dict[str, Any]:
-    """``"hidden_size=64,num_hidden_layers=2,conv_dim=[32,32]"`` -> a dict of JSON-parsed values.
-
-    Values that are not JSON (``hidden_act=relu``) are kept as strings.
-    """
-    overrides: dict[str, Any] = {}
-    if not text:
-        return overrides
-    for item in _split_top_level(text):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"config override {item!r} is not 'key=value' (in {text!r})")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value.strip()
-    return overrides
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets, so list values like ``conv_dim=[32,32]`` stay whole."""
-    items, depth, current = [], 0, []
-    for char in text:
-        if char in "[(":
-            depth += 1
-        elif char in "])":
-            depth -= 1
-        if char == "," and depth == 0:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    items.append("".join(current))
-    return [item for item in items if item.strip()]
-
-
-def scratch_config(size: str = "small", overrides: str | Mapping[str, Any] | None = None):
-    """A ``Wav2Vec2Config`` of a named size (``tiny``, ``small``, ``base``) with ``overrides`` applied."""
+def scratch_config(size: str = "small", overrides: str | None = None):
+    """A ``Wav2Vec2Config`` of a named size (``tiny``, ``small``, ``base``) with ``overrides`` applied by
+    ``PretrainedConfig.update_from_string`` (``"hidden_size=64,num_hidden_layers=2"``: int, float, bool and string
+    fields)."""
     from transformers import Wav2Vec2Config
 
     if size not in SIZES:
         raise UsageError(f"unknown model size {size!r}: expected one of {sorted(SIZES)}")
-    values = dict(SIZES[size])
-    values.update(parse_config_overrides(overrides) if isinstance(overrides, (str, type(None))) else overrides)
-    config = Wav2Vec2Config(**values)
-    unknown = sorted(k for k in values if not hasattr(config, k))
-    if unknown:
-        raise UsageError(f"unknown Wav2Vec2Config attribute(s) {unknown}")
-    if len(config.conv_dim) != len(config.conv_kernel) or len(config.conv_dim) != len(config.conv_stride):
-        raise UsageError(
-            f"conv_dim, conv_kernel and conv_stride need the same length; got {len(config.conv_dim)}, "
-            f"{len(config.conv_kernel)}, {len(config.conv_stride)}"
-        )
-    config.num_feat_extract_layers = len(config.conv_dim)
+    config = Wav2Vec2Config(**SIZES[size])
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--config_overrides {overrides!r}: {err}; expected key=value[,key=value...]") from None
     return config
 
 
@@ -135,16 +93,21 @@ def scratch_feature_extractor(config, sampling_rate: int = SAMPLING_RATE):
     )
 
 
+def label_fields(labels: Sequence[str] | None) -> dict[str, Any]:
+    """The config fields of a classification head for ``labels``: their number, names and ids."""
+    if not labels:
+        raise UsageError("classification needs the label names")
+    return {
+        "num_labels": len(labels),
+        "label2id": {n: i for i, n in enumerate(labels)},
+        "id2label": dict(enumerate(labels)),
+    }
+
+
 def _head_fields(task: str, labels: Sequence[str] | None, vocabulary: Mapping[str, int] | None) -> dict[str, Any]:
     """The config fields of the task's head: label names and ids (classify) or the CTC vocabulary size (asr)."""
     if task == "classify":
-        if not labels:
-            raise ValueError("classification needs the label names")
-        return {
-            "num_labels": len(labels),
-            "label2id": {name: i for i, name in enumerate(labels)},
-            "id2label": dict(enumerate(labels)),
-        }
+        return label_fields(labels)
     if not vocabulary or PAD_TOKEN not in vocabulary:
         raise ValueError(f"speech recognition needs a vocabulary with {PAD_TOKEN!r} (the CTC blank)")
     return {"vocab_size": len(vocabulary), "pad_token_id": vocabulary[PAD_TOKEN]}

@@ -75,10 +75,7 @@ def classify_setup(args, config, train_split, feature_extractor, common: dict[st
 def wav2vec2_setup(args: argparse.Namespace, config, train_split: list[speech.Clip]) -> speech.TaskSetup:
     feature_extractor, tokenizer = load_processor(args, config)
     common = {
-        "collator": speech.SpeechCollator(
-            return_attention_mask=bool(feature_extractor.return_attention_mask),
-            padding_value=float(feature_extractor.padding_value),
-        ),
+        "collator": speech.SpeechCollator(feature_extractor),
         "sampling_rate": feature_extractor.sampling_rate,
         "max_seconds": args.max_seconds,
         "normalize": getattr(feature_extractor, "do_normalize", True),
@@ -157,6 +154,3 @@ def load_task_model(args: argparse.Namespace, config, setup: speech.TaskSetup) -
     if args.freeze_feature_encoder:
         model.freeze_feature_encoder()
     return model
-
-
-__all__ = ["classify_setup", "load_processor", "load_task_model", "train_new_head", "wav2vec2_setup", "whisper_setup"]

@@ -1,5 +1,5 @@
 """Whisper in the speech recipe: the model of a task (``WhisperForConditionalGeneration`` for asr,
-``WhisperForAudioClassification`` for classify), a shorter encoder window, the collator, and the asr eval step.
+``WhisperForAudioClassification`` for classify), a shorter encoder window, and the collator.
 
 Whisper pads every clip to a 30 s window (3,000 mel frames, 1,500 encoder positions), so a 0.5 s digit costs as
 much as 30 s of speech. :func:`shorten_encoder` keeps only the first N encoder positions (whisper.cpp's "audio
@@ -10,20 +10,17 @@ whose chunk is N / 50 seconds. The saved model and feature extractor load with s
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hf_helu.errors import UsageError
 from recipe_support.models import load_model
-from recipe_support.speech.data import DIGIT_WORDS
-from recipe_support.speech.metrics import char_error_rate, word_error_rate
+from recipe_support.speech.models import label_fields
 
 ENCODER_POSITIONS_PER_SECOND = 50  # 100 mel frames per second, halved by the encoder's second conv (stride 2)
 MEL_FRAMES_PER_POSITION = 2
@@ -106,14 +103,7 @@ def build_whisper_model(
 
     if task == "asr":
         return load_model(WhisperForConditionalGeneration, source, init)
-    if not labels:
-        raise UsageError("classification needs the label names")
-    fields = {
-        "num_labels": len(labels),
-        "label2id": {n: i for i, n in enumerate(labels)},
-        "id2label": dict(enumerate(labels)),
-    }
-    return load_model(WhisperForAudioClassification, source, init, **fields)
+    return load_model(WhisperForAudioClassification, source, init, **label_fields(labels))
 
 
 def transcript_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -146,57 +136,11 @@ class WhisperCollator:
             return batch
         if self.pad_token_id is None:
             raise ValueError("WhisperCollator needs pad_token_id for token-id targets")
-        longest = max(len(ids) for ids in targets) - 1
-        decoder_inputs = torch.full((len(targets), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(targets), longest), -100, dtype=torch.long)
-        for row, ids in enumerate(targets):
-            if len(ids) < 2:
-                raise ValueError(f"transcript token ids {ids} are too short (need a start token and an end)")
-            decoder_inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
-            labels[row, : len(ids) - 1] = torch.as_tensor(ids[1:])
-        batch.update(decoder_input_ids=decoder_inputs, labels=labels)
+        short = [ids for ids in targets if len(ids) < 2]
+        if short:
+            raise ValueError(f"transcript token ids {short[0]} are too short (need a start token and an end)")
+        rows = [torch.as_tensor(ids, dtype=torch.long) for ids in targets]
+        pad = torch.nn.utils.rnn.pad_sequence
+        batch["decoder_input_ids"] = pad([r[:-1] for r in rows], batch_first=True, padding_value=self.pad_token_id)
+        batch["labels"] = pad([r[1:] for r in rows], batch_first=True, padding_value=-100)
         return batch
-
-
-# --- asr evaluation ------------------------------------------------------------------------------------------------
-
-_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, punctuation removed, single-digit numerals as words (``"7."`` -> ``"seven"``)."""
-    words = _NOT_WORD.sub(" ", text.lower()).split()
-    return " ".join(DIGIT_WORDS[int(w)] if len(w) == 1 and w.isdigit() else w for w in words)
-
-
-def make_whisper_eval_step(tokenizer, max_new_tokens: int):
-    """Eval step for Whisper asr: per-clip teacher-forced loss, greedy ``generate`` transcripts, references."""
-
-    def eval_step(model, batch) -> dict[str, Any]:
-        unwrapped = getattr(model, "module", model)
-        labels = batch["labels"]
-        logits = model(input_features=batch["input_features"], decoder_input_ids=batch["decoder_input_ids"]).logits
-        token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        counts = (labels != -100).sum(-1).clamp(min=1)
-        per_clip = token_loss.sum(-1) / counts
-        generated = unwrapped.generate(batch["input_features"], max_new_tokens=max_new_tokens)
-        hypotheses = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        references = tokenizer.batch_decode(
-            torch.where(labels == -100, tokenizer.pad_token_id, labels), skip_special_tokens=True
-        )
-        return {"loss": per_clip, "hypotheses": hypotheses, "references": references}
-
-    return eval_step
-
-
-def whisper_asr_metrics(outputs: dict[str, Any]) -> dict[str, float]:
-    """WER and CER of the normalised transcripts, exact-match rate (for FSDD: word accuracy), mean loss."""
-    references = [normalize_text(text) for text in outputs["references"]]
-    hypotheses = [normalize_text(text) for text in outputs["hypotheses"]]
-    exact = sum(r == h for r, h in zip(references, hypotheses, strict=True)) / len(references)
-    return {
-        "wer": word_error_rate(references, hypotheses),
-        "cer": char_error_rate(references, hypotheses),
-        "exact_match": exact,
-        "loss": float(np.mean(outputs["loss"])),
-    }
