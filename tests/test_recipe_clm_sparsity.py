@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import REPO
 from safetensors.torch import load_file
-from test_recipe_clm import CRASHING, RECIPE, _run, clm_args, recipe, tiny  # noqa: F401  (tiny: the module fixture)
+from test_recipe_clm import _run, clm_args, recipe, tiny  # noqa: F401  (tiny: the module fixture)
 
 import hf_helu
 
@@ -64,7 +64,7 @@ def test_resumed_run_keeps_the_penalty_schedule(tmp_path, tiny):  # noqa: F811
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = _run(clm_args(tiny, whole, **common))
     assert done.returncode == 0, done.stderr[-3000:]
-    crashed = _run(clm_args(tiny, broken, **common), CRASHING, [str(REPO / "recipes"), str(RECIPE), "2"])
+    crashed = _run(clm_args(tiny, broken, **common), crash_after=2)
     assert crashed.returncode == 3, crashed.stderr[-3000:]
     resumed = _run(clm_args(tiny, broken, **common, resume_from_checkpoint="latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
