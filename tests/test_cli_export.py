@@ -76,3 +76,21 @@ def test_onnx_export_of_an_unsupported_architecture_is_refused(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "cannot export model_type 'gpt2' to ONNX" in err and "bert" in err
     assert not (tmp_path / "dst").exists() and not leftovers(tmp_path, "dst")
+
+
+def test_onnx_export_keeps_the_traceback_of_a_bug(tmp_path, capsys, monkeypatch):
+    """Only a UsageError is the user's error: a ValueError raised inside the export is a bug and propagates."""
+    import hf_helu.onnx_export as onnx_export
+
+    patched = tmp_path / "patched"
+    assert main(["patch", str(save_bert_checkpoint(tmp_path / "src")), str(patched)]) == 0
+
+    def broken_trace(*args, **kwargs):
+        raise ValueError("internal tracing failure")
+
+    monkeypatch.setattr(onnx_export, "_trace_to_onnx", broken_trace)
+    with pytest.raises(ValueError, match="internal tracing failure") as raised:
+        main(["export", str(patched), str(tmp_path / "dst"), "--onnx"])
+    assert type(raised.value) is ValueError
+    assert "error:" not in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists() and not leftovers(tmp_path, "dst")

@@ -51,7 +51,7 @@ def run_onnx_export(args: argparse.Namespace) -> int:
                 write_extras=lambda folder: copy_extras(src, folder),
                 overwrite=args.overwrite,
             )
-        except (ValueError, FileExistsError) as error:
+        except FileExistsError as error:  # DST appeared after the check; a ValueError is a bug, UsageError passes
             raise UsageError(str(error)) from None
     print(report)
     print(f"saved to {args.dst} (ONNX Runtime serves it; no torch or hf_helu needed)")
