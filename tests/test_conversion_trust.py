@@ -14,7 +14,7 @@ from gguf_helpers import tiny_llama_lm
 from hf_helu import conversion, patch_model
 from hf_helu.conversion import calibrate as calibrate_module
 from hf_helu.conversion import convert as convert_module
-from hf_helu.conversion.calibrate import ThinCalibrationWarning, minimum_calibration_tokens
+from hf_helu.conversion.thin_data import ThinCalibrationWarning, minimum_calibration_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,7 +25,7 @@ from hf_helu.cli.common import (
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.conversion import DEFAULT_RIDGE, ConversionResult, check_ridge, convert_model, ffn_sites
 from hf_helu.conversion.auto import gated_decoder
-from hf_helu.conversion.calibrate import MIN_TOKENS_PER_FEATURE, minimum_calibration_tokens
+from hf_helu.conversion.thin_data import MIN_TOKENS_PER_FEATURE, minimum_calibration_tokens
 from hf_helu.errors import UsageError
 from hf_helu.inputs import alpha, positive_int
 from hf_helu.model_card import conversion_card

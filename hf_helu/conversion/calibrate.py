@@ -13,9 +13,7 @@ import logging
 import math
 import numbers
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +34,7 @@ from hf_helu.conversion.layerwise import (
     first_tensor,
     without_cache,
 )
+from hf_helu.conversion.report import DEFAULT_RIDGE, CalibrationReport, LayerCalibration
 from hf_helu.conversion.sites import (
     ActivationFunction,
     ActivationSpec,
@@ -47,103 +46,8 @@ from hf_helu.families import ActivationSite, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RIDGE = 1e-3
 STRATEGIES = ("auto", "sequential", "rerun")
 TARGETS = ("layer", "model")
-
-
-@dataclass(frozen=True)
-class LayerCalibration:
-    """Fit of one FFN output projection: relative output error before and after, on the fit tokens."""
-
-    activation: str  # qualified name of the FFN's activation module (its ActivationSite.name)
-    output_projection: str
-    tokens: int
-    error_before: float
-    error_after: float
-
-
-@dataclass
-class CalibrationReport:
-    """What :func:`calibrate_ffn` did, one row per FFN block in execution order."""
-
-    layers: list[LayerCalibration] = field(default_factory=list)
-    ridge: float = DEFAULT_RIDGE
-    batches: int = 0
-    strategy: str = "sequential"  # "sequential" (one pass per block on cached states) or "rerun" (per layer)
-    target: str = "layer"  # what each FFN is fitted to: its own original output, or the original model's
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ridge": self.ridge,
-            "batches": self.batches,
-            "strategy": self.strategy,
-            "target": self.target,
-            "layers": [vars(layer) for layer in self.layers],
-        }
-
-    def __str__(self) -> str:
-        rows = [
-            f"calibrated {len(self.layers)} FFN output projection(s), ridge {self.ridge:g}, {self.strategy}, "
-            f"target {self.target}"
-        ]
-        rows.append(f"{'output projection':<48} {'tokens':>8} {'error before':>13} {'error after':>12}")
-        for layer in self.layers:
-            rows.append(
-                f"{layer.output_projection:<48} {layer.tokens:>8} "
-                f"{layer.error_before:>13.4f} {layer.error_after:>12.4f}"
-            )
-        return "\n".join(rows)
-
-
-# A refit of one output projection is a least-squares problem per output unit with p = d_ff (+1 for the bias)
-# unknowns and n rows (tokens). With fewer rows than unknowns it is underdetermined: only the ridge keeps it
-# solvable, and the fit memorises the calibration tokens. With n > p + 1 and noise (what ReLU inputs cannot explain)
-# of variance s^2, ordinary least squares has an expected in-sample error s^2 (1 - p/n) and held-out error about
-# s^2 (1 + p/(n - p - 1)): the reported fit error is optimistic, and the model worse than reported, by about p/n.
-# n >= 10 p bounds both at about 10% of the error (5% on the relative error the report prints). The measurement
-# agrees: SmolLM2-135M (p = 1536) reaches WikiText-2 perplexity 205 on 4,096 tokens (2.7 per feature) and 38 on
-# 32,768 (21 per feature; RESULTS.md section 5). ReLU inputs are mostly zeros (64% there), which lowers the rows a
-# rarely firing unit sees: one more reason not to go below the bound.
-MIN_TOKENS_PER_FEATURE = 10
-
-
-def minimum_calibration_tokens(model: nn.Module, sites: Sequence[ActivationSite] | None = None) -> int:
-    """The fewest calibration tokens (non-padding positions) a refit of ``model``'s FFN output projections needs:
-    :data:`MIN_TOKENS_PER_FEATURE` per input feature of the widest projection (plus its bias)."""
-    model = unwrap_model(model)
-    sites = ffn_sites(model) if sites is None else list(sites)
-    features = 0
-    for site in sites:
-        if site.output_projection is None:
-            continue
-        projection = model.get_submodule(site.output_projection)
-        try:
-            weight = _projection_weight(projection)
-        except TypeError:
-            continue
-        features = max(features, weight.shape[0] + int(getattr(projection, "bias", None) is not None))
-    return MIN_TOKENS_PER_FEATURE * features
-
-
-class ThinCalibrationWarning(UserWarning):
-    """Calibration fitted on fewer tokens than :func:`minimum_calibration_tokens`: the fit memorises them."""
-
-
-def check_calibration_tokens(report: CalibrationReport, model: nn.Module) -> None:
-    """Warn (:class:`ThinCalibrationWarning`, with the figures) when a layer was fitted on too few tokens."""
-    if not report.layers:
-        return
-    needed = minimum_calibration_tokens(model, None)
-    tokens = min(layer.tokens for layer in report.layers)
-    if tokens < needed:
-        warnings.warn(
-            f"calibration fitted {len(report.layers)} FFN output projection(s) on {tokens} tokens, fewer than the "
-            f"{needed} ({MIN_TOKENS_PER_FEATURE} per input feature) a least-squares refit needs: the fit memorises "
-            "these tokens and the converted model can be far worse than its fit error says. Calibrate on more text.",
-            ThinCalibrationWarning,
-            stacklevel=3,
-        )
 
 
 class _StopForward(Exception):
@@ -500,14 +404,7 @@ def calibrate_ffn(
                 layers = _sequential(model, stack, cached, references, ridge, target)
             else:
                 layers = _by_reruns(model, sites, references, batches, ridge)
-            bar = tqdm(total=len(sites), desc="calibrating", unit="layer", disable=not progress, dynamic_ncols=True)
-            started = time.perf_counter()
-            for layer in layers:
-                now = time.perf_counter()
-                rate = layer.tokens / max(now - started, 1e-9)
-                bar.set_postfix_str(f"{rate:,.0f} tokens/s, error {layer.error_after:.3f}")
-                bar.update()
-                started = now
+            for layer in _with_progress(layers, len(sites), progress):
                 report.layers.append(layer)
                 logger.info(
                     "calibrated %s on %d tokens: relative error %.4f -> %.4f",
@@ -518,6 +415,18 @@ def calibrate_ffn(
                 )
     finally:
         model.train(was_training)
-        if "bar" in locals():
-            bar.close()
     return report
+
+
+def _with_progress(layers: Iterable[LayerCalibration], total: int, progress: bool) -> Iterator[LayerCalibration]:
+    """``layers`` as they are calibrated, shown on a tqdm bar (layers, fit tokens per second) when ``progress``."""
+    with tqdm(total=total, desc="calibrating", unit="layer", disable=not progress, dynamic_ncols=True) as bar:
+        started = time.perf_counter()
+        for layer in layers:
+            now = time.perf_counter()
+            bar.set_postfix_str(
+                f"{layer.tokens / max(now - started, 1e-9):,.0f} tokens/s, error {layer.error_after:.3f}"
+            )
+            bar.update()
+            started = now
+            yield layer

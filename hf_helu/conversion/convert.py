@@ -18,15 +18,13 @@ from torch import nn
 from hf_helu.activation import DEFAULT_ALPHA, HeLU
 from hf_helu.conversion.anneal import DEFAULT_ANNEAL_FRACTION, ActivationAnnealer
 from hf_helu.conversion.auto import ConversionChoice, check_conversion_method, resolve_conversion
-from hf_helu.conversion.calibrate import (
-    DEFAULT_RIDGE,
-    CalibrationReport,
-    calibrate_ffn,
+from hf_helu.conversion.calibrate import DEFAULT_RIDGE, CalibrationReport, calibrate_ffn
+from hf_helu.conversion.quality import ConversionQuality, measure_quality
+from hf_helu.conversion.sites import ActivationSpec, ffn_sites, original_activations, reference_functions
+from hf_helu.conversion.thin_data import (
     check_calibration_tokens,
     minimum_calibration_tokens,  # noqa: F401  (named in the docstrings)
 )
-from hf_helu.conversion.quality import ConversionQuality, measure_quality
-from hf_helu.conversion.sites import ActivationSpec, ffn_sites, original_activations, reference_functions
 from hf_helu.families import ActivationSite, Scope, unwrap_model
 from hf_helu.patching import PatchReport, UnconvertedSwapWarning, patch_model, unpatch_model
 from hf_helu.rollback import restore_on_error
