@@ -262,7 +262,7 @@ def train(args, accelerator, model, train_dataloader, total_steps: int, annealer
     )
     # The step counters (restored by --resume_from_checkpoint), the annealer at its step, the progress bar.
     state, progress = start_training(args, accelerator, results, annealer, total_steps)
-    penalty.completed_steps, penalty_sum, batches = state.completed_steps, 0.0, 0
+    penalty.completed_steps, penalty_sum, penalty_batches = state.completed_steps, 0.0, 0
     while state.completed_steps < total_steps and state.epoch < args.num_train_epochs:
         model.train()
         epoch = state.epoch
@@ -274,7 +274,7 @@ def train(args, accelerator, model, train_dataloader, total_steps: int, annealer
                 # The finite-loss guard, backward, clipping, optimizer and scheduler steps.
                 step(args, accelerator, model, loss + penalty_term, optimizer, lr_scheduler, state)
             state.add_batch(loss, batch, accelerator.num_processes)
-            penalty_sum, batches = penalty_sum + penalty_term.item(), batches + 1
+            penalty_sum, penalty_batches = penalty_sum + penalty_term.detach(), penalty_batches + 1  # no host sync
             if not accelerator.sync_gradients:
                 continue
             end_step(args, accelerator, model, state, progress, loss, lr_scheduler)  # bar, tracker, checkpoint
@@ -294,7 +294,7 @@ def train(args, accelerator, model, train_dataloader, total_steps: int, annealer
     summary = {
         "completed_steps": state.completed_steps,
         "train_loss": state.mean_loss(accelerator),
-        "sparsity_penalty": penalty_sum / max(batches, 1),  # the mean term of this process
+        "sparsity_penalty": float(penalty_sum) / max(penalty_batches, 1),  # the mean term of this process
         "train_tokens": state.train_tokens,
         "wall_time_s": wall,
         "train_tokens_per_s": state.train_tokens / wall if wall > 0 else None,
