@@ -34,10 +34,9 @@ import transformers
 from accelerate.utils import set_seed
 from recipe_support import clm
 from recipe_support.args import add_conversion_args, add_training_args, check_conversion_args, check_training_args
-from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.models import check_stock_export
 from recipe_support.output_dir import claim_output_dir
-from recipe_support.results import MODEL_DIR, relu_export_dir, results_file, save_model, write_results
+from recipe_support.results import MODEL_DIR, check_hub, command_line, publish, results_file, save_model, write_results
 from recipe_support.training import (
     check_checkpoint,
     check_finite_weights,
@@ -118,7 +117,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model_name_or_path is None:
         raise UsageError("--model_name_or_path is needed: a causal-LM checkpoint folder, hub id or .gguf file")
     args.text = clm.text_source(args)
-    args.source = clm.model_source(args.model_name_or_path)  # its config read: a causal LM, or refused
+    args.source, args.source_record = clm.model_source(args.model_name_or_path)  # its config read: a causal LM
     args.output_dir = Path(args.output_dir or f"runs/clm_{args.activation}_s{args.seed}")
 
 
@@ -148,13 +147,14 @@ def run(args: argparse.Namespace, accelerator) -> dict:
     start_tracking(accelerator, args, "run_clm")
 
     # Data (read, and checked UTF-8, first), then the float32 model (a GGUF checkpoint dequantized): token blocks.
-    texts = clm.read_texts(args.text, with_train=clm.needs_training_text(args))
+    texts = clm.read_texts(args.text)
     model, tokenizer = clm.load_causal_lm(args.source)
     eval_blocks = clm.token_blocks(tokenizer, texts["validation"], args.block_size, args.max_eval_tokens)
     if len(eval_blocks) == 0:
         raise UsageError(f"the validation text holds fewer than --block_size {args.block_size} tokens")
     eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
-    eval_dataloader = accelerator.prepare(DataLoader(clm.BlockDataset(eval_blocks), batch_size=eval_batch_size))
+    eval_dataloader = DataLoader(eval_blocks, batch_size=eval_batch_size, collate_fn=clm.causal_batch)
+    eval_dataloader = accelerator.prepare(eval_dataloader)
     train_dataloader = None
     if "train" in texts:
         train_blocks = clm.token_blocks(tokenizer, texts["train"], args.block_size, args.max_train_tokens)
@@ -162,10 +162,11 @@ def run(args: argparse.Namespace, accelerator) -> dict:
             raise UsageError(f"the training text holds fewer than --block_size {args.block_size} tokens")
         generator = torch.Generator().manual_seed(args.seed)  # its own: a resume restores the global RNG
         train_dataloader = DataLoader(
-            clm.BlockDataset(train_blocks),
-            batch_size=args.per_device_train_batch_size,
+            train_blocks,
+            args.per_device_train_batch_size,
             shuffle=True,
             generator=generator,
+            collate_fn=clm.causal_batch,
         )
 
     # The checkpoint as it is, then with its FFN activation swapped (and converted).
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace, accelerator) -> dict:
     if not args.eval_only:
         total_steps = total_training_steps(args, len(train_dataloader), accelerator.num_processes)
     info, annealer = convert(args, accelerator, model, train_dataloader, total_steps)
-    results["model"] = {"source": args.source.location, "gguf_file": args.source.gguf_file, **info}
+    results["model"] = {**args.source_record, **info}
     if args.activation != "keep":
         evaluations["converted"] = evaluate(args, accelerator, model, eval_dataloader, "converted")
 
@@ -201,9 +202,7 @@ def run(args: argparse.Namespace, accelerator) -> dict:
     if args.check_export and accelerator.is_main_process:
         prompts = eval_blocks[: args.export_prompts, : min(16, args.block_size)]
         unwrapped, batches = accelerator.unwrap_model(model), [{"input_ids": prompts}]
-        check = check_stock_export(
-            relu_export_dir(model_dir), unwrapped, batches, "AutoModelForCausalLM", new_tokens=16
-        )
+        check = check_stock_export(exported, unwrapped, batches, "AutoModelForCausalLM", new_tokens=16)
         results["export_check"] = check
         accelerator.print(f"export check: greedy tokens identical without hf_helu: {check['identical']}")
     publish(accelerator, args, args.model_name_or_path, results, {"perplexity": results["perplexity"]})
@@ -233,7 +232,7 @@ def convert(args, accelerator, model, train_dataloader, total_steps: int | None)
     choice = resolve_conversion(args.conversion, activation=args.activation, model=model, training=not args.eval_only)
     calibration = None
     if "calibrate" in choice.method:
-        blocks = train_dataloader.dataset.blocks[: args.calibration_samples]
+        blocks = train_dataloader.dataset[: args.calibration_samples]
         batches = blocks.split(args.per_device_train_batch_size)
         calibration = [{"input_ids": b.to(accelerator.device)} for b in batches]
     result = hf_helu.convert_model(
@@ -307,7 +306,7 @@ def _perplexities(evaluations: dict) -> dict:
 
 
 def _jsonable(args: argparse.Namespace) -> dict:
-    skip = {"source", "text", "hub_token"}
+    skip = {"source", "source_record", "text", "hub_token"}
     return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}, default=str))
 
 

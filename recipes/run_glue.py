@@ -38,10 +38,18 @@ from recipe_support.args import (
     run_config,
 )
 from recipe_support.evaluation import default_eval_step, evaluate_only, make_evaluator
-from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.models import check_model_source, check_stock_export, prepare_model
 from recipe_support.output_dir import claim_output_dir
-from recipe_support.results import RESULTS_FILE, finish_training, new_results, results_file, write_results
+from recipe_support.results import (
+    RESULTS_FILE,
+    check_hub,
+    command_line,
+    finish_training,
+    new_results,
+    publish,
+    results_file,
+    write_results,
+)
 from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train, with_progress
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding

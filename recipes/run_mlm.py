@@ -10,7 +10,7 @@ the paper's Cramming runs), the tokenizer is the packaged MiniLM's uncased WordP
 another, and the corpus is local WikiText-2 (``$HF_HELU_DATA_DIR/wikitext-2``) unless text files or a hub dataset are
 given. Text is cut into contiguous blocks of ``--block_size`` tokens, masked by ``DataCollatorForLanguageModeling``
 (15%: 80% [MASK], 10% random, 10% kept), and the LM head runs only at the masked positions
-(:class:`recipe_support.mlm_model.SparsePrediction`).
+(:class:`recipe_support.mlm.SparsePrediction`).
 
 The budget is ``--max_tokens`` (or ``--max_train_steps``), split into ``--evaluations`` rounds; after each round the
 valid blocks (masked once, the same positions every time) give masked-LM loss and accuracy, and the FFN units that never
@@ -37,8 +37,7 @@ from accelerate.utils import set_seed
 from recipe_support import mlm
 from recipe_support.args import add_training_args, check_training_args, run_config
 from recipe_support.evaluation import make_evaluator
-from recipe_support.hub import check_hub, command_line, publish
-from recipe_support.mlm_model import (
+from recipe_support.mlm import (
     SIZE_PRESETS,
     FiringCounts,
     SparsePrediction,
@@ -49,7 +48,7 @@ from recipe_support.mlm_model import (
 )
 from recipe_support.models import load_model
 from recipe_support.output_dir import claim_output_dir
-from recipe_support.results import finish_training, new_results
+from recipe_support.results import check_hub, command_line, finish_training, new_results, publish
 from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train
 from torch.utils.data import DataLoader
 from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
@@ -75,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model and data (masked LM)")
     g.add_argument("--hidden_act", default="gelu", help="gelu, relu, helu (alpha 0.05) or helu_<alpha>.")
-    g.add_argument("--size", choices=sorted(SIZE_PRESETS), default="mini", help="Size preset (see mlm_model).")
+    g.add_argument("--size", choices=sorted(SIZE_PRESETS), default="mini", help="Size preset (see recipe_support.mlm).")
     g.add_argument("--config_overrides", default=None, help='BertConfig fields, e.g. "num_hidden_layers=2".')
     g.add_argument("--tokenizer", default=None, help="Tokenizer folder or hub id; default: the packaged MiniLM's.")
     g.add_argument("--train_files", nargs="+", default=None, help="Text files (default: WikiText-2 train).")

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from recipe_support import glue
-from recipe_support.mlm_model import check_hidden_act
+from recipe_support.mlm import check_hidden_act
 from recipe_support.results import RESULTS_FILE
 from recipe_support.training import checkpoint_names
 

@@ -52,11 +52,10 @@ from recipe_support.args import (
     run_config,
 )
 from recipe_support.evaluation import evaluate_only, make_evaluator
-from recipe_support.hub import check_hub, command_line, publish
 from recipe_support.models import check_model_source, prepare_model, trainable_parameters
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.paths import DATA_DIR_ENV, data_path
-from recipe_support.results import finish_training, new_results
+from recipe_support.results import check_hub, command_line, finish_training, new_results, publish
 from recipe_support.speech.setups import load_task_model, train_new_head, wav2vec2_setup, whisper_setup
 from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train, with_progress
 

@@ -176,7 +176,7 @@ def test_a_corpus_file_that_is_not_utf8_is_named_with_its_line(tmp_path, corpus,
     proc = subprocess.run([sys.executable, str(RUN_MLM), *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: corpus file {latin1} is not UTF-8 text: line 3 holds byte 0xe9 (invalid continuation byte)"
+        f"error: {latin1}:3: not UTF-8 text (byte 0xe9: invalid continuation byte)"
     )
 
 

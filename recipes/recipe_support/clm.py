@@ -1,23 +1,19 @@
-"""Causal-LM pieces of recipes/run_clm.py: the model source (folder, hub id or GGUF), the text, its token blocks and
-perplexity.
-
-Perplexity is ``exp(sum of token NLLs / predicted tokens)`` over contiguous ``block_size`` blocks of the validation
-text (each block predicts its tokens 2..block_size; the remainder shorter than a block is dropped), summed over
-processes with ``accelerator.gather_for_metrics`` so every block counts once.
+"""Causal-LM pieces of recipes/run_clm.py: the model source (a folder, hub id or GGUF, read by hf_helu's own
+loader), the text and its token blocks, and perplexity: ``exp(sum of token NLLs / predicted tokens)`` over contiguous
+``block_size`` blocks (the remainder shorter than a block dropped), gathered over processes so every block counts once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_helu.cli.common import (  # hf_helu's own loader (folders, hub ids, GGUF files): imported here only
+from hf_helu.cli.common import (
     gguf_file,
     load_checkpoint,
     load_config,
@@ -26,29 +22,12 @@ from hf_helu.cli.common import (  # hf_helu's own loader (folders, hub ids, GGUF
     source_model_class,
 )
 from hf_helu.errors import UsageError
-from recipe_support.paths import DATA_DIR_ENV, data_path
-
-WIKITEXT = "wikitext-2"
+from recipe_support.paths import DATA_DIR_ENV, data_path, read_utf8
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The model source
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where ``--model_name_or_path`` points: a local folder (``location``) and, for a GGUF checkpoint, the file."""
-
-    location: str
-    gguf_file: str | None = None
-    path: Path | None = None  # what hf_helu's loader takes: the folder, or the .gguf file
-
-
-def model_source(name: str) -> ModelSource:
-    """``--model_name_or_path`` resolved (a folder, a ``.gguf`` file or a folder with one, a hub snapshot) and its
-    config read, by hf_helu's own loader; a config that is unreadable, or whose class is not a causal LM (a BERT
-    classifier), is a UsageError, before any weight is loaded."""
+def model_source(name: str) -> tuple[Path, dict[str, Any]]:
+    """``--model_name_or_path`` resolved and its config read; a config that is unreadable or not a causal LM's is a
+    UsageError, before any weight is loaded. Returns what the loader takes and results.json's record of it."""
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -64,129 +43,81 @@ def model_source(name: str) -> ModelSource:
             "run_clm trains a *ForCausalLM checkpoint"
         )
     gguf = gguf_file(path)
-    return ModelSource(str(gguf[0] if gguf else path), gguf[1] if gguf else None, path)
+    return path, {"source": str(gguf[0] if gguf else path), "gguf_file": gguf[1] if gguf else None}
 
 
-def load_causal_lm(source: ModelSource) -> tuple[nn.Module, Any]:
-    """The float32 causal LM and its tokenizer (hf_helu's loader: a GGUF checkpoint dequantized, saveable)."""
-    return load_checkpoint(source.path).float(), load_tokenizer(source.path)
+def load_causal_lm(path: Path) -> tuple[nn.Module, Any]:
+    """The float32 causal LM and its tokenizer (a GGUF checkpoint dequantized)."""
+    return load_checkpoint(path).float(), load_tokenizer(path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Text and token blocks
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TextSource:
-    """The run's text: two files (``train``/``validation``; ``train`` None for --eval_only) or a hub dataset."""
-
-    train: Path | None = None
-    validation: Path | None = None
-    dataset: str | None = None
-    dataset_config: str | None = None
-    text_column: str = "text"
-
-
-def text_source(args: Any) -> TextSource:
+def text_source(args: Any) -> dict[str, Any]:
     """``--dataset_name``, ``--train_file/--validation_file`` or ``--data_dir`` (default $HF_HELU_DATA_DIR/wikitext-2,
-    with train.txt/valid.txt), checked to exist before anything is loaded."""
+    train.txt/valid.txt), files checked to exist before anything is loaded."""
     files = args.train_file or args.validation_file
     if sum(bool(x) for x in (args.dataset_name, files, args.data_dir)) > 1:
         raise UsageError("give one of --dataset_name, --train_file/--validation_file or --data_dir, not several")
+    with_train = not args.eval_only or "calibrate" in args.conversion  # training, or calibrating, reads the train text
     if args.dataset_name:
-        return TextSource(
-            dataset=args.dataset_name, dataset_config=args.dataset_config_name, text_column=args.text_column
+        return {"dataset": args.dataset_name, "config": args.dataset_config_name, "column": args.text_column} | {
+            "with_train": with_train
+        }
+    root = None if files else args.data_dir or data_path("wikitext-2")
+    if not files and root is None:
+        raise UsageError(
+            f"no data: give --data_dir, --train_file/--validation_file or --dataset_name (or set {DATA_DIR_ENV})"
         )
-    if files:
-        train, validation = args.train_file, args.validation_file
-    else:
-        root = args.data_dir or data_path(WIKITEXT)
-        if root is None:
-            raise UsageError(
-                f"no data: give --data_dir, --train_file/--validation_file or --dataset_name (or set {DATA_DIR_ENV})"
-            )
-        train, validation = Path(root) / "train.txt", Path(root) / "valid.txt"
-    needs_train = needs_training_text(args)
-    needed = {"--validation_file": validation} | ({"--train_file": train} if needs_train else {})
-    for flag, path in needed.items():
+    train, validation = (args.train_file, args.validation_file) if files else (root / "train.txt", root / "valid.txt")
+    needed = {"validation": ("--validation_file", validation)} | (
+        {"train": ("--train_file", train)} if with_train else {}
+    )
+    for flag, path in needed.values():
         if path is None or not Path(path).is_file():
             raise UsageError(f"{flag}: {path} is not a text file" if path else f"{flag} is needed")
-    return TextSource(train=Path(train) if needs_train else None, validation=Path(validation))
+    return {name: Path(path) for name, (_, path) in needed.items()}
 
 
-def needs_training_text(args: Any) -> bool:
-    """Training, or calibrating a conversion (also for --eval_only), reads the training text."""
-    return not args.eval_only or "calibrate" in args.conversion
-
-
-def read_texts(source: TextSource, with_train: bool) -> dict[str, str]:
-    """``{"validation": ...}`` and, ``with_train``, ``"train"``, each as a single string."""
-    if source.dataset is None:
-        files = {"validation": source.validation} | ({"train": source.train} if with_train else {})
-        return {name: _read_utf8(path) for name, path in files.items()}
+def read_texts(source: dict[str, Any]) -> dict[str, str]:
+    """``{"validation": ...}`` and, where the run needs it, ``"train"``, each as one string."""
+    if "dataset" not in source:
+        return {name: read_utf8(path) for name, path in source.items()}
     import datasets
 
-    loaded = datasets.load_dataset(source.dataset, source.dataset_config)
-    splits = {"validation": "validation" if "validation" in loaded else "test"}
-    if with_train:
-        splits["train"] = "train"
+    loaded = datasets.load_dataset(source["dataset"], source["config"])
     texts = {}
+    splits = {"validation": "validation" if "validation" in loaded else "test"} | (
+        {"train": "train"} if source["with_train"] else {}
+    )
     for name, split in splits.items():
-        if split not in loaded or source.text_column not in loaded[split].column_names:
+        if split not in loaded or source["column"] not in loaded[split].column_names:
             raise UsageError(
-                f"--dataset_name {source.dataset}: no {split!r} split with a {source.text_column!r} column"
+                f"--dataset_name {source['dataset']}: no {split!r} split with a {source['column']!r} column"
             )
-        rows = loaded[split][source.text_column]
-        texts[name] = "".join(row if row.endswith("\n") else row + "\n" for row in rows)
+        texts[name] = "".join(row if row.endswith("\n") else row + "\n" for row in loaded[split][source["column"]])
     return texts
 
 
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {error.start}: {error.reason})") from None
-
-
 def token_blocks(tokenizer: Any, text: str, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
-    """The text's tokens (no special tokens added), the first ``max_tokens`` of them, as ``(blocks, block_size)``."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    blocks = len(ids) // block_size
-    return torch.tensor(ids[: blocks * block_size], dtype=torch.long).view(blocks, block_size)
+    """The text's first ``max_tokens`` tokens (no special tokens added) as ``(blocks, block_size)``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    return torch.tensor(ids[: len(ids) // block_size * block_size], dtype=torch.long).view(-1, block_size)
 
 
-class BlockDataset(torch.utils.data.Dataset):
-    """Token blocks as causal-LM examples (``labels`` = ``input_ids``; the model shifts them)."""
-
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Perplexity and FFN statistics
-# ----------------------------------------------------------------------------------------------------------------
+def causal_batch(blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loaders' collate_fn: blocks as a causal-LM batch (``labels`` = ``input_ids``; the model shifts them)."""
+    ids = torch.stack(blocks)
+    return {"input_ids": ids, "labels": ids}
 
 
 @torch.no_grad()
 def evaluate(accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool = True) -> dict[str, Any]:
-    """Perplexity of ``model`` over the blocks of ``dataloader`` (see the module doc) and, with ``monitor``, the
-    FFN dead/zero-unit statistics of :class:`hf_helu.ActivationMonitor` (summed over processes)."""
+    """Perplexity of ``model`` over the blocks of ``dataloader`` and, with ``monitor``, the FFN dead/zero-unit
+    statistics of :class:`hf_helu.ActivationMonitor` (summed over processes)."""
     from hf_helu import ActivationMonitor
 
     model.eval()
     sums, counts = [], []
-    inner = accelerator.unwrap_model(model)
-    watcher = ActivationMonitor(inner) if monitor else None
+    watcher = ActivationMonitor(accelerator.unwrap_model(model)) if monitor else None
     with watcher if watcher is not None else contextlib.nullcontext():
         for batch in dataloader:
             ids = batch["input_ids"]
@@ -203,17 +134,3 @@ def evaluate(accelerator: Any, model: nn.Module, dataloader: Any, monitor: bool 
     if watcher is not None:
         result["ffn"] = watcher.stats(accelerator).to_dict()
     return result
-
-
-__all__ = [
-    "BlockDataset",
-    "ModelSource",
-    "TextSource",
-    "evaluate",
-    "load_causal_lm",
-    "model_source",
-    "needs_training_text",
-    "read_texts",
-    "text_source",
-    "token_blocks",
-]

@@ -1,10 +1,8 @@
-"""Evaluation for the recipes' loops: one pass per eval split with outputs gathered across processes
-(``accelerator.gather_for_metrics``), and the dead-unit statistics of the first split's pass
-(:class:`hf_helu.diagnostics.ActivationMonitor`, reduced over processes).
+"""Evaluation for the recipes' loops: one pass per eval split, outputs gathered across processes
+(``accelerator.gather_for_metrics``), and the dead units of the first split's pass (``hf_helu.ActivationMonitor``).
 
-``eval_step(model, batch) -> dict[str, Tensor | list]`` returns per-sample outputs (first dim = batch). Tensors are
-gathered as tensors and concatenated into numpy arrays; lists (decoded strings, variable-length ids) are gathered as
-Python objects. ``compute_metrics(outputs) -> dict[str, float]`` receives those concatenated outputs.
+``eval_step(model, batch)`` returns per-sample outputs: tensors are gathered and concatenated into numpy arrays,
+lists (decoded strings) gathered as objects; ``compute_metrics(outputs)`` receives them.
 """
 
 from __future__ import annotations
@@ -24,9 +22,6 @@ from recipe_support.results import log_metrics, results_file, write_predictions,
 
 logger = logging.getLogger(__name__)
 
-EvalStep = Callable[[nn.Module, Mapping[str, Any]], dict[str, Any]]
-ComputeMetrics = Callable[[dict[str, Any]], dict[str, float]]
-
 
 def default_eval_step(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     """Logits and labels of one batch (the classification/regression case)."""
@@ -34,15 +29,16 @@ def default_eval_step(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, A
 
 
 class Evaluator:
-    """Evaluates every eval split with the task's ``eval_step`` and ``compute_metrics``; ``monitor`` (an
-    ``ActivationMonitor`` or None) records the first split's pass only. ``last_outputs`` holds the gathered per-sample
-    outputs of the last pass, per split, in dataset order."""
+    """Evaluates every eval split with ``eval_step`` and ``compute_metrics``; ``monitor`` (an ActivationMonitor or
+    None) records the first split only. ``last_outputs``: the last pass's gathered outputs per split."""
 
-    def __init__(self, accelerator: Any, compute_metrics: ComputeMetrics, eval_step: EvalStep, monitor: Any = None):
-        self.accelerator = accelerator
-        self.compute_metrics = compute_metrics
-        self.eval_step = eval_step
-        self.monitor = monitor
+    def __init__(self, accelerator: Any, compute_metrics: Callable, eval_step: Callable, monitor: Any = None):
+        self.accelerator, self.compute_metrics, self.eval_step, self.monitor = (
+            accelerator,
+            compute_metrics,
+            eval_step,
+            monitor,
+        )
         self.last_outputs: dict[str, dict[str, Any]] = {}
 
     def _gather(self, model: nn.Module, dataloader: Any) -> dict[str, Any]:
@@ -67,11 +63,10 @@ class Evaluator:
                 monitor.reset()
                 monitor.attach()
             try:
-                outputs = self._gather(model, dataloader)
+                outputs = self.last_outputs[split] = self._gather(model, dataloader)
             finally:
                 if monitor is not None:
                     monitor.detach()
-            self.last_outputs[split] = outputs
             metrics[split] = {k: float(v) for k, v in self.compute_metrics(outputs).items()}
             metrics[split]["num_samples"] = len(next(iter(outputs.values()))) if outputs else 0
             if monitor is not None:  # summed over processes (collective: every process calls it)
@@ -84,9 +79,7 @@ def _jsonable(value: Any) -> Any:
     return value.tolist() if isinstance(value, torch.Tensor | np.ndarray | np.generic) else str(value)
 
 
-def make_evaluator(
-    accelerator: Any, model: nn.Module, compute_metrics: ComputeMetrics, eval_step: EvalStep, scope: Any
-) -> Evaluator:
+def make_evaluator(accelerator: Any, model: nn.Module, compute_metrics: Callable, eval_step: Callable, scope: Any):
     """An :class:`Evaluator` that also reports the dead units of ``model``'s activations in ``scope`` (none, logged,
     when the monitor cannot read the model: the run goes on and its results say so)."""
     from hf_helu.diagnostics import ActivationMonitor
@@ -100,8 +93,8 @@ def make_evaluator(
 
 
 def evaluate_only(
-    accelerator: Any, model: nn.Module, dataloaders: dict[str, Any], evaluator: Evaluator, args: Any, results: dict
-) -> dict[str, Any]:
+    accelerator: Any, model: nn.Module, dataloaders: dict, evaluator: Evaluator, args: Any, results: dict
+):
     """--eval_only: evaluate the prepared ``model`` once, write OUTPUT_DIR/eval_results.json (and predictions)."""
     start = time.perf_counter()
     metrics, dead = evaluator(model, dataloaders)

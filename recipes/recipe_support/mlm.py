@@ -1,152 +1,99 @@
-"""Masked-LM pretraining data: a text corpus as contiguous blocks of token ids, served in rounds.
+"""Masked-LM pretraining (recipes/run_mlm.py): the corpus as contiguous blocks served in rounds, the BERT config,
+the LM head at the masked positions only, and the dead and near-dead FFN units.
 
-- :func:`read_corpus`: the lines of a corpus split: local WikiText-2 (``$HF_HELU_DATA_DIR/wikitext-2``, data README
-  section 4), any text files, or a hub dataset's text column; WikiText's ``<unk>`` becomes the tokenizer's unknown
-  token (its literal spelling would be split into ``<``, ``un``, ``##k``, ``>``).
-- :func:`token_blocks`: every non-blank line tokenized, concatenated into one stream, cut into blocks of
-  ``block_size`` ids (``[CLS] ... [SEP]``); the tail shorter than a block is dropped.
-- :class:`BlockRounds`: the blocks in a seeded order, cut into equal rounds; the training loop's "epoch" e is round
-  e, so evaluating and checkpointing at every epoch end means every ``round_blocks`` blocks, and no block is seen
-  twice before the corpus is exhausted (then a new pass in a new order begins).
-- :func:`masked_eval_set`: evaluation blocks masked once with a fixed seed, so every evaluation of every run scores
-  the same positions.
+- :func:`token_blocks`: the non-blank lines tokenized into one stream cut into ``[CLS] ... [SEP]`` blocks.
+- :class:`BlockRounds`: the blocks in seeded passes cut into rounds (the loop's "epochs"), so no block is seen twice
+  before the corpus is exhausted; :class:`SeededMasking` masks a batch from its data only (a resume masks alike).
+- :class:`SparsePrediction`: a forward pre-hook on ``model.cls`` that gathers the labelled positions, so the
+  30,522-way head (and its backward) runs on ~15% of the positions; the model stays a stock ``BertForMaskedLM``.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from hf_helu.activation import parse_activation_name
 from hf_helu.errors import UsageError
-from recipe_support.paths import DATA_DIR_ENV, data_path
+from recipe_support.paths import DATA_DIR_ENV, data_path, read_utf8
 
-WIKITEXT_DIR = "wikitext-2"
-WIKITEXT_UNK = "<unk>"
-SPLITS = ("train", "valid")
-
-
-def read_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """The lines of ``paths`` in order (``datasets.load_dataset("text")``, one file at a time); a missing, empty or
-    non-UTF-8 file is an error naming it (nothing silently skipped)."""
-    import datasets
-
-    lines: list[str] = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise UsageError(f"corpus file {path} not found")
-        try:
-            text = datasets.load_dataset("text", data_files=str(path), split="train")["text"]
-        except datasets.exceptions.DatasetGenerationError as error:
-            if not isinstance(error.__cause__, UnicodeDecodeError):
-                raise
-            raise UsageError(_not_utf8(path)) from None
-        if not any(line.strip() for line in text):
-            raise UsageError(f"corpus file {path} holds no text")
-        lines += text
-    return lines
+IGNORE_INDEX = -100
+NEAR_DEAD_RATE = 0.01  # a unit firing on fewer than 1% of the evaluation tokens (but some) is near-dead
+SIZE_PRESETS: dict[str, dict[str, int]] = {  # layers, hidden, heads, FFN width: from a CPU smoke test to BERT-base
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "medium": dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
 
 
-def _not_utf8(path: Path) -> str:
-    """Which line of ``path`` holds its first byte that is not UTF-8 (the whole file read again: the decoder's
-    offset is within one chunk of it)."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        where = f"line {line} holds byte 0x{data[error.start]:02x}"
-        return f"corpus file {path} is not UTF-8 text: {where} ({error.reason})"
-    return f"corpus file {path} is not UTF-8 text"
-
-
-def read_hub_dataset(name: str, config: str | None, split: str, column: str = "text") -> list[str]:
-    """The ``column`` of a hub dataset's ``split`` (``datasets.load_dataset``; needs the hub)."""
-    import datasets
-
-    dataset = datasets.load_dataset(name, config, split=split)
-    if column not in dataset.column_names:
-        raise UsageError(f"dataset {name} has no column {column!r}; columns: {dataset.column_names}")
-    return list(dataset[column])
-
-
-def read_corpus(
-    split: str,
-    *,
-    files: Sequence[str | os.PathLike] | None = None,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    unk_token: str | None = None,
-) -> list[str]:
-    """The lines of ``split`` (train|valid): ``files``, else hub ``dataset``, else local WikiText-2.
-
-    ``unk_token`` replaces every WikiText ``<unk>`` (None: left as written).
-    """
-    if split not in SPLITS:
-        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
+def read_corpus(split: str, *, files=None, dataset=None, dataset_config=None, unk_token=None) -> list[str]:
+    """The lines of ``split`` (train|valid): text ``files``, else hub ``dataset``, else local WikiText-2, whose
+    ``<unk>`` becomes ``unk_token`` (its literal spelling would be split into ``<``, ``un``, ``##k``, ``>``)."""
+    if split not in ("train", "valid"):
+        raise UsageError(f"split must be one of ('train', 'valid'), got {split!r}")
     if files is not None and dataset is not None:
         raise UsageError("give text files or a hub dataset, not both")
-    if files is not None:
-        lines = read_text_files(files)
-    elif dataset is not None:
-        lines = read_hub_dataset(dataset, dataset_config, "validation" if split == "valid" else split)
+    if dataset is not None:
+        import datasets
+
+        lines = datasets.load_dataset(dataset, dataset_config, split="validation" if split == "valid" else split)
+        if "text" not in lines.column_names:
+            raise UsageError(f"dataset {dataset} has no column 'text'; columns: {lines.column_names}")
+        lines = list(lines["text"])
     else:
-        folder = data_path(WIKITEXT_DIR)
-        if folder is None or not folder.is_dir():
+        folder = data_path("wikitext-2")
+        if files is None and (folder is None or not folder.is_dir()):
             where = f"at {folder}" if folder is not None else f"(${DATA_DIR_ENV} is not set)"
             raise UsageError(f"no corpus: WikiText-2 not found {where}; pass text files or a hub dataset")
-        lines = read_text_files([folder / f"{split}.txt"])
-    return [line.replace(WIKITEXT_UNK, unk_token) for line in lines] if unk_token is not None else lines
+        lines = []
+        for path in map(Path, files if files is not None else [folder / f"{split}.txt"]):
+            if not path.is_file():
+                raise UsageError(f"corpus file {path} not found")
+            text = read_utf8(path)
+            if not text.strip():
+                raise UsageError(f"corpus file {path} holds no text")
+            lines += text.splitlines()
+    return [line.replace("<unk>", unk_token) for line in lines] if unk_token is not None else lines
 
 
 def token_blocks(lines: Iterable[str], tokenizer: Any, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Contiguous blocks ``[n, block_size]`` of ``[CLS] ids... [SEP]`` from the non-blank ``lines``.
-
-    Documents run on across block boundaries (as in BERT / Cramming pretraining); ``max_blocks`` keeps the first
-    ones (and tokenizes only as many lines as they need).
-    """
+    """Contiguous blocks ``[n, block_size]`` of ``[CLS] ids... [SEP]`` from the non-blank ``lines``; documents run on
+    across blocks (as in BERT / Cramming pretraining); ``max_blocks`` keeps the first ones."""
     if block_size < 3:
         raise UsageError(f"block_size must be >= 3 (room for [CLS], [SEP] and one token), got {block_size}")
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise UsageError(f"tokenizer {type(tokenizer).__name__} has no [CLS]/[SEP] tokens; a BERT tokenizer is needed")
-    body = block_size - 2
-    stream: list[int] = []
+    body, stream = block_size - 2, []
     texts = [line.strip() for line in lines if line.strip()]
-    chunk = 2048
-    for start in range(0, len(texts), chunk):
-        for ids in tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]:
-            stream += ids
+    for start in range(0, len(texts), 2048):  # tokenized in chunks: max_blocks needs only the first lines
+        stream += [
+            i for ids in tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"] for i in ids
+        ]
         if max_blocks is not None and len(stream) >= max_blocks * body:
             break
-    count = len(stream) // body if max_blocks is None else min(len(stream) // body, max_blocks)
+    count = min(len(stream) // body, max_blocks or len(stream))
     if count == 0:
         raise UsageError(f"the corpus has {len(stream)} tokens: fewer than one block of {body} (+2 special) tokens")
     ids = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
-    cls = torch.full((count, 1), tokenizer.cls_token_id, dtype=torch.long)
-    sep = torch.full((count, 1), tokenizer.sep_token_id, dtype=torch.long)
+    cls, sep = (torch.full((count, 1), t, dtype=torch.long) for t in (tokenizer.cls_token_id, tokenizer.sep_token_id))
     return torch.cat([cls, ids, sep], dim=1)
 
 
 class BlockRounds(torch.utils.data.Dataset):
-    """``round_blocks`` blocks per round, taken in order from a seeded stream of passes over ``blocks``.
-
-    Round ``e`` (set by the loop through ``set_epoch``) holds stream items ``e * round_blocks ...``; pass ``p`` of the
-    stream is ``blocks`` in the order ``randperm(n, seed + p)``. Items are ``{"input_ids": LongTensor[block],
-    "position": int}`` (the stream position, which :class:`SeededMasking` seeds the masking with).
-    """
+    """Round ``e`` (the loop's ``set_epoch``) holds items ``e * round_blocks ...`` of a stream whose pass ``p`` is
+    ``blocks`` in the order ``randperm(n, seed + p)``; items carry their stream ``position`` (for masking)."""
 
     def __init__(self, blocks: torch.Tensor, round_blocks: int, seed: int = 0):
-        if blocks.ndim != 2 or blocks.shape[0] == 0:
-            raise UsageError(f"blocks must be a non-empty [n, block_size] tensor, got shape {tuple(blocks.shape)}")
         if round_blocks < 1:
             raise UsageError(f"round_blocks must be >= 1, got {round_blocks}")
-        self.blocks = blocks
-        self.round_blocks = round_blocks
-        self.seed = seed
-        self.epoch = 0
+        self.blocks, self.round_blocks, self.seed, self.epoch = blocks, round_blocks, seed, 0
         self._orders: dict[int, torch.Tensor] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -155,37 +102,24 @@ class BlockRounds(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.round_blocks
 
-    def _order(self, stream_pass: int) -> torch.Tensor:
-        if stream_pass not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed + stream_pass)
-            self._orders[stream_pass] = torch.randperm(self.blocks.shape[0], generator=generator)
-        return self._orders[stream_pass]
-
-    def block_index(self, index: int) -> int:
-        """Which block item ``index`` of the current round is."""
+    def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.round_blocks:
             raise IndexError(f"index {index} out of range for a round of {self.round_blocks} blocks")
         position = self.epoch * self.round_blocks + index
-        stream_pass, offset = divmod(position, self.blocks.shape[0])
-        return int(self._order(stream_pass)[offset])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        position = self.epoch * self.round_blocks + index
-        return {"input_ids": self.blocks[self.block_index(index)], "position": position}
+        stream_pass, offset = divmod(position, len(self.blocks))
+        if stream_pass not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed + stream_pass)
+            self._orders[stream_pass] = torch.randperm(len(self.blocks), generator=generator)
+        return {"input_ids": self.blocks[self._orders[stream_pass][offset]], "position": position}
 
 
 class SeededMasking:
-    """A collate_fn: ``collator`` (``DataCollatorForLanguageModeling``) under a seed drawn from ``seed`` and the
-    batch's first stream position, with the global RNG left as it was.
-
-    The masking of a batch then depends on the data only, not on when it is collated: Accelerate's loader collates
-    one batch ahead, so a masking drawn from the global RNG would differ after a resume (the checkpoint's RNG state
-    is that of a step whose next batch was already masked).
-    """
+    """A collate_fn: ``collator`` (``DataCollatorForLanguageModeling``) under a seed from ``seed`` and the batch's
+    first stream position, the global RNG left as it was: accelerate's loader collates one batch ahead, so masking
+    from the global RNG would differ after a resume."""
 
     def __init__(self, collator: Any, seed: int = 0):
-        self.collator = collator
-        self.seed = seed
+        self.collator, self.seed = collator, seed
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not items or "position" not in items[0]:
@@ -196,16 +130,157 @@ class SeededMasking:
 
 
 def masked_eval_set(blocks: torch.Tensor, collator: Any, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """``blocks`` masked once by ``collator`` (a ``DataCollatorForLanguageModeling``) under a fixed ``seed``.
-
-    Returns one item per block (``input_ids``, ``labels``); the global RNG is left as it was.
-    """
+    """``blocks`` masked once under a fixed ``seed`` (every evaluation scores the same positions), global RNG kept."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         batch = collator([{"input_ids": block} for block in blocks])
-    return [
-        {"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)
-    ]
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
 
 
 stack_batch = torch.utils.data.default_collate  # the eval loader's collate_fn: equal-length items stacked
+
+
+def check_hidden_act(name: str) -> str:
+    """``name`` if it is gelu, relu, helu or helu_<alpha>; else a UsageError saying what is accepted."""
+    try:
+        if name in ("gelu", "relu") or parse_activation_name(name) is not None:
+            return name
+    except ValueError as err:
+        raise UsageError(f"--hidden_act {name!r}: {err}") from None
+    raise UsageError(f"--hidden_act must be gelu, relu, helu or helu_<alpha> (e.g. helu_0.5), got {name!r}")
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``"num_hidden_layers=2,hidden_dropout_prob=0.0"`` -> the fields it sets, typed by
+    ``PretrainedConfig.update_from_string`` on a ``BertConfig`` (which refuses unknown fields)."""
+    from transformers import BertConfig
+
+    if not text:
+        return {}
+    config = BertConfig()
+    try:
+        config.update_from_string(text)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--config_overrides {text!r}: {err}; expected key=value[,key=value...]") from None
+    keys = [part.partition("=")[0] for part in text.split(",")]
+    if "hidden_act" in keys:
+        raise UsageError("--config_overrides may not set hidden_act; use --hidden_act")
+    return {key: getattr(config, key) for key in keys}
+
+
+def bert_config(preset: str, hidden_act: str, vocab_size: int, max_length: int, **overrides: Any) -> Any:
+    """A ``BertConfig`` of size ``preset`` with ``hidden_act``, the tokenizer's ``vocab_size``, and ``overrides``."""
+    from transformers import BertConfig
+
+    if preset not in SIZE_PRESETS:
+        raise UsageError(f"--size must be one of {sorted(SIZE_PRESETS)}, got {preset!r}")
+    fields = {**SIZE_PRESETS[preset], "vocab_size": vocab_size, "max_position_embeddings": max(512, max_length)}
+    return BertConfig(**{**fields, **overrides}, hidden_act=check_hidden_act(hidden_act))
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+class FiringCounts:
+    """Per sequence and FFN unit, how many positions made it fire (output > 0), recorded only inside
+    :meth:`collect` (training forwards pay nothing): the near-dead units the ActivationMonitor cannot tell."""
+
+    def __init__(self, model: nn.Module, scope: Any = "ffn"):
+        from hf_helu.families import find_activation_sites
+
+        sites = find_activation_sites(_base(model), scope=scope)
+        if not sites:
+            raise ValueError(f"no FFN activation found in {type(_base(model)).__name__} for scope={scope!r}")
+        self._recording: list[torch.Tensor] | None = None
+        self._handles = [site.module.register_forward_hook(self._record) for site in sites]
+
+    def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._recording is not None:
+            self._recording.append((output > 0).sum(dim=1, dtype=torch.int32))  # over positions: [batch, units]
+
+    def collect(self, forward: Any) -> tuple[Any, torch.Tensor]:
+        """``forward()``'s result and the counts ``[batch, layers, units]`` of the activations it ran."""
+        self._recording = []
+        try:
+            result, recorded = forward(), self._recording
+        finally:
+            self._recording = None
+        if len(recorded) != len(self._handles):
+            raise RuntimeError(
+                f"expected one call of each of {len(self._handles)} FFN activations, got {len(recorded)}"
+            )
+        return result, torch.stack(recorded, dim=1)
+
+
+class SparsePrediction:
+    """The LM head of a ``BertForMaskedLM`` at the labelled positions only: ``loss`` for training, ``eval_step`` for
+    the evaluator (per-sequence sums that :func:`mlm_metrics` turns into loss, accuracy and perplexity)."""
+
+    def __init__(self, model: nn.Module, firing: FiringCounts | None = None):
+        self._positions: torch.Tensor | None = None
+        self.firing = firing
+        self._handle = _base(model).cls.register_forward_pre_hook(self._gather)
+
+    def _gather(self, module: nn.Module, args: tuple) -> tuple | None:
+        return None if self._positions is None else (args[0][self._positions],)  # [masked positions, hidden]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def logits(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits ``[N, vocab]`` at the N labelled positions, their labels ``[N]``), in row-major order."""
+        labels = batch["labels"]
+        self._positions = labels != IGNORE_INDEX
+        try:
+            logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+        finally:
+            positions, self._positions = self._positions, None
+        return logits, labels[positions]
+
+    def loss(self, model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Mean cross-entropy over the labelled positions: ``BertForMaskedLM``'s loss, from 15% of the head."""
+        logits, labels = self.logits(model, batch)
+        return F.cross_entropy(logits.float(), labels)
+
+    def eval_step(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Per sequence: summed loss, correct top-1 predictions, labelled positions, and with ``firing`` the
+        positions and per-unit firing counts (eval blocks carry no padding)."""
+        if "attention_mask" in batch and not bool(batch["attention_mask"].all()):
+            raise ValueError("eval_step counts firing over every position: evaluation blocks must have no padding")
+        if self.firing is None:
+            (logits, labels), fired = self.logits(model, batch), None
+        else:
+            (logits, labels), fired = self.firing.collect(lambda: self.logits(model, batch))
+        rows, size = (batch["labels"] != IGNORE_INDEX).nonzero()[:, 0], batch["labels"].shape[0]
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        zeros = torch.zeros(size, device=losses.device)
+        outputs = {
+            "loss_sum": zeros.index_add(0, rows, losses),
+            "correct": zeros.index_add(0, rows, (logits.argmax(-1) == labels).float()),
+            "masked": zeros.index_add(0, rows, torch.ones_like(losses)),
+        }
+        if fired is not None:
+            positions = torch.full((size,), batch["input_ids"].shape[1], device=losses.device)
+            outputs |= {"fired": fired, "positions": positions}
+        return outputs
+
+
+def mlm_metrics(outputs: Mapping[str, Any], near_dead_rate: float = NEAR_DEAD_RATE) -> dict[str, float]:
+    """Masked-LM loss, accuracy and perplexity over all labelled positions; with firing counts also the fractions
+    of ``dead`` (never firing) and ``near_dead`` (firing on fewer than ``near_dead_rate`` of the tokens) units,
+    overall and per layer (``dead_<i>``, ``near_dead_<i>``)."""
+    masked = float(outputs["masked"].sum())
+    if masked == 0:
+        raise ValueError("the evaluation set has no masked positions")
+    loss = float(outputs["loss_sum"].sum()) / masked
+    metrics = {"mlm_loss": loss, "mlm_accuracy": float(outputs["correct"].sum()) / masked}
+    metrics |= {"perplexity": float(torch.tensor(loss).exp()), "masked_tokens": masked}
+    if "fired" in outputs:
+        rate = torch.as_tensor(outputs["fired"], dtype=torch.float64).sum(0) / float(outputs["positions"].sum())
+        dead, near = rate == 0, (rate > 0) & (rate < near_dead_rate)
+        metrics |= {"dead": float(dead.double().mean()), "near_dead": float(near.double().mean())}
+        for layer in range(rate.shape[0]):
+            metrics |= {f"dead_{layer}": float(dead[layer].double().mean())}
+            metrics |= {f"near_dead_{layer}": float(near[layer].double().mean())}
+    return metrics

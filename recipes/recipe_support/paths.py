@@ -1,14 +1,12 @@
-"""Local data for the recipes: one root named by ``$HF_HELU_DATA_DIR``, never a path guessed from the checkout.
-
-Below the root: ``glue/<TASK>/{train,dev}.tsv`` (the classic ``glue_data`` layout), ``fsdd/recordings/*.wav`` (the
-Free Spoken Digit Dataset) and ``wikitext-2/{train,valid}.txt``. Without the variable, data comes from the flags
-(``--data_dir``, ``--dataset``, text files) or the hub.
-"""
+"""Local data for the recipes: one root named by ``$HF_HELU_DATA_DIR`` (``glue/``, ``fsdd/``, ``wikitext-2/``), never a
+path guessed from the checkout, and text files read as UTF-8 with the line of a bad byte named."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from hf_helu.errors import UsageError
 
 DATA_DIR_ENV = "HF_HELU_DATA_DIR"
 
@@ -17,3 +15,13 @@ def data_path(name: str) -> Path | None:
     """``$HF_HELU_DATA_DIR/<name>``, or None when the variable is unset or empty."""
     root = os.environ.get(DATA_DIR_ENV)
     return Path(root) / name if root else None
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a byte that is not UTF-8 is a UsageError naming its line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}: {error.reason})") from None

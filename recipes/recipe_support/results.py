@@ -1,32 +1,54 @@
-"""What a run leaves behind: OUTPUT_DIR/results.json (rewritten atomically after every epoch), the final model in
-OUTPUT_DIR/model and, when the model holds HeLU, its stock-ReLU export in OUTPUT_DIR/model_relu. An evaluation-only
-run writes OUTPUT_DIR/eval_results.json instead (same layout, no epochs), so it never replaces a training run's results.
-
-results.json holds ``config``, ``model`` (activation, LoRA), ``epochs`` (per-epoch train loss, eval metrics,
-dead-unit stats), ``final``, ``dead_units``, ``wall_time_s``, ``train_samples_per_s``, ``num_processes`` and
-``status`` ("running" until the end, then "complete").
-"""
+"""What a run leaves behind: OUTPUT_DIR/results.json (rewritten atomically after every epoch; ``status`` "running"
+until the end), the final model in OUTPUT_DIR/model and, when it holds HeLU, its stock-ReLU export in
+OUTPUT_DIR/model_relu, each with a model card (:func:`hf_helu.model_card.conversion_card`), and with
+``--push_to_hub`` the upload (``create_repo`` before any training, ``upload_folder`` at the end). An evaluation-only
+run writes OUTPUT_DIR/eval_results.json instead, so it never replaces a training run's results."""
 
 from __future__ import annotations
 
 import copy
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from hf_helu.atomic import atomic_directory, atomic_write_json
+from hf_helu.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from hf_helu.errors import UsageError
 
 RESULTS_FILE = "results.json"
-EVAL_RESULTS_FILE = "eval_results.json"  # an evaluation-only run's results: a training run's results.json stays
+EVAL_RESULTS_FILE = "eval_results.json"
 MODEL_DIR = "model"
 PREDICTIONS_FILE = "predictions.json"  # --save_predictions: each eval example's model output, per split
 EVAL_PREDICTIONS_FILE = "eval_predictions.json"
 RELU_SUFFIX = "_relu"
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How the run was started (``python recipes/<script> ...``), the value of ``--hub_token`` never written."""
+    shown, hide = [], False
+    for arg in sys.argv[1:] if argv is None else map(str, argv):
+        shown.append("***" if hide else "--hub_token=***" if arg.startswith("--hub_token=") else arg)
+        hide = arg == "--hub_token"
+    return shlex.join(["python", f"recipes/{Path(script).name}", *shown])
+
+
+def check_hub(args: Any) -> None:
+    """With ``--push_to_hub``: create (or find) the repository now, so an offline hub or a bad token or name stops
+    the run before it trains; sets ``args.hub_repo_id``."""
+    if not args.push_to_hub:
+        return
+    from huggingface_hub import create_repo
+
+    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        args.hub_repo_id = create_repo(name, token=args.hub_token, exist_ok=True).repo_id
+    except Exception as error:  # any failure to reach or use the hub: network, offline mode, token, repo name
+        raise UsageError(f"--push_to_hub: cannot create the hub repository {name!r}: {error}") from None
+
+
 def new_results(accelerator: Any, config: dict[str, Any], model_info: dict[str, Any] | None) -> dict[str, Any]:
-    """The results of a run that has just started (``status`` "running", no epoch yet)."""
     return {
         "status": "running",
         "config": config,
@@ -38,21 +60,18 @@ def new_results(accelerator: Any, config: dict[str, Any], model_info: dict[str, 
 
 
 def results_file(eval_only: bool) -> str:
-    """The name of a run's results file in OUTPUT_DIR: eval_results.json for an evaluation-only run."""
     return EVAL_RESULTS_FILE if eval_only else RESULTS_FILE
 
 
 def write_results(accelerator: Any, output_dir: Path, results: dict[str, Any], name: str = RESULTS_FILE) -> None:
-    """OUTPUT_DIR/results.json (or ``name``), atomically, from the main process."""
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / name, results)
+        atomic_write_json(Path(output_dir) / name, results)
 
 
 def write_predictions(accelerator: Any, output_dir: Path, outputs: dict[str, dict[str, Any]], eval_only: bool) -> None:
     """OUTPUT_DIR/predictions.json (eval-only: eval_predictions.json): ``{split: [model output per example]}``."""
-    if accelerator.is_main_process:
-        predictions = {split: out["predictions"].tolist() for split, out in outputs.items() if "predictions" in out}
-        atomic_write_json(output_dir / (EVAL_PREDICTIONS_FILE if eval_only else PREDICTIONS_FILE), predictions)
+    predictions = {split: out["predictions"].tolist() for split, out in outputs.items() if "predictions" in out}
+    write_results(accelerator, output_dir, predictions, EVAL_PREDICTIONS_FILE if eval_only else PREDICTIONS_FILE)
 
 
 def log_metrics(accelerator: Any, label: str, metrics: dict[str, dict[str, float]]) -> None:
@@ -62,70 +81,46 @@ def log_metrics(accelerator: Any, label: str, metrics: dict[str, dict[str, float
         accelerator.print(f"[{label}] {split}: {text}")
 
 
-def has_helu(model: nn.Module) -> bool:
-    from hf_helu.activation import HeLU
-
-    return any(isinstance(m, HeLU) for m in model.modules())
-
-
-def relu_export_dir(path: Path) -> Path:
-    """Where :func:`save_model` puts the stock-ReLU export of a model saved to ``path``."""
-    return path.with_name(path.name + RELU_SUFFIX)
-
-
 def save_model(accelerator: Any, model: nn.Module, path: Path, processor: Any = None) -> Path | None:
-    """Save the final model with ``save_pretrained`` (LoRA merged) to ``path`` atomically.
+    """``save_pretrained`` (LoRA merged) to ``path`` atomically and, when the model holds HeLU, its stock-ReLU export
+    (``hf_helu.patching.export_for_inference``) to ``<path>_relu``, whose path it returns."""
+    from hf_helu.activation import HeLU
+    from hf_helu.patching import export_for_inference
 
-    When the model holds HeLU, also save a stock-ReLU export (``hf_helu.patching.export_for_inference``) beside it
-    as ``<path>_relu``, loadable without hf_helu. Returns that export's path, if any.
-    """
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every process calls it
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return None
     unwrapped = accelerator.unwrap_model(model)
-    if hasattr(unwrapped, "merge_and_unload"):  # PEFT: ship a plain transformers model
-        unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
-        state_dict = None
-    _save(path, unwrapped, processor, state_dict)
-    exported = None
-    if has_helu(unwrapped):
-        from hf_helu.patching import export_for_inference
-
-        relu_model = copy.deepcopy(unwrapped).cpu()
-        export_for_inference(relu_model)
-        exported = _save(relu_export_dir(path), relu_model, processor)
+    exported = (
+        path.with_name(path.name + RELU_SUFFIX) if any(isinstance(m, HeLU) for m in unwrapped.modules()) else None
+    )
+    if accelerator.is_main_process:
+        if hasattr(unwrapped, "merge_and_unload"):  # PEFT: ship a plain transformers model
+            unwrapped, state_dict = copy.deepcopy(unwrapped).merge_and_unload(), None
+        models = [(path, unwrapped, state_dict)]
+        if exported is not None:
+            models.append((exported, copy.deepcopy(unwrapped).cpu(), None))
+            export_for_inference(models[-1][1])
+        for folder, saved, weights in models:
+            with atomic_directory(folder, overwrite=True) as tmp:
+                saved.save_pretrained(tmp, state_dict=weights)
+                if processor is not None:
+                    processor.save_pretrained(tmp)
     accelerator.wait_for_everyone()
     return exported
 
 
 def finish_training(
-    accelerator: Any,
-    model: nn.Module,
-    evaluator: Any,
-    eval_dataloaders: dict[str, Any],
-    state: Any,
-    results: dict[str, Any],
-    args: Any,
-    processor: Any = None,
-) -> dict[str, Any]:
-    """After the last step (``recipe_support.training.train`` ends with finite weights or stops): the final metrics,
-    the model in OUTPUT_DIR/model (and its stock-ReLU export), results.json complete.
-
-    The final metrics are the last epoch's when they are of the final weights (and their outputs, if wanted, are
-    held); else (a resume past the last epoch's checkpoint) a new evaluation.
-    """
-    output_dir = Path(args.output_dir)
-    step = state.completed_steps
+    accelerator, model, evaluator, eval_dataloaders, state, results: dict, args, processor=None
+) -> dict:
+    """After the loop: the final metrics (the last epoch's when they are of the final weights, else a new
+    evaluation), the model (and its stock-ReLU export) in OUTPUT_DIR, results.json complete."""
+    output_dir, step = Path(args.output_dir), state.completed_steps
     last = state.history[-1] if state.history else None
     if last is None or last["step"] != step or (args.save_predictions and not evaluator.last_outputs):
         metrics, dead = evaluator(model, eval_dataloaders)
     else:
         metrics, dead = last["eval"], last["dead_units"]
-    model_dir = output_dir / MODEL_DIR
-    save_model(accelerator, model, model_dir, processor)
-    exported = relu_export_dir(model_dir) if has_helu(accelerator.unwrap_model(model)) else None
+    exported = save_model(accelerator, model, output_dir / MODEL_DIR, processor)
     wall_time = state.elapsed()
     results.update(
         status="complete",
@@ -135,7 +130,7 @@ def finish_training(
         train_samples=state.train_samples,
         wall_time_s=wall_time,
         train_samples_per_s=state.train_samples / wall_time if wall_time > 0 else None,
-        model_dir=str(model_dir),
+        model_dir=str(output_dir / MODEL_DIR),
         relu_export_dir=str(exported) if exported is not None else None,
     )
     write_results(accelerator, output_dir, results)
@@ -145,9 +140,40 @@ def finish_training(
     return results
 
 
-def _save(path: Path, model: nn.Module, processor: Any, state_dict: dict | None = None) -> Path:
-    with atomic_directory(path, overwrite=True) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-    return path
+def publish(accelerator: Any, args: Any, source: str | None, results: dict[str, Any], metrics: dict) -> None:
+    """Model cards in OUTPUT_DIR/model (and model_relu) saying what was converted, how, and what the run measured;
+    then, with ``--push_to_hub``, the model (its stock-ReLU export if any) uploaded to ``args.hub_repo_id``."""
+    from hf_helu.model_card import conversion_card
+
+    if not accelerator.is_main_process:
+        return
+    info = results.get("model", {})
+    conversion = info.get("conversion") or info.get("conversion_choice") or {}
+    note = "This is the stock-ReLU export of the HeLU model (same forward; loads without hf_helu)."
+    for folder, details in ((results["model_dir"], ""), (results.get("relu_export_dir"), note)):
+        if folder:
+            card = conversion_card(
+                source or "a new model",
+                activation=info.get("activation") or info.get("hidden_act", "keep"),
+                alpha=info.get("alpha"),
+                method=conversion.get("choice", conversion).get("method", "none"),
+                results=_flat(metrics),
+                details="\n".join(filter(None, [details, args.command])),
+            )
+            atomic_write_text(Path(folder) / "README.md", str(card))
+    if args.push_to_hub:
+        from huggingface_hub import upload_folder
+
+        folder = results.get("relu_export_dir") or results["model_dir"]
+        upload_folder(repo_id=args.hub_repo_id, folder_path=folder, token=args.hub_token, commit_message="hf-helu")
+        accelerator.print(f"pushed {folder} to https://huggingface.co/{args.hub_repo_id}")
+
+
+def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            rows.update(_flat(value, f"{prefix}{key} "))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            rows[f"{prefix}{key}"] = value
+    return rows

@@ -1,11 +1,9 @@
-"""The one training loop of the encoder recipes, and what every recipe's loop shares: the accelerator, optimizer and
-schedule, checkpoints and resume, the finite-loss guard, trackers and the progress bar.
+"""The recipes' training loop and what every loop shares: the accelerator, optimizer and schedule, crash-safe
+checkpoints and resume, the finite-loss guard, trackers and progress bars.
 
-Checkpoints are accelerate's ``save_state``/``load_state`` in OUTPUT_DIR/checkpoints/checkpoint_<i>, written crash-safe:
-:func:`save_checkpoint` saves into ``partial_checkpoint_<i>``, renames it to ``checkpoint_<i>`` once complete, and
-only then removes the checkpoints beyond ``--save_total_limit`` (accelerate's own ``total_limit`` deletes the old one
-before writing the new one, so a kill inside that save leaves nothing to resume from). The loop's counters and
-per-epoch history travel in them as a :class:`RunState` (``accelerator.register_for_checkpointing``).
+Checkpoints are accelerate's ``save_state``/``load_state`` in OUTPUT_DIR/checkpoints/checkpoint_<i>, saved into
+``partial_checkpoint_<i>`` and renamed once complete; only then are the ones beyond ``--save_total_limit`` removed
+(accelerate's own ``total_limit`` deletes before it writes: a kill inside that save would leave nothing to resume).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +22,15 @@ from torch import nn
 from hf_helu.errors import UsageError
 
 CHECKPOINTS_DIR = "checkpoints"
-LOGS_DIR = "logs"  # the trackers' files (--with_tracking), OUTPUT_DIR/logs/<recipe>
-STATE_FILE = "custom_checkpoint_0.pkl"  # the RunState, the first (and only) object registered for checkpointing
+LOGS_DIR = "logs"  # the trackers' files (--with_tracking)
+STATE_FILE = "custom_checkpoint_0.pkl"  # the RunState, the only object registered for checkpointing
 PARTIAL = "partial_"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
 def make_accelerator(args: Any):
-    """An Accelerator with the run's precision, accumulation and trackers (``--with_tracking --report_to``),
-    project folder OUTPUT_DIR, and a sampler whose order depends on seed + epoch only. ``--no_progress`` also turns
-    off transformers' bars (loading, and hf_helu's calibration)."""
+    """An Accelerator with the run's precision, accumulation, trackers and project folder, and a sampler whose order
+    depends on seed + epoch only; ``--no_progress`` also turns off transformers' bars."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
     from transformers.utils import logging
@@ -43,14 +39,13 @@ def make_accelerator(args: Any):
 
     if getattr(args, "no_progress", False):
         logging.disable_progress_bar()
-
-    output_dir = str(args.output_dir)
+    logs = os.path.join(str(args.output_dir), LOGS_DIR)
     return Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=trackers(args, os.path.join(output_dir, LOGS_DIR)),
+        log_with=trackers(args, logs),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, LOGS_DIR)),
+        project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=logs),
     )
 
 
@@ -62,79 +57,72 @@ def start_tracking(accelerator: Any, args: Any, project: str) -> None:
 
 
 def create_optimizer_and_scheduler(model: nn.Module, args: Any, total_steps: int, num_processes: int) -> tuple:
-    """AdamW (no decay on biases and LayerNorm weights) and ``transformers.get_scheduler(--lr_scheduler_type)`` with
-    ``--num_warmup_steps`` (default: ``--warmup_ratio`` of ``total_steps``, the optimizer steps of one process)."""
+    """AdamW (no decay on biases and norms) and ``transformers.get_scheduler`` over ``total_steps``; the warmup is
+    ``--num_warmup_steps`` or ``--warmup_ratio`` of the steps."""
     from transformers import get_scheduler
 
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in params if p.ndim < 2 or "norm" in n.lower()]
+    decay = [p for n, p in params if not (p.ndim < 2 or "norm" in n.lower())]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
     warmup = args.num_warmup_steps if args.num_warmup_steps is not None else math.ceil(args.warmup_ratio * total_steps)
     # The prepared scheduler steps once per process per optimizer step: schedule over all of them.
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, warmup * num_processes, total_steps * num_processes)
-    return optimizer, scheduler
+    return optimizer, get_scheduler(
+        args.lr_scheduler_type, optimizer, warmup * num_processes, total_steps * num_processes
+    )
 
 
 def total_training_steps(args: Any, batches_per_epoch: int, num_processes: int) -> int:
     """Optimizer steps each process runs, from the un-prepared dataloader's length (a prepared one is sharded)."""
-    steps_per_epoch = math.ceil(math.ceil(batches_per_epoch / num_processes) / args.gradient_accumulation_steps)
-    total = args.num_train_epochs * steps_per_epoch
-    return total if args.max_train_steps is None else min(total, args.max_train_steps)
+    per_epoch = math.ceil(math.ceil(batches_per_epoch / num_processes) / args.gradient_accumulation_steps)
+    return min(args.num_train_epochs * per_epoch, args.max_train_steps or math.inf)
 
 
 class RunState:
-    """The loop's counters and per-epoch history, saved in every checkpoint; ``label`` names the checkpoint
-    (``step_N`` or ``epoch_N``)."""
+    """The loop's counters and per-epoch history, saved in every checkpoint; ``label`` names the checkpoint."""
+
+    KEYS = ("completed_steps", "epoch", "batches_in_epoch", "train_samples", "train_tokens", "history", "label")
 
     def __init__(self) -> None:
         self.completed_steps = self.epoch = self.batches_in_epoch = self.train_samples = self.train_tokens = 0
-        self.wall_time_s = 0.0
         self.history: list[dict[str, Any]] = []
         self.label = ""
-        self._loss_sum, self._loss_count = 0.0, 0
-        self._start = time.perf_counter()
+        self._loss_sum, self._loss_count, self._start = 0.0, 0, time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
-        keys = ("completed_steps", "epoch", "batches_in_epoch", "train_samples", "train_tokens", "history", "label")
-        return {key: getattr(self, key) for key in keys} | {"wall_time_s": self.elapsed()}
+        return {key: getattr(self, key) for key in self.KEYS} | {"wall_time_s": self.elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-        self._start = time.perf_counter() - self.wall_time_s
+        for key in self.KEYS:
+            setattr(self, key, state[key])
+        self._start = time.perf_counter() - state["wall_time_s"]
 
     def elapsed(self) -> float:
         """Training wall time: up to the checkpoint resumed from, plus this process's part."""
         return time.perf_counter() - self._start
 
-    def add_batch(self, loss: torch.Tensor, batch: Mapping[str, Any], num_processes: int) -> None:
+    def add_batch(self, loss: torch.Tensor, batch: dict, num_processes: int) -> None:
         self._loss_sum += loss.detach().float()
         self._loss_count += 1
         self.batches_in_epoch += 1
-        size = next((len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0), 0)
-        self.train_samples += size * num_processes
-        if isinstance(batch.get("input_ids"), torch.Tensor):
+        self.train_samples += next((len(v) for v in batch.values() if torch.is_tensor(v) and v.ndim), 0) * num_processes
+        if torch.is_tensor(batch.get("input_ids")):
             self.train_tokens += batch["input_ids"].numel() * num_processes
 
     def mean_loss(self, accelerator: Any) -> float:
-        """The mean training loss over the batches of this epoch (all processes)."""
+        """The mean training loss over this epoch's batches (all processes)."""
         loss_sum = torch.as_tensor(self._loss_sum, device=accelerator.device, dtype=torch.float32)
         return accelerator.reduce(loss_sum, reduction="mean").item() / max(self._loss_count, 1)
 
     def end_epoch(self, accelerator: Any, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
-        """Record the epoch (its mean training loss) and start the next."""
         entry = {"epoch": epoch, "step": self.completed_steps, "train_loss": self.mean_loss(accelerator), **record}
         self.history.append(entry)
-        self.epoch, self.batches_in_epoch = epoch + 1, 0
-        self._loss_sum, self._loss_count = 0.0, 0
+        self.epoch, self.batches_in_epoch, self._loss_sum, self._loss_count = epoch + 1, 0, 0.0, 0
         return entry
 
     def epoch_batches(self, accelerator: Any, dataloader: Any, epoch: int) -> Any:
-        """The prepared dataloader's batches of ``epoch`` (the seedable sampler's order depends on seed + epoch), a
-        resumed epoch skipping those it has seen."""
+        """The prepared dataloader's batches of ``epoch``, a resumed epoch skipping those it has seen."""
         skip = self.batches_in_epoch
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         batches.set_epoch(epoch)
@@ -151,15 +139,10 @@ def progress_bar(args: Any, accelerator: Any, total: int, initial: int = 0, desc
 
 def with_progress(args: Any, accelerator: Any, dataloaders: dict[str, Any]) -> dict[str, Any]:
     """``dataloaders`` whose iteration shows an evaluation bar per split."""
-    return {
-        split: progress_bar(args, accelerator, len(dl), desc=f"eval {split}", iterable=dl)
-        for split, dl in dataloaders.items()
-    }
+    return {k: progress_bar(args, accelerator, len(v), desc=f"eval {k}", iterable=v) for k, v in dataloaders.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
+# --- checkpoints ----------------------------------------------------------------------------------------------
 
 
 def _complete(output_dir: str | os.PathLike) -> list[Path]:
@@ -169,42 +152,32 @@ def _complete(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE_FILE, weights_only=True)
-
-
 def checkpoint_names(output_dir: str | os.PathLike) -> list[str]:
     """The labels (``step_N``, ``epoch_N``) of the complete checkpoints in OUTPUT_DIR, oldest first."""
-    return [_read_state(path)["label"] for path in _complete(output_dir)]
+    return [torch.load(path / STATE_FILE, weights_only=True)["label"] for path in _complete(output_dir)]
 
 
 def has_checkpoints(output_dir: str | os.PathLike) -> bool:
-    """Whether OUTPUT_DIR/checkpoints holds anything."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     return root.is_dir() and any(root.iterdir())
 
 
 def check_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
-    """Resolve ``--resume_from_checkpoint`` (a folder, or "latest": the newest complete one) and check that it is
-    one, its weights and state readable; before any data or model is loaded."""
-    if which == "latest":
-        complete = _complete(output_dir)
-        if not complete:
-            raise UsageError(f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}")
-        path = complete[-1]
-    else:
-        path = Path(which)
-    weights = sorted(path.glob("model*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    """``--resume_from_checkpoint`` (a folder, or "latest": the newest complete one), checked readable before any
+    data or model is loaded."""
+    from safetensors import safe_open
+
+    complete = _complete(output_dir) if which == "latest" else [Path(which)]
+    if not complete:
+        raise UsageError(f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}")
+    path = complete[-1]
+    weights = sorted(path.glob("model*.safetensors"))
     if not (path / STATE_FILE).is_file() or not weights:
         raise UsageError(f"--resume_from_checkpoint {which!r}: {path} is not a checkpoint folder of a recipe run")
     try:
-        state = _read_state(path)
-        from safetensors import safe_open
-
+        state = torch.load(path / STATE_FILE, weights_only=True)
         for file in weights:
-            if file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt"):
-                    pass
+            safe_open(str(file), framework="pt").keys()
     except Exception as error:  # any failure to read it: a broken checkpoint, the user's input
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         raise UsageError(
@@ -216,12 +189,11 @@ def check_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
 
 
 def save_checkpoint(accelerator: Any, model: nn.Module, state: RunState, label: str, keep: int | None) -> Path:
-    """``accelerator.save_state`` into ``partial_checkpoint_<i>``, renamed ``checkpoint_<i>`` when complete; then the
-    checkpoints beyond the newest ``keep`` are removed. Refused if the weights are no longer finite."""
+    """``accelerator.save_state`` into ``partial_checkpoint_<i>``, renamed ``checkpoint_<i>`` when complete, then the
+    checkpoints beyond the newest ``keep`` removed. Refused if the weights are no longer finite."""
     check_finite_weights(accelerator, model, state.completed_steps)
     state.label = label
-    root = Path(accelerator.project_dir) / CHECKPOINTS_DIR
-    name = f"checkpoint_{accelerator.save_iteration}"
+    root, name = Path(accelerator.project_dir) / CHECKPOINTS_DIR, f"checkpoint_{accelerator.save_iteration}"
     accelerator.save_state(str(root / (PARTIAL + name)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -233,34 +205,27 @@ def save_checkpoint(accelerator: Any, model: nn.Module, state: RunState, label: 
 
 
 def resume(accelerator: Any, output_dir: str | os.PathLike, which: str) -> dict[str, Any]:
-    """``accelerator.load_state`` of the checkpoint ``which`` names; later saves number on after the newest one.
-
-    What a kill left half-written (partial_ folders) is removed first. Returns results.json's ``resumed_from``.
-    """
+    """Remove what a kill left half-written, ``accelerator.load_state`` the checkpoint ``which`` names, and number
+    later saves after the newest one. Returns results.json's ``resumed_from``."""
     path = check_checkpoint(output_dir, which).resolve()
-    root = Path(output_dir) / CHECKPOINTS_DIR
+    complete = _complete(output_dir)
     if accelerator.is_main_process:
-        for partial in set(root.iterdir()) - set(_complete(output_dir)):
+        for partial in set((Path(output_dir) / CHECKPOINTS_DIR).iterdir()) - set(complete):
             shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
     accelerator.wait_for_everyone()
     accelerator.print(f"resuming from {path}")
     accelerator.load_state(str(path))
-    numbers = [int(_NAME.match(p.name).group(1)) for p in _complete(output_dir)]
-    accelerator.project_configuration.iteration = max(numbers, default=-1) + 1
-    return {"path": str(path), "label": _read_state(path)["label"]}
+    accelerator.project_configuration.iteration = max((int(_NAME.match(p.name)[1]) for p in complete), default=-1) + 1
+    return {"path": str(path), "label": torch.load(path / STATE_FILE, weights_only=True)["label"]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The finite-loss guard
-# ----------------------------------------------------------------------------------------------------------------
+# --- the finite-loss guard and the steps ----------------------------------------------------------------------
 
 
 def check_finite_loss(accelerator: Any, loss: torch.Tensor, step: int, lr: float) -> None:
     """Stop a run whose loss is NaN or infinite (on any process), before that loss reaches the weights."""
     bad = torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=accelerator.device)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bad.item():
+    if accelerator.reduce(bad, reduction="sum").item():
         raise UsageError(
             f"the training loss became {loss.item()} at optimizer step {step}: the run diverged (the learning rate "
             f"--learning_rate {lr:g} may be too high, or the data holds non-finite values); nothing was saved after "
@@ -279,8 +244,8 @@ def check_finite_weights(accelerator: Any, model: nn.Module, step: int) -> None:
 
 
 def start_training(args: Any, accelerator: Any, results: dict, annealer: Any, total_steps: int) -> tuple:
-    """The loop's :class:`RunState` (registered for checkpointing, restored by ``--resume_from_checkpoint``, which
-    results.json records as ``resumed_from``), the annealer set to its step, and the progress bar."""
+    """The loop's :class:`RunState` (checkpointed; restored by ``--resume_from_checkpoint``, recorded as
+    ``resumed_from``), the annealer at its step, and the progress bar."""
     state = RunState()
     accelerator.register_for_checkpointing(state)
     if args.resume_from_checkpoint:
@@ -291,8 +256,7 @@ def start_training(args: Any, accelerator: Any, results: dict, annealer: Any, to
 
 
 def step(args: Any, accelerator: Any, model: nn.Module, loss, optimizer: Any, scheduler: Any, state: RunState) -> None:
-    """Inside ``accelerator.accumulate``: the finite-loss guard, backward, clipping (``--max_grad_norm``) and the
-    optimizer and scheduler steps."""
+    """Inside ``accelerator.accumulate``: the finite-loss guard, backward, clipping, optimizer and scheduler steps."""
     check_finite_loss(accelerator, loss, state.completed_steps + 1, args.learning_rate)
     accelerator.backward(loss)
     if accelerator.sync_gradients and args.max_grad_norm:
@@ -303,8 +267,7 @@ def step(args: Any, accelerator: Any, model: nn.Module, loss, optimizer: Any, sc
 
 
 def end_step(args: Any, accelerator: Any, model: nn.Module, state: RunState, progress: Any, loss, scheduler) -> None:
-    """After an optimizer step: count it, show its loss on the bar, log it (--with_tracking), checkpoint every
-    --checkpointing_steps steps."""
+    """After an optimizer step: count it, show its loss, log it, checkpoint every --checkpointing_steps steps."""
     state.completed_steps += 1
     progress.update(1)
     progress.set_postfix(loss=f"{loss.item():.4g}")
@@ -314,25 +277,18 @@ def end_step(args: Any, accelerator: Any, model: nn.Module, state: RunState, pro
         save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}", args.save_total_limit)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The encoder recipes' loop
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluator, results, *, annealer, compute_loss):
-    """The training loop of run_glue, run_speech and run_mlm: optimizer and schedule, resume, epochs of steps, an
-    evaluation and a checkpoint per epoch. Returns the prepared model and eval dataloaders, and the RunState."""
+    """The loop of run_glue, run_speech and run_mlm: epochs of steps, an evaluation, results.json and a checkpoint
+    per epoch. Returns the prepared model and eval dataloaders, and the RunState."""
     from recipe_support.results import log_metrics, write_results
 
     total_steps = total_training_steps(args, len(train_dataloader), accelerator.num_processes)
     optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps, accelerator.num_processes)
-    names = list(eval_dataloaders)
     model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
     )
-    eval_dataloaders = dict(zip(names, loaders, strict=True))
+    eval_dataloaders = dict(zip(eval_dataloaders, loaders, strict=True))
     state, progress = start_training(args, accelerator, results, annealer, total_steps)
-    results["epochs"] = state.history
     for epoch in range(state.epoch, args.num_train_epochs):
         if state.completed_steps >= total_steps:
             break
@@ -350,9 +306,8 @@ def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluato
                     break
         metrics, dead = evaluator(model, with_progress(args, accelerator, eval_dataloaders))
         log_metrics(accelerator, f"epoch {epoch}", metrics)
-        entry = state.end_epoch(
-            accelerator, epoch, {"lr": lr_scheduler.get_last_lr()[0], "eval": metrics, "dead_units": dead}
-        )
+        record = {"lr": lr_scheduler.get_last_lr()[0], "eval": metrics, "dead_units": dead}
+        entry = state.end_epoch(accelerator, epoch, record)
         if args.with_tracking:
             flat = {f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}
             accelerator.log({"epoch_train_loss": entry["train_loss"], **flat}, state.completed_steps)
@@ -360,29 +315,6 @@ def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluato
         write_results(accelerator, Path(args.output_dir), results)
         save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}", args.save_total_limit)
     progress.close()
+    results["epochs"] = state.history
     check_finite_weights(accelerator, model, state.completed_steps)  # what finish_training saves is finite
     return model, eval_dataloaders, state
-
-
-__all__ = [
-    "CHECKPOINTS_DIR",
-    "LOGS_DIR",
-    "RunState",
-    "check_checkpoint",
-    "check_finite_loss",
-    "check_finite_weights",
-    "checkpoint_names",
-    "create_optimizer_and_scheduler",
-    "end_step",
-    "has_checkpoints",
-    "make_accelerator",
-    "progress_bar",
-    "resume",
-    "save_checkpoint",
-    "start_tracking",
-    "start_training",
-    "step",
-    "total_training_steps",
-    "train",
-    "with_progress",
-]
