@@ -27,6 +27,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,16 +40,11 @@ from recipe_support.output_dir import claim_output_dir
 from recipe_support.results import MODEL_DIR, check_hub, command_line, publish, results_file, save_model, write_results
 from recipe_support.training import (
     check_checkpoint,
-    check_finite_weights,
-    create_optimizer_and_scheduler,
-    end_step,
     make_accelerator,
     progress_bar,
-    save_checkpoint,
     start_tracking,
-    start_training,
-    step,
     total_training_steps,
+    train,
 )
 from torch.utils.data import DataLoader
 
@@ -185,14 +181,13 @@ def run(args: argparse.Namespace, accelerator) -> dict:
         write_results(accelerator, args.output_dir, results, results_file(eval_only=True))
         return results
 
-    model, train_info = train(args, accelerator, model, train_dataloader, total_steps, annealer, results)
+    model, train_info = train_with_penalty(args, accelerator, model, train_dataloader, annealer, results)
     evaluations["final"] = evaluate(args, accelerator, model, eval_dataloader, "final")
     results.update(evaluations=evaluations, perplexity=_perplexities(evaluations), train=train_info)
     if args.with_tracking:
         accelerator.log({f"perplexity/{k}": v for k, v in results["perplexity"].items()}, train_info["completed_steps"])
 
-    # The final model (finite weights only), its stock-ReLU export (HeLU), model cards, the export's generation.
-    check_finite_weights(accelerator, model, train_info["completed_steps"])
+    # The final model (finite weights: checked by the loop), its stock-ReLU export, model cards, its generation.
     model_dir = args.output_dir / MODEL_DIR
     exported = save_model(accelerator, model, model_dir, tokenizer)
     results.update(model_dir=str(model_dir), relu_export_dir=str(exported) if exported else None)
@@ -251,54 +246,39 @@ def convert(args, accelerator, model, train_dataloader, total_steps: int | None)
     return info | {"conversion": result.to_dict()}, result.annealer
 
 
-def train(args, accelerator, model, train_dataloader, total_steps: int, annealer, results: dict):
-    """The training loop (accelerate's nlp_example, plus resume, checkpoints and the finite-loss guard). Returns the
-    prepared model and the training summary."""
-    optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps, accelerator.num_processes)
+def train_with_penalty(args, accelerator, model, train_dataloader, annealer, results: dict):
+    """The recipes' loop (recipe_support.training.train) on the language model's loss plus the FFN sparsity term
+    (hf_helu.ActivationSparsityPenalty; 0 when off), whose weight follows the optimizer steps as the annealer does.
+    Returns the prepared model and the training summary."""
     penalty = hf_helu.ActivationSparsityPenalty(model, args.sparsity_penalty, warmup_steps=args.sparsity_warmup_steps)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
-    )
-    # The step counters (restored by --resume_from_checkpoint), the annealer at its step, the progress bar.
-    state, progress = start_training(args, accelerator, results, annealer, total_steps)
-    penalty.completed_steps, penalty_sum, penalty_batches = state.completed_steps, 0.0, 0
-    while state.completed_steps < total_steps and state.epoch < args.num_train_epochs:
-        model.train()
-        epoch = state.epoch
-        for batch in state.epoch_batches(accelerator, train_dataloader, epoch):
-            with accelerator.accumulate(model):
-                # The training loss, in one place: the language model's, plus the sparsity term (0 when off).
-                loss = model(**batch).loss
-                penalty_term = penalty.loss()
-                # The finite-loss guard, backward, clipping, optimizer and scheduler steps.
-                step(args, accelerator, model, loss + penalty_term, optimizer, lr_scheduler, state)
-            state.add_batch(loss, batch, accelerator.num_processes)
-            penalty_sum, penalty_batches = penalty_sum + penalty_term.detach(), penalty_batches + 1  # no host sync
-            if not accelerator.sync_gradients:
-                continue
-            end_step(args, accelerator, model, state, progress, loss, lr_scheduler)  # bar, tracker, checkpoint
-            penalty.step()
-            if penalty.enabled and args.with_tracking:
-                accelerator.log({"sparsity_penalty": penalty_term.item()}, state.completed_steps)
-            if annealer is not None:
-                annealer.on_step(state.completed_steps, total_steps)
-            if state.completed_steps >= total_steps:
-                break
-        else:  # the epoch ran to its end
-            state.epoch, state.batches_in_epoch = epoch + 1, 0
-            save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}", args.save_total_limit)
-    progress.close()
+    terms = []  # this process's term of each batch, detached tensors (no host sync per batch)
+
+    def loss_with_penalty(model, batch):
+        loss, term = model(**batch).loss, penalty.loss()
+        terms.append(term.detach())
+        return loss + term
+
+    def on_step(done: int, total: int) -> None:
+        penalty.completed_steps = done
+        if annealer is not None:
+            annealer.on_step(done, total)
+        if terms and penalty.enabled and args.with_tracking:
+            accelerator.log({"sparsity_penalty": terms[-1].item()}, done)
+
+    model, _, state = train(
+        args, accelerator, model, train_dataloader, {}, None, results,
+        annealer=SimpleNamespace(on_step=on_step), compute_loss=loss_with_penalty,
+    )  # fmt: skip
     penalty.remove()
     wall = state.elapsed()
-    summary = {
+    return model, {
         "completed_steps": state.completed_steps,
-        "train_loss": state.mean_loss(accelerator),
-        "sparsity_penalty": float(penalty_sum) / max(penalty_batches, 1),  # the mean term of this process
+        "train_loss": state.history[-1]["train_loss"] if state.history else None,
+        "sparsity_penalty": float(sum(terms)) / max(len(terms), 1),  # the mean term of this process
         "train_tokens": state.train_tokens,
         "wall_time_s": wall,
         "train_tokens_per_s": state.train_tokens / wall if wall > 0 else None,
     }
-    return model, summary
 
 
 def _perplexities(evaluations: dict) -> dict:

@@ -1,12 +1,6 @@
-"""Masked-LM pretraining (recipes/run_mlm.py): the corpus as contiguous blocks served in rounds, the BERT config,
-the LM head at the masked positions only, and the dead and near-dead FFN units.
-
-- :func:`token_blocks`: the non-blank lines tokenized into one stream cut into ``[CLS] ... [SEP]`` blocks.
-- :class:`BlockRounds`: the blocks in seeded passes cut into rounds (the loop's "epochs"), so no block is seen twice
-  before the corpus is exhausted; :class:`SeededMasking` masks a batch from its data only (a resume masks alike).
-- :class:`SparsePrediction`: a forward pre-hook on ``model.cls`` that gathers the labelled positions, so the
-  30,522-way head (and its backward) runs on ~15% of the positions; the model stays a stock ``BertForMaskedLM``.
-"""
+"""Masked-LM pretraining (recipes/run_mlm.py): the corpus as contiguous ``[CLS] ... [SEP]`` blocks served in
+seeded rounds (the loop's "epochs"; no block seen twice before the corpus is exhausted), the BERT config, the LM head
+at the masked positions only (:class:`SparsePrediction`), and the dead and near-dead FFN units."""
 
 from __future__ import annotations
 
@@ -178,10 +172,6 @@ def bert_config(preset: str, hidden_act: str, vocab_size: int, max_length: int, 
     return BertConfig(**{**fields, **overrides}, hidden_act=check_hidden_act(hidden_act))
 
 
-def _base(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-
-
 class FiringCounts:
     """Per sequence and FFN unit, how many positions made it fire (output > 0), recorded only inside
     :meth:`collect` (training forwards pay nothing): the near-dead units the ActivationMonitor cannot tell."""
@@ -189,11 +179,9 @@ class FiringCounts:
     def __init__(self, model: nn.Module, scope: Any = "ffn"):
         from hf_helu.families import find_activation_sites
 
-        sites = find_activation_sites(_base(model), scope=scope)
-        if not sites:
-            raise ValueError(f"no FFN activation found in {type(_base(model)).__name__} for scope={scope!r}")
         self._recording: list[torch.Tensor] | None = None
-        self._handles = [site.module.register_forward_hook(self._record) for site in sites]
+        for site in find_activation_sites(model, scope=scope):
+            site.module.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._recording is not None:
@@ -206,10 +194,6 @@ class FiringCounts:
             result, recorded = forward(), self._recording
         finally:
             self._recording = None
-        if len(recorded) != len(self._handles):
-            raise RuntimeError(
-                f"expected one call of each of {len(self._handles)} FFN activations, got {len(recorded)}"
-            )
         return result, torch.stack(recorded, dim=1)
 
 
@@ -220,7 +204,7 @@ class SparsePrediction:
     def __init__(self, model: nn.Module, firing: FiringCounts | None = None):
         self._positions: torch.Tensor | None = None
         self.firing = firing
-        self._handle = _base(model).cls.register_forward_pre_hook(self._gather)
+        self._handle = model.cls.register_forward_pre_hook(self._gather)
 
     def _gather(self, module: nn.Module, args: tuple) -> tuple | None:
         return None if self._positions is None else (args[0][self._positions],)  # [masked positions, hidden]
@@ -246,8 +230,6 @@ class SparsePrediction:
     def eval_step(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Per sequence: summed loss, correct top-1 predictions, labelled positions, and with ``firing`` the
         positions and per-unit firing counts (eval blocks carry no padding)."""
-        if "attention_mask" in batch and not bool(batch["attention_mask"].all()):
-            raise ValueError("eval_step counts firing over every position: evaluation blocks must have no padding")
         if self.firing is None:
             (logits, labels), fired = self.logits(model, batch), None
         else:

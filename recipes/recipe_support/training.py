@@ -243,52 +243,24 @@ def check_finite_weights(accelerator: Any, model: nn.Module, step: int) -> None:
         )
 
 
-def start_training(args: Any, accelerator: Any, results: dict, annealer: Any, total_steps: int) -> tuple:
-    """The loop's :class:`RunState` (checkpointed; restored by ``--resume_from_checkpoint``, recorded as
-    ``resumed_from``), the annealer at its step, and the progress bar."""
-    state = RunState()
-    accelerator.register_for_checkpointing(state)
-    if args.resume_from_checkpoint:
-        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
-    if annealer is not None:
-        annealer.on_step(state.completed_steps, total_steps)
-    return state, progress_bar(args, accelerator, total_steps, state.completed_steps)
-
-
-def step(args: Any, accelerator: Any, model: nn.Module, loss, optimizer: Any, scheduler: Any, state: RunState) -> None:
-    """Inside ``accelerator.accumulate``: the finite-loss guard, backward, clipping, optimizer and scheduler steps."""
-    check_finite_loss(accelerator, loss, state.completed_steps + 1, args.learning_rate)
-    accelerator.backward(loss)
-    if accelerator.sync_gradients and args.max_grad_norm:
-        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad()
-
-
-def end_step(args: Any, accelerator: Any, model: nn.Module, state: RunState, progress: Any, loss, scheduler) -> None:
-    """After an optimizer step: count it, show its loss, log it, checkpoint every --checkpointing_steps steps."""
-    state.completed_steps += 1
-    progress.update(1)
-    progress.set_postfix(loss=f"{loss.item():.4g}")
-    if args.with_tracking:
-        accelerator.log({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, state.completed_steps)
-    if args.checkpointing_steps != "epoch" and state.completed_steps % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}", args.save_total_limit)
-
-
 def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluator, results, *, annealer, compute_loss):
-    """The loop of run_glue, run_speech and run_mlm: epochs of steps, an evaluation, results.json and a checkpoint
-    per epoch. Returns the prepared model and eval dataloaders, and the RunState."""
-    from recipe_support.results import log_metrics, write_results
-
+    """The loop of every training recipe (accelerate's nlp_example plus resume, checkpoints and the finite-loss
+    guard): epochs of optimizer steps, then (``evaluator`` given) an evaluation, results.json and a checkpoint per
+    epoch. ``annealer.on_step(done, total)`` runs before the first step and after each. Returns the prepared model
+    and eval dataloaders, and the RunState (``resumed_from`` recorded in ``results``)."""
     total_steps = total_training_steps(args, len(train_dataloader), accelerator.num_processes)
     optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler, *eval_dataloaders.values()
     )
     eval_dataloaders = dict(zip(eval_dataloaders, loaders, strict=True))
-    state, progress = start_training(args, accelerator, results, annealer, total_steps)
+    state = RunState()
+    accelerator.register_for_checkpointing(state)
+    if args.resume_from_checkpoint:
+        results["resumed_from"] = resume(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if annealer is not None:
+        annealer.on_step(state.completed_steps, total_steps)
+    progress = progress_bar(args, accelerator, total_steps, state.completed_steps)
     for epoch in range(state.epoch, args.num_train_epochs):
         if state.completed_steps >= total_steps:
             break
@@ -296,25 +268,48 @@ def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluato
         for batch in state.epoch_batches(accelerator, train_dataloader, epoch):
             with accelerator.accumulate(model):
                 loss = compute_loss(model, batch) if compute_loss is not None else model(**batch).loss
-                step(args, accelerator, model, loss, optimizer, lr_scheduler, state)
+                check_finite_loss(accelerator, loss, state.completed_steps + 1, args.learning_rate)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
             state.add_batch(loss, batch, accelerator.num_processes)
-            if accelerator.sync_gradients:
-                end_step(args, accelerator, model, state, progress, loss, lr_scheduler)
-                if annealer is not None:
-                    annealer.on_step(state.completed_steps, total_steps)
-                if state.completed_steps >= total_steps:
-                    break
-        metrics, dead = evaluator(model, with_progress(args, accelerator, eval_dataloaders))
-        log_metrics(accelerator, f"epoch {epoch}", metrics)
-        record = {"lr": lr_scheduler.get_last_lr()[0], "eval": metrics, "dead_units": dead}
-        entry = state.end_epoch(accelerator, epoch, record)
-        if args.with_tracking:
-            flat = {f"eval/{split}/{k}": v for split, m in metrics.items() for k, v in m.items()}
-            accelerator.log({"epoch_train_loss": entry["train_loss"], **flat}, state.completed_steps)
-        results["epochs"] = state.history
-        write_results(accelerator, Path(args.output_dir), results)
-        save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}", args.save_total_limit)
+            if not accelerator.sync_gradients:
+                continue
+            state.completed_steps += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4g}")
+            if args.with_tracking:
+                accelerator.log({"train_loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, state.completed_steps)
+            if args.checkpointing_steps != "epoch" and state.completed_steps % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, model, state, f"step_{state.completed_steps}", args.save_total_limit)
+            if annealer is not None:
+                annealer.on_step(state.completed_steps, total_steps)
+            if state.completed_steps >= total_steps:
+                break
+        _end_epoch(args, accelerator, model, state, epoch, evaluator, eval_dataloaders, results, lr_scheduler)
     progress.close()
     results["epochs"] = state.history
-    check_finite_weights(accelerator, model, state.completed_steps)  # what finish_training saves is finite
+    check_finite_weights(accelerator, model, state.completed_steps)  # what the recipe saves next is finite
     return model, eval_dataloaders, state
+
+
+def _end_epoch(args, accelerator, model, state, epoch, evaluator, eval_dataloaders, results, lr_scheduler) -> None:
+    """The evaluation (if any), the epoch's record in results.json and the trackers, the epoch's checkpoint."""
+    from recipe_support.results import log_metrics, write_results
+
+    record = {"lr": lr_scheduler.get_last_lr()[0]}
+    if evaluator is not None:
+        metrics, dead = evaluator(model, with_progress(args, accelerator, eval_dataloaders))
+        log_metrics(accelerator, f"epoch {epoch}", metrics)
+        record |= {"eval": metrics, "dead_units": dead}
+    entry = state.end_epoch(accelerator, epoch, record)
+    if args.with_tracking:
+        flat = {f"eval/{split}/{k}": v for split, m in record.get("eval", {}).items() for k, v in m.items()}
+        accelerator.log({"epoch_train_loss": entry["train_loss"], **flat}, state.completed_steps)
+    results["epochs"] = state.history
+    write_results(accelerator, Path(args.output_dir), results)
+    if evaluator is not None or state.label != f"step_{state.completed_steps}":  # else nothing new to save
+        save_checkpoint(accelerator, model, state, f"epoch_{epoch + 1}", args.save_total_limit)
