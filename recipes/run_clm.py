@@ -33,10 +33,10 @@ from typing import Any
 import torch
 import transformers
 from accelerate.utils import set_seed
-from recipe_support import clm
 from recipe_support.args import add_conversion_args, add_training_args, check_conversion_args, check_training_args
 from recipe_support.models import check_stock_export
 from recipe_support.output_dir import claim_output_dir
+from recipe_support.paths import DATA_DIR_ENV, data_path, read_utf8
 from recipe_support.results import MODEL_DIR, check_hub, command_line, publish, results_file, save_model, write_results
 from recipe_support.training import (
     check_checkpoint,
@@ -49,6 +49,7 @@ from recipe_support.training import (
 from torch.utils.data import DataLoader
 
 import hf_helu
+from hf_helu.cli import common as loader  # hf_helu's own loader: folders, hub ids, GGUF files
 from hf_helu.conversion import resolve_conversion
 from hf_helu.diagnostics import decode_sparsity
 from hf_helu.errors import UsageError
@@ -112,8 +113,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("run_clm does not take --distill_weight or --save_predictions")
     if args.model_name_or_path is None:
         raise UsageError("--model_name_or_path is needed: a causal-LM checkpoint folder, hub id or .gguf file")
-    args.text = clm.text_source(args)
-    args.source, args.source_record = clm.model_source(args.model_name_or_path)  # its config read: a causal LM
+    args.text = text_source(args)
+    args.source, args.source_record = model_source(args.model_name_or_path)  # its config read: a causal LM
     args.output_dir = Path(args.output_dir or f"runs/clm_{args.activation}_s{args.seed}")
 
 
@@ -143,17 +144,17 @@ def run(args: argparse.Namespace, accelerator) -> dict:
     start_tracking(accelerator, args, "run_clm")
 
     # Data (read, and checked UTF-8, first), then the float32 model (a GGUF checkpoint dequantized): token blocks.
-    texts = clm.read_texts(args.text)
-    model, tokenizer = clm.load_causal_lm(args.source)
-    eval_blocks = clm.token_blocks(tokenizer, texts["validation"], args.block_size, args.max_eval_tokens)
+    texts = read_texts(args.text)
+    model, tokenizer = loader.load_checkpoint(args.source).float(), loader.load_tokenizer(args.source)
+    eval_blocks = token_blocks(tokenizer, texts["validation"], args.block_size, args.max_eval_tokens)
     if len(eval_blocks) == 0:
         raise UsageError(f"the validation text holds fewer than --block_size {args.block_size} tokens")
     eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
-    eval_dataloader = DataLoader(eval_blocks, batch_size=eval_batch_size, collate_fn=clm.causal_batch)
+    eval_dataloader = DataLoader(eval_blocks, batch_size=eval_batch_size, collate_fn=causal_batch)
     eval_dataloader = accelerator.prepare(eval_dataloader)
     train_dataloader = None
     if "train" in texts:
-        train_blocks = clm.token_blocks(tokenizer, texts["train"], args.block_size, args.max_train_tokens)
+        train_blocks = token_blocks(tokenizer, texts["train"], args.block_size, args.max_train_tokens)
         if len(train_blocks) == 0:
             raise UsageError(f"the training text holds fewer than --block_size {args.block_size} tokens")
         generator = torch.Generator().manual_seed(args.seed)  # its own: a resume restores the global RNG
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace, accelerator) -> dict:
             args.per_device_train_batch_size,
             shuffle=True,
             generator=generator,
-            collate_fn=clm.causal_batch,
+            collate_fn=causal_batch,
         )
 
     # The checkpoint as it is, then with its FFN activation swapped (and converted).
@@ -207,16 +208,31 @@ def run(args: argparse.Namespace, accelerator) -> dict:
     return results
 
 
+@torch.no_grad()
 def evaluate(args, accelerator, model, eval_dataloader, label: str) -> dict:
-    """Perplexity and FFN statistics of ``model`` now, printed with ``label``."""
-    batches = progress_bar(args, accelerator, len(eval_dataloader), desc=f"eval {label}", iterable=eval_dataloader)
-    result = clm.evaluate(accelerator, model, batches)
-    ffn = result["ffn"]
+    """Perplexity ``exp(sum of token NLLs / predicted tokens)`` of ``model`` over the validation blocks, gathered
+    over processes so every block counts once, and the FFN dead/zero-unit statistics; printed with ``label``."""
+    model.eval()
+    sums, counts = [], []
+    bar = progress_bar(args, accelerator, len(eval_dataloader), desc=f"eval {label}", iterable=eval_dataloader)
+    with hf_helu.ActivationMonitor(accelerator.unwrap_model(model)) as monitor:
+        for batch in bar:
+            ids = batch["input_ids"]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            block_sums, block_counts = accelerator.gather_for_metrics(
+                (nll.sum(1).double(), torch.full_like(nll[:, 0], nll.shape[1]).double())
+            )
+            sums.append(block_sums.cpu())
+            counts.append(block_counts.cpu())
+    tokens = float(torch.cat(counts).sum())
+    loss = float(torch.cat(sums).sum()) / tokens
+    ffn = monitor.stats(accelerator).to_dict()
     accelerator.print(
-        f"[{label}] perplexity {result['perplexity']:.4g} over {result['tokens']} tokens; FFN zeros "
+        f"[{label}] perplexity {math.exp(loss):.4g} over {int(tokens)} tokens; FFN zeros "
         f"{100 * (ffn['zero_fraction'] or 0):.1f}%, dead units {ffn['dead_units']}/{ffn['units']}"
     )
-    return result
+    return {"perplexity": math.exp(loss), "loss": loss, "tokens": int(tokens), "ffn": ffn}
 
 
 def convert(args, accelerator, model, train_dataloader, total_steps: int | None) -> tuple[dict, Any]:
@@ -279,6 +295,85 @@ def train_with_penalty(args, accelerator, model, train_dataloader, annealer, res
         "wall_time_s": wall,
         "train_tokens_per_s": state.train_tokens / wall if wall > 0 else None,
     }
+
+
+def model_source(name: str) -> tuple[Path, dict[str, Any]]:
+    """``--model_name_or_path`` resolved and its config read; a config that is unreadable or not a causal LM's is a
+    UsageError, before any weight is loaded. Returns what the loader takes and results.json's record of it."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        path = loader.resolve_source(name)
+        cls = loader.source_model_class(path, loader.load_config(path))
+    except UsageError as error:
+        raise UsageError(f"--model_name_or_path {name}: {error}") from None
+    causal = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+    if cls.__name__ not in causal and cls is not AutoModelForCausalLM:  # the latter: a GGUF file's own config
+        raise UsageError(
+            f"--model_name_or_path {name} holds a {cls.__name__} (config.architectures), not a causal language model; "
+            "run_clm trains a *ForCausalLM checkpoint"
+        )
+    gguf = loader.gguf_file(path)
+    return path, {"source": str(gguf[0] if gguf else path), "gguf_file": gguf[1] if gguf else None}
+
+
+def text_source(args: Any) -> dict[str, Any]:
+    """``--dataset_name``, ``--train_file/--validation_file`` or ``--data_dir`` (default $HF_HELU_DATA_DIR/wikitext-2,
+    train.txt/valid.txt), files checked to exist before anything is loaded."""
+    files = args.train_file or args.validation_file
+    if sum(bool(x) for x in (args.dataset_name, files, args.data_dir)) > 1:
+        raise UsageError("give one of --dataset_name, --train_file/--validation_file or --data_dir, not several")
+    with_train = not args.eval_only or "calibrate" in args.conversion  # training, or calibrating, reads the train text
+    if args.dataset_name:
+        return {"dataset": args.dataset_name, "config": args.dataset_config_name, "column": args.text_column} | {
+            "with_train": with_train
+        }
+    root = None if files else args.data_dir or data_path("wikitext-2")
+    if not files and root is None:
+        raise UsageError(
+            f"no data: give --data_dir, --train_file/--validation_file or --dataset_name (or set {DATA_DIR_ENV})"
+        )
+    train, validation = (args.train_file, args.validation_file) if files else (root / "train.txt", root / "valid.txt")
+    needed = {"validation": ("--validation_file", validation)} | (
+        {"train": ("--train_file", train)} if with_train else {}
+    )
+    for flag, path in needed.values():
+        if path is None or not Path(path).is_file():
+            raise UsageError(f"{flag}: {path} is not a text file" if path else f"{flag} is needed")
+    return {name: Path(path) for name, (_, path) in needed.items()}
+
+
+def read_texts(source: dict[str, Any]) -> dict[str, str]:
+    """``{"validation": ...}`` and, where the run needs it, ``"train"``, each as one string."""
+    if "dataset" not in source:
+        return {name: read_utf8(path) for name, path in source.items()}
+    import datasets
+
+    loaded = datasets.load_dataset(source["dataset"], source["config"])
+    texts = {}
+    splits = {"validation": "validation" if "validation" in loaded else "test"} | (
+        {"train": "train"} if source["with_train"] else {}
+    )
+    for name, split in splits.items():
+        if split not in loaded or source["column"] not in loaded[split].column_names:
+            raise UsageError(
+                f"--dataset_name {source['dataset']}: no {split!r} split with a {source['column']!r} column"
+            )
+        texts[name] = "".join(row if row.endswith("\n") else row + "\n" for row in loaded[split][source["column"]])
+    return texts
+
+
+def token_blocks(tokenizer: Any, text: str, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The text's first ``max_tokens`` tokens (no special tokens added) as ``(blocks, block_size)``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    return torch.tensor(ids[: len(ids) // block_size * block_size], dtype=torch.long).view(-1, block_size)
+
+
+def causal_batch(blocks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loaders' collate_fn: blocks as a causal-LM batch (``labels`` = ``input_ids``; the model shifts them)."""
+    ids = torch.stack(blocks)
+    return {"input_ids": ids, "labels": ids}
 
 
 def _perplexities(evaluations: dict) -> dict:

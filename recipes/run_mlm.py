@@ -37,21 +37,13 @@ from accelerate.utils import set_seed
 from recipe_support import mlm
 from recipe_support.args import add_training_args, check_training_args, run_config
 from recipe_support.evaluation import make_evaluator
-from recipe_support.mlm import (
-    SIZE_PRESETS,
-    FiringCounts,
-    SparsePrediction,
-    bert_config,
-    check_hidden_act,
-    mlm_metrics,
-    parse_overrides,
-)
+from recipe_support.mlm import FiringCounts, SparsePrediction, check_hidden_act, mlm_metrics
 from recipe_support.models import load_model
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.results import check_hub, command_line, finish_training, new_results, publish
 from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train
 from torch.utils.data import DataLoader
-from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, DataCollatorForLanguageModeling
 
 import hf_helu  # noqa: F401  (registers "helu" so hidden_act="helu" builds)
 from hf_helu.diagnostics import plot_dead_fraction
@@ -60,6 +52,13 @@ from hf_helu.inputs import positive_int
 
 PLOT_FILE = "dead_units.png"
 SCOPE = "ffn"  # the units counted dead or near-dead
+SIZE_PRESETS: dict[str, dict[str, int]] = {  # layers, hidden, heads, FFN width: from a CPU smoke test to BERT-base
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "medium": dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
 
 
 def default_tokenizer() -> str:
@@ -74,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model and data (masked LM)")
     g.add_argument("--hidden_act", default="gelu", help="gelu, relu, helu (alpha 0.05) or helu_<alpha>.")
-    g.add_argument("--size", choices=sorted(SIZE_PRESETS), default="mini", help="Size preset (see recipe_support.mlm).")
+    g.add_argument("--size", choices=sorted(SIZE_PRESETS), default="mini", help="Size preset (SIZE_PRESETS).")
     g.add_argument("--config_overrides", default=None, help='BertConfig fields, e.g. "num_hidden_layers=2".')
     g.add_argument("--tokenizer", default=None, help="Tokenizer folder or hub id; default: the packaged MiniLM's.")
     g.add_argument("--train_files", nargs="+", default=None, help="Text files (default: WikiText-2 train).")
@@ -115,6 +114,22 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--mlm_probability must be in (0, 1), got {args.mlm_probability}")
     if args.block_size < 3:
         raise UsageError(f"--block_size must be >= 3, got {args.block_size}")
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """``--config_overrides "num_hidden_layers=2,hidden_dropout_prob=0.0"``: the fields it sets, typed (and unknown
+    ones refused) by ``PretrainedConfig.update_from_string`` on a ``BertConfig``."""
+    if not text:
+        return {}
+    config = BertConfig()
+    try:
+        config.update_from_string(text)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--config_overrides {text!r}: {err}; expected key=value[,key=value...]") from None
+    keys = [part.partition("=")[0] for part in text.split(",")]
+    if "hidden_act" in keys:
+        raise UsageError("--config_overrides may not set hidden_act; use --hidden_act")
+    return {key: getattr(config, key) for key in keys}
 
 
 def plan_budget(args: argparse.Namespace, num_processes: int) -> dict[str, int]:
@@ -175,11 +190,15 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
         generator=torch.Generator().manual_seed(args.seed),
     )
     eval_batch_size = args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size
-    valid_dataloader = DataLoader(valid_set, batch_size=eval_batch_size, collate_fn=mlm.stack_batch)
+    valid_dataloader = DataLoader(valid_set, batch_size=eval_batch_size)
 
-    config = bert_config(
-        args.size, args.hidden_act, len(tokenizer), args.block_size, **parse_overrides(args.config_overrides)
-    )
+    # A BertForMaskedLM of the --size preset with --hidden_act, the tokenizer's vocabulary and --config_overrides.
+    sizes = {
+        **SIZE_PRESETS[args.size],
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": max(512, args.block_size),
+    }
+    config = BertConfig(**sizes | parse_overrides(args.config_overrides), hidden_act=args.hidden_act)
     set_seed(args.seed)
     model = load_model(AutoModelForMaskedLM, config)
     sparse = SparsePrediction(model, FiringCounts(model, SCOPE))

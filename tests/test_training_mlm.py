@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MINILM, WIKITEXT_DIR, tiny_bert
+from helpers import MINILM, REPO, WIKITEXT_DIR, load_script, tiny_bert
 from recipe_support import mlm
-from recipe_support.mlm import (
-    NEAR_DEAD_RATE,
-    FiringCounts,
-    SparsePrediction,
-    bert_config,
-    check_hidden_act,
-    mlm_metrics,
-    parse_overrides,
-)
+from recipe_support.mlm import NEAR_DEAD_RATE, FiringCounts, SparsePrediction, check_hidden_act, mlm_metrics
 from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
 
 from hf_helu.diagnostics import ActivationMonitor
@@ -56,8 +48,6 @@ def test_read_corpus_maps_unk_and_rejects_bad_input(tmp_path):
     lines = mlm.read_corpus("train", files=[path], unk_token="[UNK]")
     assert lines == [" = Title = ", " ", " The [UNK] sat on [UNK] . "]
     assert mlm.read_corpus("valid", files=[path])[2] == " The <unk> sat on <unk> . "
-    with pytest.raises(UsageError, match="split must be one of"):
-        mlm.read_corpus("test", files=[path])
     with pytest.raises(UsageError, match="not found"):
         mlm.read_corpus("train", files=[tmp_path / "missing.txt"])
     (tmp_path / "blank.txt").write_text(" \n\n", encoding="utf-8")
@@ -94,8 +84,6 @@ def test_token_blocks_are_the_contiguous_stream(tokenizer):
     assert torch.equal(mlm.token_blocks(lines, tokenizer, 6, max_blocks=2), blocks[:2])
     with pytest.raises(UsageError, match="fewer than one block"):
         mlm.token_blocks(["hi"], tokenizer, 64)
-    with pytest.raises(UsageError, match="block_size must be >= 3"):
-        mlm.token_blocks(lines, tokenizer, 2)
 
 
 def test_block_rounds_cover_every_block_once_per_pass():
@@ -110,10 +98,6 @@ def test_block_rounds_cover_every_block_once_per_pass():
     assert sorted(first) == sorted(second) == list(range(10))
     assert first == torch.randperm(10, generator=torch.Generator().manual_seed(3)).tolist()
     assert second == torch.randperm(10, generator=torch.Generator().manual_seed(4)).tolist()
-    with pytest.raises(IndexError):
-        rounds[4]
-    with pytest.raises(UsageError, match="round_blocks"):
-        mlm.BlockRounds(blocks, 0)
 
 
 @needs_minilm
@@ -132,8 +116,6 @@ def test_seeded_masking_depends_on_the_data_not_the_global_rng(tokenizer):
     rounds.set_epoch(1)
     c = masking([rounds[i] for i in range(4)])
     assert not torch.equal(c["labels"] != -100, a["labels"] != -100)
-    with pytest.raises(ValueError, match="position"):
-        masking([{"input_ids": blocks[0]}])
 
 
 @needs_minilm
@@ -156,15 +138,14 @@ def test_eval_masking_is_fixed_and_leaves_the_global_rng(tokenizer):
 # -- config ----------------------------------------------------------------------------------------------------
 
 
-def test_bert_config_presets_overrides_and_activation_names():
-    config = bert_config("tiny", "helu_0.5", 1000, 128, num_hidden_layers=3, hidden_dropout_prob=0.0)
-    assert (config.num_hidden_layers, config.hidden_size, config.hidden_act) == (3, 128, "helu_0.5")
-    assert config.vocab_size == 1000 and config.max_position_embeddings == 512
+def test_config_overrides_and_activation_names():
+    parse_overrides = load_script(REPO / "recipes" / "run_mlm.py", "run_mlm_overrides").parse_overrides
     assert parse_overrides("num_hidden_layers=2,hidden_dropout_prob=0.1,is_decoder=true") == {
         "num_hidden_layers": 2,
         "hidden_dropout_prob": 0.1,
         "is_decoder": True,
     }
+    assert parse_overrides(None) == {}
     assert [check_hidden_act(name) for name in ("gelu", "relu", "helu", "helu_1")] == ["gelu", "relu", "helu", "helu_1"]
     with pytest.raises(ValueError, match="gelu, relu, helu or helu_<alpha>"):
         check_hidden_act("swish")
@@ -174,8 +155,6 @@ def test_bert_config_presets_overrides_and_activation_names():
         parse_overrides("num_hidden_layers")
     with pytest.raises(ValueError, match="key num_layers isn't in the original config"):
         parse_overrides("num_layers=2")
-    with pytest.raises(ValueError, match="--size"):
-        bert_config("huge", "gelu", 100, 128)
     with pytest.raises(ValueError, match="may not set hidden_act"):
         parse_overrides("hidden_act=relu")
 
@@ -220,8 +199,6 @@ def test_eval_step_metrics_match_the_full_logits():
     assert metrics["mlm_accuracy"] == pytest.approx((logits[keep].argmax(-1) == batch["labels"][keep]).float().mean())
     assert metrics["masked_tokens"] == keep.sum()
     assert metrics["perplexity"] == pytest.approx(np.exp(expected_loss), rel=1e-5)
-    with pytest.raises(ValueError, match="no padding"):
-        sparse.eval_step(model, {**batch, "attention_mask": torch.zeros_like(batch["input_ids"])})
 
 
 def test_dead_and_near_dead_units_match_hooks_on_the_ffn_blocks():

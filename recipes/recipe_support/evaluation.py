@@ -7,6 +7,7 @@ lists (decoded strings) gathered as objects; ``compute_metrics(outputs)`` receiv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -61,12 +62,8 @@ class Evaluator:
             monitor = self.monitor if i == 0 else None
             if monitor is not None:
                 monitor.reset()
-                monitor.attach()
-            try:
+            with monitor or contextlib.nullcontext():
                 outputs = self.last_outputs[split] = self._gather(model, dataloader)
-            finally:
-                if monitor is not None:
-                    monitor.detach()
             metrics[split] = {k: float(v) for k, v in self.compute_metrics(outputs).items()}
             metrics[split]["num_samples"] = len(next(iter(outputs.values()))) if outputs else 0
             if monitor is not None:  # summed over processes (collective: every process calls it)

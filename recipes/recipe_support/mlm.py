@@ -18,20 +18,11 @@ from recipe_support.paths import DATA_DIR_ENV, data_path, read_utf8
 
 IGNORE_INDEX = -100
 NEAR_DEAD_RATE = 0.01  # a unit firing on fewer than 1% of the evaluation tokens (but some) is near-dead
-SIZE_PRESETS: dict[str, dict[str, int]] = {  # layers, hidden, heads, FFN width: from a CPU smoke test to BERT-base
-    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
-    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
-    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
-    "medium": dict(num_hidden_layers=8, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
-    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-}
 
 
 def read_corpus(split: str, *, files=None, dataset=None, dataset_config=None, unk_token=None) -> list[str]:
-    """The lines of ``split`` (train|valid): text ``files``, else hub ``dataset``, else local WikiText-2, whose
+    """The lines of ``split`` ("train" or "valid"): text ``files``, else hub ``dataset``, else local WikiText-2, whose
     ``<unk>`` becomes ``unk_token`` (its literal spelling would be split into ``<``, ``un``, ``##k``, ``>``)."""
-    if split not in ("train", "valid"):
-        raise UsageError(f"split must be one of ('train', 'valid'), got {split!r}")
     if files is not None and dataset is not None:
         raise UsageError("give text files or a hub dataset, not both")
     if dataset is not None:
@@ -60,8 +51,6 @@ def read_corpus(split: str, *, files=None, dataset=None, dataset_config=None, un
 def token_blocks(lines: Iterable[str], tokenizer: Any, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
     """Contiguous blocks ``[n, block_size]`` of ``[CLS] ids... [SEP]`` from the non-blank ``lines``; documents run on
     across blocks (as in BERT / Cramming pretraining); ``max_blocks`` keeps the first ones."""
-    if block_size < 3:
-        raise UsageError(f"block_size must be >= 3 (room for [CLS], [SEP] and one token), got {block_size}")
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise UsageError(f"tokenizer {type(tokenizer).__name__} has no [CLS]/[SEP] tokens; a BERT tokenizer is needed")
     body, stream = block_size - 2, []
@@ -85,8 +74,6 @@ class BlockRounds(torch.utils.data.Dataset):
     ``blocks`` in the order ``randperm(n, seed + p)``; items carry their stream ``position`` (for masking)."""
 
     def __init__(self, blocks: torch.Tensor, round_blocks: int, seed: int = 0):
-        if round_blocks < 1:
-            raise UsageError(f"round_blocks must be >= 1, got {round_blocks}")
         self.blocks, self.round_blocks, self.seed, self.epoch = blocks, round_blocks, seed, 0
         self._orders: dict[int, torch.Tensor] = {}
 
@@ -97,8 +84,6 @@ class BlockRounds(torch.utils.data.Dataset):
         return self.round_blocks
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.round_blocks:
-            raise IndexError(f"index {index} out of range for a round of {self.round_blocks} blocks")
         position = self.epoch * self.round_blocks + index
         stream_pass, offset = divmod(position, len(self.blocks))
         if stream_pass not in self._orders:
@@ -116,8 +101,6 @@ class SeededMasking:
         self.collator, self.seed = collator, seed
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not items or "position" not in items[0]:
-            raise ValueError("SeededMasking needs items with a stream 'position' (BlockRounds items)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, int(items[0]["position"]))) & (2**63 - 1))
             return self.collator([{"input_ids": item["input_ids"]} for item in items])
@@ -131,9 +114,6 @@ def masked_eval_set(blocks: torch.Tensor, collator: Any, seed: int = 0) -> list[
     return [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
 
 
-stack_batch = torch.utils.data.default_collate  # the eval loader's collate_fn: equal-length items stacked
-
-
 def check_hidden_act(name: str) -> str:
     """``name`` if it is gelu, relu, helu or helu_<alpha>; else a UsageError saying what is accepted."""
     try:
@@ -142,34 +122,6 @@ def check_hidden_act(name: str) -> str:
     except ValueError as err:
         raise UsageError(f"--hidden_act {name!r}: {err}") from None
     raise UsageError(f"--hidden_act must be gelu, relu, helu or helu_<alpha> (e.g. helu_0.5), got {name!r}")
-
-
-def parse_overrides(text: str | None) -> dict[str, Any]:
-    """``"num_hidden_layers=2,hidden_dropout_prob=0.0"`` -> the fields it sets, typed by
-    ``PretrainedConfig.update_from_string`` on a ``BertConfig`` (which refuses unknown fields)."""
-    from transformers import BertConfig
-
-    if not text:
-        return {}
-    config = BertConfig()
-    try:
-        config.update_from_string(text)
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"--config_overrides {text!r}: {err}; expected key=value[,key=value...]") from None
-    keys = [part.partition("=")[0] for part in text.split(",")]
-    if "hidden_act" in keys:
-        raise UsageError("--config_overrides may not set hidden_act; use --hidden_act")
-    return {key: getattr(config, key) for key in keys}
-
-
-def bert_config(preset: str, hidden_act: str, vocab_size: int, max_length: int, **overrides: Any) -> Any:
-    """A ``BertConfig`` of size ``preset`` with ``hidden_act``, the tokenizer's ``vocab_size``, and ``overrides``."""
-    from transformers import BertConfig
-
-    if preset not in SIZE_PRESETS:
-        raise UsageError(f"--size must be one of {sorted(SIZE_PRESETS)}, got {preset!r}")
-    fields = {**SIZE_PRESETS[preset], "vocab_size": vocab_size, "max_position_embeddings": max(512, max_length)}
-    return BertConfig(**{**fields, **overrides}, hidden_act=check_hidden_act(hidden_act))
 
 
 class FiringCounts:

@@ -18,7 +18,7 @@ from filelock import FileLock, Timeout
 from hf_helu.atomic import atomic_write_json, remove_stale_temps
 from hf_helu.errors import UsageError
 from recipe_support import results
-from recipe_support.training import CHECKPOINTS_DIR, LOGS_DIR, has_checkpoints
+from recipe_support.training import CHECKPOINTS_DIR, LOGS_DIR
 
 MARKER_FILE = ".hf_helu_run.json"
 LOCK_FILE = ".hf_helu_run.lock"
@@ -66,7 +66,8 @@ def _entries(folder: Path) -> list[Path]:
 
 def _refuse_foreign(folder: Path, config: Any) -> None:
     entries = _entries(folder)
-    ours = (folder / MARKER_FILE).is_file() or (has_checkpoints(folder) and config.resume_from_checkpoint)
+    has_checkpoints = (folder / CHECKPOINTS_DIR).is_dir() and any((folder / CHECKPOINTS_DIR).iterdir())
+    ours = (folder / MARKER_FILE).is_file() or (has_checkpoints and config.resume_from_checkpoint)
     if entries and not ours and not config.overwrite_output_dir:
         raise UsageError(
             f"--output_dir {folder} is not empty and no hf_helu run made it (no {MARKER_FILE}; it holds "

@@ -49,14 +49,9 @@ def check_hub(args: Any) -> None:
 
 
 def new_results(accelerator: Any, config: dict[str, Any], model_info: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "status": "running",
-        "config": config,
-        "model": model_info or {},
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "epochs": [],
-    }
+    processes, precision = accelerator.num_processes, accelerator.mixed_precision
+    info = {"model": model_info or {}, "num_processes": processes, "mixed_precision": precision, "epochs": []}
+    return {"status": "running", "config": config, **info}
 
 
 def results_file(eval_only: bool) -> str:
@@ -121,18 +116,10 @@ def finish_training(
     else:
         metrics, dead = last["eval"], last["dead_units"]
     exported = save_model(accelerator, model, output_dir / MODEL_DIR, processor)
-    wall_time = state.elapsed()
-    results.update(
-        status="complete",
-        final=metrics,
-        dead_units=dead,
-        completed_steps=step,
-        train_samples=state.train_samples,
-        wall_time_s=wall_time,
-        train_samples_per_s=state.train_samples / wall_time if wall_time > 0 else None,
-        model_dir=str(output_dir / MODEL_DIR),
-        relu_export_dir=str(exported) if exported is not None else None,
-    )
+    wall, samples = state.elapsed(), state.train_samples
+    results.update(status="complete", final=metrics, dead_units=dead, completed_steps=step, wall_time_s=wall)
+    results.update(train_samples=samples, train_samples_per_s=samples / wall if wall > 0 else None)
+    results.update(model_dir=str(output_dir / MODEL_DIR), relu_export_dir=str(exported) if exported else None)
     write_results(accelerator, output_dir, results)
     if args.save_predictions:  # the outputs of the evaluation the final metrics come from
         write_predictions(accelerator, output_dir, evaluator.last_outputs, eval_only=False)

@@ -98,8 +98,7 @@ class RunState:
             setattr(self, key, state[key])
         self._start = time.perf_counter() - state["wall_time_s"]
 
-    def elapsed(self) -> float:
-        """Training wall time: up to the checkpoint resumed from, plus this process's part."""
+    def elapsed(self) -> float:  # training wall time, that before the checkpoint resumed from included
         return time.perf_counter() - self._start
 
     def add_batch(self, loss: torch.Tensor, batch: dict, num_processes: int) -> None:
@@ -110,8 +109,7 @@ class RunState:
         if torch.is_tensor(batch.get("input_ids")):
             self.train_tokens += batch["input_ids"].numel() * num_processes
 
-    def mean_loss(self, accelerator: Any) -> float:
-        """The mean training loss over this epoch's batches (all processes)."""
+    def mean_loss(self, accelerator: Any) -> float:  # over this epoch's batches and all processes
         loss_sum = torch.as_tensor(self._loss_sum, device=accelerator.device, dtype=torch.float32)
         return accelerator.reduce(loss_sum, reduction="mean").item() / max(self._loss_count, 1)
 
@@ -121,8 +119,7 @@ class RunState:
         self.epoch, self.batches_in_epoch, self._loss_sum, self._loss_count = epoch + 1, 0, 0.0, 0
         return entry
 
-    def epoch_batches(self, accelerator: Any, dataloader: Any, epoch: int) -> Any:
-        """The prepared dataloader's batches of ``epoch``, a resumed epoch skipping those it has seen."""
+    def epoch_batches(self, accelerator: Any, dataloader: Any, epoch: int) -> Any:  # a resumed epoch skips some
         skip = self.batches_in_epoch
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         batches.set_epoch(epoch)
@@ -138,11 +135,8 @@ def progress_bar(args: Any, accelerator: Any, total: int, initial: int = 0, desc
 
 
 def with_progress(args: Any, accelerator: Any, dataloaders: dict[str, Any]) -> dict[str, Any]:
-    """``dataloaders`` whose iteration shows an evaluation bar per split."""
+    """An evaluation bar per split."""
     return {k: progress_bar(args, accelerator, len(v), desc=f"eval {k}", iterable=v) for k, v in dataloaders.items()}
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------
 
 
 def _complete(output_dir: str | os.PathLike) -> list[Path]:
@@ -155,11 +149,6 @@ def _complete(output_dir: str | os.PathLike) -> list[Path]:
 def checkpoint_names(output_dir: str | os.PathLike) -> list[str]:
     """The labels (``step_N``, ``epoch_N``) of the complete checkpoints in OUTPUT_DIR, oldest first."""
     return [torch.load(path / STATE_FILE, weights_only=True)["label"] for path in _complete(output_dir)]
-
-
-def has_checkpoints(output_dir: str | os.PathLike) -> bool:
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    return root.is_dir() and any(root.iterdir())
 
 
 def check_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
@@ -175,7 +164,7 @@ def check_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
     if not (path / STATE_FILE).is_file() or not weights:
         raise UsageError(f"--resume_from_checkpoint {which!r}: {path} is not a checkpoint folder of a recipe run")
     try:
-        state = torch.load(path / STATE_FILE, weights_only=True)
+        torch.load(path / STATE_FILE, weights_only=True)["completed_steps"]
         for file in weights:
             safe_open(str(file), framework="pt").keys()
     except Exception as error:  # any failure to read it: a broken checkpoint, the user's input
@@ -183,8 +172,6 @@ def check_checkpoint(output_dir: str | os.PathLike, which: str) -> Path:
         raise UsageError(
             f"--resume_from_checkpoint {which!r}: {path} is not a readable checkpoint ({reason})"
         ) from None
-    if not isinstance(state, dict) or "completed_steps" not in state:
-        raise UsageError(f"--resume_from_checkpoint {which!r}: {path / STATE_FILE} holds no run state")
     return path
 
 
@@ -217,9 +204,6 @@ def resume(accelerator: Any, output_dir: str | os.PathLike, which: str) -> dict[
     accelerator.load_state(str(path))
     accelerator.project_configuration.iteration = max((int(_NAME.match(p.name)[1]) for p in complete), default=-1) + 1
     return {"path": str(path), "label": torch.load(path / STATE_FILE, weights_only=True)["label"]}
-
-
-# --- the finite-loss guard and the steps ----------------------------------------------------------------------
 
 
 def check_finite_loss(accelerator: Any, loss: torch.Tensor, step: int, lr: float) -> None:
