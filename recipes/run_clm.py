@@ -5,25 +5,18 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 recipes/run_clm.py ...   # or `accelerate launch`
     python recipes/run_clm.py --model_name_or_path runs/clm/model --eval_only --validation_file valid.txt
 
---model_name_or_path: a checkpoint folder, a hub id, or a .gguf file (or a folder holding one; dequantized to
-float32), loaded by hf_helu's own loader; its config must name a causal-LM class. Data: --data_dir
-(train.txt/valid.txt; default $HF_HELU_DATA_DIR/wikitext-2), --train_file/--validation_file, or --dataset_name (the
-hub). Perplexity = exp(mean token NLL) over contiguous --block_size blocks of the validation text (the first
---max_eval_tokens tokens), measured on the original checkpoint, after the activation swap and conversion, and after
-fine-tuning, each with the FFN dead/zero-unit statistics. --calibration_samples counts training blocks.
-
-Writes OUTPUT_DIR/results.json, OUTPUT_DIR/model and, with HeLU, OUTPUT_DIR/model_relu (stock ReLU, loads and
-generates without hf_helu; --check_export checks its greedy tokens equal the HeLU model's), each with a model card.
---eval_only writes OUTPUT_DIR/eval_results.json. Checkpoints: OUTPUT_DIR/checkpoints/checkpoint_<i>;
---resume_from_checkpoint latest continues the newest complete one (the swap and conversion are redone, then the
-checkpoint's weights replace theirs). A loss that becomes NaN or inf stops the run (exit 2) naming the step.
+--model_name_or_path: a checkpoint folder, a hub id or a .gguf file (dequantized to float32), read by hf_helu's own
+loader. Data: --data_dir (train.txt/valid.txt; default $HF_HELU_DATA_DIR/wikitext-2), --train_file/--validation_file
+or --dataset_name. Perplexity and the FFN dead/zero units are measured on the checkpoint, after the activation swap and
+conversion, and after fine-tuning. Writes OUTPUT_DIR/results.json (--eval_only: eval_results.json), checkpoints,
+OUTPUT_DIR/model and, with HeLU, OUTPUT_DIR/model_relu (stock ReLU; --check_export checks its greedy tokens without
+hf_helu), each with a model card. A loss that becomes NaN or inf stops the run (exit 2) naming the step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 from pathlib import Path
@@ -31,21 +24,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import transformers
 from accelerate.utils import set_seed
 from recipe_support.args import add_conversion_args, add_training_args, check_conversion_args, check_training_args
 from recipe_support.models import check_stock_export
-from recipe_support.output_dir import claim_output_dir
+from recipe_support.output_dir import start_run
 from recipe_support.paths import DATA_DIR_ENV, data_path, read_utf8
-from recipe_support.results import MODEL_DIR, check_hub, command_line, publish, results_file, save_model, write_results
-from recipe_support.training import (
-    check_checkpoint,
-    make_accelerator,
-    progress_bar,
-    start_tracking,
-    total_training_steps,
-    train,
-)
+from recipe_support.results import MODEL_DIR, publish, results_file, save_model, write_results
+from recipe_support.training import progress_bar, total_training_steps, train
 from torch.utils.data import DataLoader
 
 import hf_helu
@@ -120,18 +105,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    transformers.utils.logging.set_verbosity_error()
-    accelerator = make_accelerator(args)
-    # The output folder (writable, locked, no other run's files) is claimed before any data or model is loaded.
-    with claim_output_dir(accelerator, args, inputs=[args.model_name_or_path]):
-        if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
-            check_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        check_hub(args)  # --push_to_hub: the hub repository exists before any training
-        results = run(args, accelerator)
-    accelerator.end_training()
-    return results
+    # Logs, the accelerator, OUTPUT_DIR claimed, the checkpoint and the hub checked: before any data or model loads.
+    with start_run(args, __file__, argv, inputs=[args.model_name_or_path]) as accelerator:
+        return run(args, accelerator)
 
 
 def run(args: argparse.Namespace, accelerator) -> dict:
@@ -141,30 +117,19 @@ def run(args: argparse.Namespace, accelerator) -> dict:
         "config": _jsonable(args),
         "num_processes": accelerator.num_processes,
     }
-    start_tracking(accelerator, args, "run_clm")
 
     # Data (read, and checked UTF-8, first), then the float32 model (a GGUF checkpoint dequantized): token blocks.
-    texts = read_texts(args.text)
+    texts = read_texts(args)
     model, tokenizer = loader.load_checkpoint(args.source).float(), loader.load_tokenizer(args.source)
-    eval_blocks = token_blocks(tokenizer, texts["validation"], args.block_size, args.max_eval_tokens)
-    if len(eval_blocks) == 0:
-        raise UsageError(f"the validation text holds fewer than --block_size {args.block_size} tokens")
+    eval_blocks = token_blocks(tokenizer, texts, "validation", args.block_size, args.max_eval_tokens)
     eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
-    eval_dataloader = DataLoader(eval_blocks, batch_size=eval_batch_size, collate_fn=causal_batch)
-    eval_dataloader = accelerator.prepare(eval_dataloader)
+    eval_dataloader = accelerator.prepare(DataLoader(eval_blocks, eval_batch_size, collate_fn=causal_batch))
     train_dataloader = None
     if "train" in texts:
-        train_blocks = token_blocks(tokenizer, texts["train"], args.block_size, args.max_train_tokens)
-        if len(train_blocks) == 0:
-            raise UsageError(f"the training text holds fewer than --block_size {args.block_size} tokens")
+        train_blocks = token_blocks(tokenizer, texts, "train", args.block_size, args.max_train_tokens)
         generator = torch.Generator().manual_seed(args.seed)  # its own: a resume restores the global RNG
-        train_dataloader = DataLoader(
-            train_blocks,
-            args.per_device_train_batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=causal_batch,
-        )
+        batch_size = args.per_device_train_batch_size
+        train_dataloader = DataLoader(train_blocks, batch_size, True, generator=generator, collate_fn=causal_batch)
 
     # The checkpoint as it is, then with its FFN activation swapped (and converted).
     model.to(accelerator.device)
@@ -320,53 +285,48 @@ def model_source(name: str) -> tuple[Path, dict[str, Any]]:
 
 def text_source(args: Any) -> dict[str, Any]:
     """``--dataset_name``, ``--train_file/--validation_file`` or ``--data_dir`` (default $HF_HELU_DATA_DIR/wikitext-2,
-    train.txt/valid.txt), files checked to exist before anything is loaded."""
+    train.txt/valid.txt): the files the run reads, checked to exist before anything is loaded."""
     files = args.train_file or args.validation_file
     if sum(bool(x) for x in (args.dataset_name, files, args.data_dir)) > 1:
         raise UsageError("give one of --dataset_name, --train_file/--validation_file or --data_dir, not several")
-    with_train = not args.eval_only or "calibrate" in args.conversion  # training, or calibrating, reads the train text
+    # Training, or calibrating a conversion (also with --eval_only), reads the training text.
+    splits = ["validation", "train"] if not args.eval_only or "calibrate" in args.conversion else ["validation"]
     if args.dataset_name:
-        return {"dataset": args.dataset_name, "config": args.dataset_config_name, "column": args.text_column} | {
-            "with_train": with_train
-        }
-    root = None if files else args.data_dir or data_path("wikitext-2")
+        return {"dataset": splits}
+    root = args.data_dir or data_path("wikitext-2")
     if not files and root is None:
         raise UsageError(
-            f"no data: give --data_dir, --train_file/--validation_file or --dataset_name (or set {DATA_DIR_ENV})"
+            f"no data: give --data_dir, --train_file/--validation_file or --dataset_name (or {DATA_DIR_ENV})"
         )
-    train, validation = (args.train_file, args.validation_file) if files else (root / "train.txt", root / "valid.txt")
-    needed = {"validation": ("--validation_file", validation)} | (
-        {"train": ("--train_file", train)} if with_train else {}
-    )
-    for flag, path in needed.values():
-        if path is None or not Path(path).is_file():
-            raise UsageError(f"{flag}: {path} is not a text file" if path else f"{flag} is needed")
-    return {name: Path(path) for name, (_, path) in needed.items()}
+    paths = {"train": root / "train.txt", "validation": root / "valid.txt"} if not files else {}
+    paths = paths or {"train": args.train_file, "validation": args.validation_file}
+    for split in splits:
+        if paths[split] is None or not Path(paths[split]).is_file():
+            flag = f"--{split}_file"
+            raise UsageError(f"{flag}: {paths[split]} is not a text file" if paths[split] else f"{flag} is needed")
+    return {split: Path(paths[split]) for split in splits}
 
 
-def read_texts(source: dict[str, Any]) -> dict[str, str]:
-    """``{"validation": ...}`` and, where the run needs it, ``"train"``, each as one string."""
-    if "dataset" not in source:
-        return {name: read_utf8(path) for name, path in source.items()}
+def read_texts(args: Any) -> dict[str, str]:
+    """The text of each split :func:`text_source` names, as one string."""
+    if "dataset" not in args.text:
+        return {split: read_utf8(path) for split, path in args.text.items()}
     import datasets
 
-    loaded = datasets.load_dataset(source["dataset"], source["config"])
-    texts = {}
-    splits = {"validation": "validation" if "validation" in loaded else "test"} | (
-        {"train": "train"} if source["with_train"] else {}
-    )
-    for name, split in splits.items():
-        if split not in loaded or source["column"] not in loaded[split].column_names:
-            raise UsageError(
-                f"--dataset_name {source['dataset']}: no {split!r} split with a {source['column']!r} column"
-            )
-        texts[name] = "".join(row if row.endswith("\n") else row + "\n" for row in loaded[split][source["column"]])
+    loaded, column, texts = datasets.load_dataset(args.dataset_name, args.dataset_config_name), args.text_column, {}
+    for split in args.text["dataset"]:
+        name = "test" if split == "validation" and "validation" not in loaded else split
+        if name not in loaded or column not in loaded[name].column_names:
+            raise UsageError(f"--dataset_name {args.dataset_name}: no {name!r} split with a {column!r} column")
+        texts[split] = "".join(row if row.endswith("\n") else row + "\n" for row in loaded[name][column])
     return texts
 
 
-def token_blocks(tokenizer: Any, text: str, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
-    """The text's first ``max_tokens`` tokens (no special tokens added) as ``(blocks, block_size)``."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+def token_blocks(tokenizer: Any, texts: dict, split: str, block_size: int, max_tokens: int | None) -> torch.Tensor:
+    """The first ``max_tokens`` tokens of the ``split`` text (no special tokens added) as ``(blocks, block_size)``."""
+    ids = tokenizer(texts[split], add_special_tokens=False)["input_ids"][:max_tokens]
+    if len(ids) < block_size:
+        raise UsageError(f"the {split} text holds fewer than --block_size {block_size} tokens")
     return torch.tensor(ids[: len(ids) // block_size * block_size], dtype=torch.long).view(-1, block_size)
 
 

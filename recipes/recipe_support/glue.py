@@ -134,20 +134,17 @@ def read_tsv(task: GlueTask, path: str | os.PathLike):
 
 
 def _parse_label(task: GlueTask, raw: str, where: str) -> int | float:
-    """A label id (its name or its number, through ``ClassLabel.str2int``) or a finite regression score."""
+    """A label id (its name or its number) or a finite regression score."""
     if task.is_regression:
         try:
             value = float(raw)
         except ValueError:
-            raise UsageError(f"{where}: label {raw!r} is not a number (task {task.name} is a regression)") from None
+            value = math.nan
         if not math.isfinite(value):
-            raise UsageError(f"{where}: label {raw!r} is not a finite number")
+            raise UsageError(f"{where}: label {raw!r} is not a finite number (task {task.name} is a regression)")
         return value
-    try:
-        label = features(task)["label"].str2int(raw)
-    except ValueError:
-        label = -1  # str2int also gives -1 for "-1"
-    if label < 0:
+    label = task.label_names.index(raw) if raw in task.label_names else int(raw) if raw.isdigit() else -1
+    if not 0 <= label < task.num_labels:
         raise UsageError(f"{where}: label {raw!r} is not in the {task.name} label set {list(task.label_names)}")
     return label
 

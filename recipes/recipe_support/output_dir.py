@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from filelock import FileLock, Timeout
 from hf_helu.atomic import atomic_write_json, remove_stale_temps
 from hf_helu.errors import UsageError
 from recipe_support import results
-from recipe_support.training import CHECKPOINTS_DIR, LOGS_DIR
+from recipe_support.training import CHECKPOINTS_DIR, LOGS_DIR, check_checkpoint, make_accelerator, start_tracking
 
 MARKER_FILE = ".hf_helu_run.json"
 LOCK_FILE = ".hf_helu_run.lock"
@@ -135,3 +136,25 @@ def claim_output_dir(accelerator: Any, config: Any, inputs: Sequence[str | os.Pa
     if error is not None:
         raise UsageError(error)
     return stack
+
+
+@contextlib.contextmanager
+def start_run(args: Any, script: str, argv: list[str] | None, inputs: Sequence[str | os.PathLike] = ()):
+    """What a training recipe does before it loads anything: records its command line, quiets the libraries'
+    logs, makes the accelerator, claims OUTPUT_DIR, checks ``--resume_from_checkpoint`` and the hub repository,
+    starts the trackers. Yields the accelerator; its trackers end with the run."""
+    import datasets
+    import transformers
+
+    args.command = results.command_line(script, argv)  # results.json and the model card say how the run was made
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    accelerator = make_accelerator(args)
+    with claim_output_dir(accelerator, args, inputs):
+        if args.resume_from_checkpoint:
+            check_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        results.check_hub(args)  # --push_to_hub: the hub repository exists before any training
+        start_tracking(accelerator, args, Path(script).stem)
+        yield accelerator
+        accelerator.end_training()
