@@ -22,6 +22,7 @@ import numpy as np
 import scipy.stats
 import torch
 from recipe_support import glue
+from recipe_support.paths import DATA_DIR_ENV, data_path
 from transformers import AutoModel, AutoTokenizer
 
 import hf_helu  # noqa: F401  (registers "helu")
@@ -73,7 +74,9 @@ def _checkpoint(item: str) -> tuple[str, str]:
 
 def read_data(args: argparse.Namespace) -> tuple[tuple, list[str]]:
     """(STS-B dev pairs and scores, the calibration sentences: both sentences of the first train pairs)."""
-    data_dir = Path(args.data_dir) if args.data_dir else glue.default_data_dir()
+    data_dir = Path(args.data_dir) if args.data_dir else data_path("glue")
+    if data_dir is None:
+        raise UsageError(f"no GLUE folder: pass --data_dir, or set ${DATA_DIR_ENV} to a folder holding glue/")
     dev = read_stsb(data_dir / "STS-B" / "dev.tsv", args.max_eval_pairs)
     train_first, train_second, _ = read_stsb(data_dir / "STS-B" / "train.tsv", args.calibration_pairs)
     return dev, train_first + train_second

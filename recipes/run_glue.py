@@ -183,20 +183,10 @@ def _run(args: argparse.Namespace, accelerator) -> dict:
         publish(accelerator, args, args.model_name_or_path, results, results["final"])
     _add_baselines(args, accelerator, task, model, results, train_set, eval_sets, eval_dataloaders)
     write_results(accelerator, Path(args.output_dir), results, results_file(args.eval_only))
-    _print_outputs(args, accelerator, task, results)
-    return results
-
-
-def _print_outputs(args, accelerator, task: glue.GlueTask, results: dict) -> None:
-    """The final dev metrics and where the results and the model are."""
-    for split, metrics in results["final"].items():
-        accelerator.print(f"{task.name} {split}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    accelerator.print(f"results: {args.output_dir}/{results_file(args.eval_only)}")
+    accelerator.print(f"results: {args.output_dir}/{results_file(args.eval_only)}")  # the metrics: printed above
     if not args.eval_only:
-        accelerator.print(
-            f"model: {results['model_dir']}"
-            + (f", ReLU export: {results['relu_export_dir']}" if results.get("relu_export_dir") else "")
-        )
+        accelerator.print(f"model: {results['model_dir']}, its stock-ReLU export: {results['relu_export_dir']}")
+    return results
 
 
 def _convert(args, accelerator, model, choice, originals, calibration_set, model_info: dict):

@@ -4,26 +4,20 @@
     python recipes/run_mlm.py --hidden_act helu_0.5 --train_files a.txt b.txt --valid_files c.txt --max_train_steps 500
     accelerate launch recipes/run_mlm.py --hidden_act relu --dataset wikitext --dataset_config wikitext-103-raw-v1
 
-The model is a ``BertForMaskedLM`` built from a size preset (``--size``, ``--config_overrides``) with
-``hidden_act`` = gelu, relu, helu or helu_<alpha> (every activation of the model: FFN and LM-head transform, as in
-the paper's Cramming runs), the tokenizer is the packaged MiniLM's uncased WordPiece unless ``--tokenizer`` names
-another, and the corpus is local WikiText-2 (``$HF_HELU_DATA_DIR/wikitext-2``) unless text files or a hub dataset are
-given. Text is cut into contiguous blocks of ``--block_size`` tokens, masked by ``DataCollatorForLanguageModeling``
-(15%: 80% [MASK], 10% random, 10% kept), and the LM head runs only at the masked positions
-(:class:`recipe_support.mlm.SparsePrediction`).
-
-The budget is ``--max_tokens`` (or ``--max_train_steps``), split into ``--evaluations`` rounds; after each round the
-valid blocks (masked once, the same positions every time) give masked-LM loss and accuracy, and the FFN units that never
-fire (dead) or fire on fewer than 1% of the tokens (near-dead), per layer. OUTPUT_DIR gets results.json (one
-entry per round), checkpoints (``--resume_from_checkpoint latest``), dead_units.png, and model/ (BertForMaskedLM +
-tokenizer, model card; ``recipes/run_glue.py --model_name_or_path OUTPUT_DIR/model`` fine-tunes it) and, for HeLU,
-model_relu/ (the stock-ReLU export).
+A ``BertForMaskedLM`` of a size preset with ``hidden_act`` gelu, relu, helu or helu_<alpha> (every activation, as in
+the paper's Cramming runs), the packaged MiniLM's WordPiece tokenizer, and local WikiText-2 unless text files or a hub
+dataset are given: contiguous ``--block_size`` blocks, masked by ``DataCollatorForLanguageModeling``, the LM head run
+at the masked positions only. The budget (``--max_tokens`` or ``--max_train_steps``) is split into ``--evaluations``
+rounds, each followed by the masked-LM loss and accuracy on fixed-masked valid blocks and the dead (never firing) and
+near-dead (under 1% of the tokens) FFN units per layer. OUTPUT_DIR gets results.json, checkpoints, dead_units.png,
+model/ (``run_glue.py --model_name_or_path OUTPUT_DIR/model`` fine-tunes it) and, for HeLU, model_relu/.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.resources
+import itertools
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -114,6 +108,81 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--block_size must be >= 3, got {args.block_size}")
 
 
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # Logs, the accelerator, OUTPUT_DIR claimed, the checkpoint and the hub checked: before any data or model loads.
+    with start_run(args, __file__, argv) as accelerator:
+        return _run(args, accelerator)
+
+
+def _run(args: argparse.Namespace, accelerator: Any) -> dict:
+    set_seed(args.seed)
+    budget = plan_budget(args, accelerator.num_processes)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_tokenizer())
+    with accelerator.main_process_first():
+        train_blocks, valid_blocks = load_blocks(args, tokenizer)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
+    train_set = BlockRounds(train_blocks, budget["round_blocks"], seed=args.seed)
+    valid_set = masked_eval_set(valid_blocks, collator, seed=args.seed)
+    # Its own generator: a new round's iterator seeds from it, not from the global RNG a resume restores.
+    train_dataloader = DataLoader(
+        train_set,
+        batch_size=args.per_device_train_batch_size,
+        collate_fn=SeededMasking(collator, args.seed),
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    eval_batch_size = args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size
+    valid_dataloader = DataLoader(valid_set, batch_size=eval_batch_size)
+
+    # A BertForMaskedLM of the --size preset with --hidden_act, the tokenizer's vocabulary and --config_overrides.
+    sizes = {
+        **SIZE_PRESETS[args.size],
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": max(512, args.block_size),
+    }
+    config = BertConfig(**sizes | parse_overrides(args.config_overrides), hidden_act=args.hidden_act)
+    set_seed(args.seed)
+    model = load_model(AutoModelForMaskedLM, config)
+    sparse = SparsePrediction(model, firing_scope=SCOPE)
+    model_info = {
+        "architecture": "BertForMaskedLM",
+        "hidden_act": args.hidden_act,
+        "size": args.size,
+        "config": {k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size")},
+        "params": sum(p.numel() for p in model.parameters()),
+        "budget": budget,
+        "corpus": {"train_blocks": len(train_blocks), "valid_blocks": len(valid_blocks)},
+    }
+    model_info["initial_eval"] = initial_evaluation(accelerator, model, valid_dataloader, sparse, SCOPE)
+    accelerator.print(
+        f"{args.hidden_act} {args.size}: {model_info['params'] / 1e6:.1f} M parameters, {budget['steps']} steps "
+        f"({budget['tokens']:,} tokens) in {budget['rounds']} rounds; {len(train_blocks)} train blocks"
+    )
+    results = new_results(accelerator, {**run_config(args), "budget": budget}, model_info)
+    evaluator = make_evaluator(accelerator, model, mlm_metrics, sparse.eval_step, SCOPE)
+    # The loop (recipe_support.training.train) over the budget's rounds: steps, an evaluation and a checkpoint each.
+    rounds = argparse.Namespace(
+        **{**vars(args), "num_train_epochs": budget["rounds"], "max_train_steps": budget["steps"]}
+    )
+    model, loaders, state = train(
+        rounds, accelerator, model, train_dataloader, {"valid": valid_dataloader}, evaluator, results,
+        annealer=None, compute_loss=sparse.loss,
+    )  # fmt: skip
+    # The final metrics, the model (and its stock-ReLU export) with model cards, results.json.
+    results = finish_training(accelerator, model, evaluator, loaders, state, results, args, tokenizer)
+    publish(accelerator, args, None, results, results["final"])
+    if accelerator.is_main_process:
+        plot_dead_fraction({args.hidden_act: dead_unit_history(results)}, Path(args.output_dir) / PLOT_FILE)
+    final = results["final"]["valid"]
+    accelerator.print(
+        f"valid: mlm_loss={final['mlm_loss']:.4f} mlm_accuracy={final['mlm_accuracy']:.4f} "
+        f"dead={100 * final['dead']:.2f}% near_dead={100 * final['near_dead']:.2f}%"
+    )
+    accelerator.print(f"results: {args.output_dir}/results.json; model: {results['model_dir']}")
+    return results
+
+
 def parse_overrides(text: str | None) -> dict[str, Any]:
     """``--config_overrides "num_hidden_layers=2,hidden_dropout_prob=0.0"``: the fields it sets, typed (and unknown
     ones refused) by ``PretrainedConfig.update_from_string`` on a ``BertConfig``."""
@@ -191,9 +260,7 @@ def token_blocks(lines: Iterable[str], tokenizer: Any, block_size: int, max_bloc
     body, stream = block_size - 2, []
     texts = [line.strip() for line in lines if line.strip()]
     for start in range(0, len(texts), 2048):  # tokenized in chunks: max_blocks needs only the first lines
-        stream += [
-            i for ids in tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"] for i in ids
-        ]
+        stream.extend(itertools.chain(*tokenizer(texts[start : start + 2048], add_special_tokens=False)["input_ids"]))
         if max_blocks is not None and len(stream) >= max_blocks * body:
             break
     count = min(len(stream) // body, max_blocks or len(stream))
@@ -247,81 +314,6 @@ def masked_eval_set(blocks: torch.Tensor, collator: Any, seed: int = 0) -> list[
         torch.manual_seed(seed)
         batch = collator([{"input_ids": block} for block in blocks])
     return [{"input_ids": i, "labels": lab} for i, lab in zip(batch["input_ids"], batch["labels"], strict=True)]
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    # Logs, the accelerator, OUTPUT_DIR claimed, the checkpoint and the hub checked: before any data or model loads.
-    with start_run(args, __file__, argv) as accelerator:
-        return _run(args, accelerator)
-
-
-def _run(args: argparse.Namespace, accelerator: Any) -> dict:
-    set_seed(args.seed)
-    budget = plan_budget(args, accelerator.num_processes)
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_tokenizer())
-    with accelerator.main_process_first():
-        train_blocks, valid_blocks = load_blocks(args, tokenizer)
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
-    train_set = BlockRounds(train_blocks, budget["round_blocks"], seed=args.seed)
-    valid_set = masked_eval_set(valid_blocks, collator, seed=args.seed)
-    # Its own generator: a new round's iterator seeds from it, not from the global RNG a resume restores.
-    train_dataloader = DataLoader(
-        train_set,
-        batch_size=args.per_device_train_batch_size,
-        collate_fn=SeededMasking(collator, args.seed),
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    eval_batch_size = args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size
-    valid_dataloader = DataLoader(valid_set, batch_size=eval_batch_size)
-
-    # A BertForMaskedLM of the --size preset with --hidden_act, the tokenizer's vocabulary and --config_overrides.
-    sizes = {
-        **SIZE_PRESETS[args.size],
-        "vocab_size": len(tokenizer),
-        "max_position_embeddings": max(512, args.block_size),
-    }
-    config = BertConfig(**sizes | parse_overrides(args.config_overrides), hidden_act=args.hidden_act)
-    set_seed(args.seed)
-    model = load_model(AutoModelForMaskedLM, config)
-    sparse = SparsePrediction(model, firing_scope=SCOPE)
-    model_info = {
-        "architecture": "BertForMaskedLM",
-        "hidden_act": args.hidden_act,
-        "size": args.size,
-        "config": {k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size")},
-        "params": sum(p.numel() for p in model.parameters()),
-        "budget": budget,
-        "corpus": {"train_blocks": len(train_blocks), "valid_blocks": len(valid_blocks)},
-    }
-    model_info["initial_eval"] = initial_evaluation(accelerator, model, valid_dataloader, sparse, SCOPE)
-    accelerator.print(
-        f"{args.hidden_act} {args.size}: {model_info['params'] / 1e6:.1f} M parameters, {budget['steps']} steps "
-        f"({budget['tokens']:,} tokens) in {budget['rounds']} rounds; {len(train_blocks)} train blocks"
-    )
-    results = new_results(accelerator, {**run_config(args), "budget": budget}, model_info)
-    evaluator = make_evaluator(accelerator, model, mlm_metrics, sparse.eval_step, SCOPE)
-    # The loop (recipe_support.training.train) over the budget's rounds: steps, an evaluation and a checkpoint each.
-    rounds = argparse.Namespace(
-        **{**vars(args), "num_train_epochs": budget["rounds"], "max_train_steps": budget["steps"]}
-    )
-    model, loaders, state = train(
-        rounds, accelerator, model, train_dataloader, {"valid": valid_dataloader}, evaluator, results,
-        annealer=None, compute_loss=sparse.loss,
-    )  # fmt: skip
-    # The final metrics, the model (and its stock-ReLU export) with model cards, results.json.
-    results = finish_training(accelerator, model, evaluator, loaders, state, results, args, tokenizer)
-    publish(accelerator, args, None, results, results["final"])
-    if accelerator.is_main_process:
-        plot_dead_fraction({args.hidden_act: dead_unit_history(results)}, Path(args.output_dir) / PLOT_FILE)
-    final = results["final"]["valid"]
-    accelerator.print(
-        f"valid: mlm_loss={final['mlm_loss']:.4f} mlm_accuracy={final['mlm_accuracy']:.4f} "
-        f"dead={100 * final['dead']:.2f}% near_dead={100 * final['near_dead']:.2f}%"
-    )
-    accelerator.print(f"results: {args.output_dir}/results.json; model: {results['model_dir']}")
-    return results
 
 
 def initial_evaluation(accelerator: Any, model: Any, dataloader: Any, sparse: SparsePrediction, scope: Any) -> dict:

@@ -21,7 +21,6 @@ import numpy as np
 
 from hf_helu.errors import UsageError
 from recipe_support.models import Head, check_head, load_model
-from recipe_support.paths import DATA_DIR_ENV, data_path
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,6 @@ def default_model() -> str:
     except ModuleNotFoundError:
         return "bert-base-uncased"
     return str(path) if (path / "config.json").is_file() else "bert-base-uncased"
-
-
-def default_data_dir() -> Path:
-    """``$HF_HELU_DATA_DIR/glue``, for a recipe given no ``--data_dir`` that cannot use the hub."""
-    folder = data_path("glue")
-    if folder is None:
-        raise UsageError(f"no GLUE folder: pass --data_dir, or set ${DATA_DIR_ENV} to a folder holding glue/")
-    return folder
 
 
 def features(task: GlueTask):

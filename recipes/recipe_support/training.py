@@ -82,20 +82,17 @@ def total_training_steps(args: Any, batches_per_epoch: int, num_processes: int) 
 class RunState:
     """The loop's counters and per-epoch history, saved in every checkpoint; ``label`` names the checkpoint."""
 
-    KEYS = ("completed_steps", "epoch", "batches_in_epoch", "train_samples", "train_tokens", "history", "label")
-
     def __init__(self) -> None:
         self.completed_steps = self.epoch = self.batches_in_epoch = self.train_samples = self.train_tokens = 0
         self.history: list[dict[str, Any]] = []
         self.label = ""
         self._loss_sum, self._loss_count, self._start = 0.0, 0, time.perf_counter()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.KEYS} | {"wall_time_s": self.elapsed()}
+    def state_dict(self) -> dict[str, Any]:  # the public attributes (private ones restart with the process)
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")} | {"wall_time_s": self.elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in self.KEYS:
-            setattr(self, key, state[key])
+        vars(self).update((k, v) for k, v in state.items() if k != "wall_time_s")
         self._start = time.perf_counter() - state["wall_time_s"]
 
     def elapsed(self) -> float:  # training wall time, that before the checkpoint resumed from included
