@@ -64,7 +64,11 @@ def check_training_args(args: argparse.Namespace) -> None:
     checks = {
         "--learning_rate": (args.learning_rate, 0 < args.learning_rate < math.inf, "a finite number > 0"),
         "--weight_decay": (args.weight_decay, 0 <= args.weight_decay < math.inf, "a finite number >= 0"),
-        "--max_grad_norm": (args.max_grad_norm, 0 <= args.max_grad_norm < math.inf, "a finite number >= 0 (0: off)"),
+        "--max_grad_norm": (
+            args.max_grad_norm,
+            0 <= args.max_grad_norm < math.inf,
+            "a finite number >= 0 (0: no clipping)",
+        ),
         "--num_warmup_steps": (args.num_warmup_steps, (args.num_warmup_steps or 0) >= 0, "an integer >= 0"),
     }
     for flag, (value, valid, expected) in checks.items():
