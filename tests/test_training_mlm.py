@@ -181,7 +181,6 @@ def test_masked_only_loss_and_gradients_equal_the_full_head(hidden_act):
     assert logits.shape == (int((batch["labels"] != -100).sum()), 100)
     # Outside SparsePrediction calls the model is a stock BertForMaskedLM again.
     assert model(**batch).logits.shape == (3, 16, 100)
-    sparse.remove()
 
 
 def test_eval_step_metrics_match_the_full_logits():

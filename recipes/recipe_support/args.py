@@ -26,11 +26,10 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults: Any) -> argpa
     g = parser.add_argument_group("training (the flag names of transformers' examples)")
     g.add_argument("--model_name_or_path", default=None, help="Local folder or hub id.")
     g.add_argument("--output_dir", default=None, help="A new or empty folder, or an earlier run's (one run at a time).")
-    g.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Remove an earlier run's files from OUTPUT_DIR (or use a non-empty folder no run made, keeping its own).",
+    overwrite = (
+        "Remove an earlier run's files from OUTPUT_DIR (or use a non-empty folder no run made, keeping its own)."
     )
+    g.add_argument("--overwrite_output_dir", action="store_true", help=overwrite)
     g.add_argument("--num_train_epochs", type=positive_int, default=3)
     g.add_argument("--max_train_steps", type=positive_int, default=None, help="Stop after this many optimizer steps.")
     g.add_argument("--learning_rate", type=float, default=5e-5)
@@ -64,11 +63,7 @@ def check_training_args(args: argparse.Namespace) -> None:
     checks = {
         "--learning_rate": (args.learning_rate, 0 < args.learning_rate < math.inf, "a finite number > 0"),
         "--weight_decay": (args.weight_decay, 0 <= args.weight_decay < math.inf, "a finite number >= 0"),
-        "--max_grad_norm": (
-            args.max_grad_norm,
-            0 <= args.max_grad_norm < math.inf,
-            "a finite number >= 0 (0: no clipping)",
-        ),
+        "--max_grad_norm": (clip := args.max_grad_norm, 0 <= clip < math.inf, "a finite number >= 0 (0: no clipping)"),
         "--num_warmup_steps": (args.num_warmup_steps, (args.num_warmup_steps or 0) >= 0, "an integer >= 0"),
     }
     for flag, (value, valid, expected) in checks.items():
@@ -123,14 +118,12 @@ def add_conversion_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group("activation and its conversion (hf_helu.conversion)")
     g.add_argument("--activation", choices=ACTIVATION_CHOICES, default="keep", help="FFN activation to train with.")
     g.add_argument("--alpha", type=alpha, default=DEFAULT_ALPHA, help="HeLU margin: gradient passes where z > -alpha.")
-    g.add_argument(
-        "--conversion",
-        choices=CONVERSION_CHOICES,
-        default="auto",
-        help=f"With --activation relu|helu: refit the FFN output projections (calibrate), blend the original "
-        f"activation into the new one over the first steps (anneal), or both. auto: {RECOMMENDED_METHOD} for a "
-        "pretrained checkpoint whose FFN activation is not ReLU-like, else none (the naive swap).",
+    method = (  # the --conversion help
+        f"With --activation relu|helu: refit the FFN output projections (calibrate), blend the original activation "
+        f"into the new one over the first steps (anneal), or both. auto: {RECOMMENDED_METHOD} for a pretrained "
+        "checkpoint whose FFN activation is not ReLU-like, else none (the naive swap)."
     )
+    g.add_argument("--conversion", choices=CONVERSION_CHOICES, default="auto", help=method)
     g.add_argument("--anneal_fraction", type=float, default=DEFAULT_ANNEAL_FRACTION, help="Share of steps to blend.")
     g.add_argument("--calibration_samples", type=int, default=800, help="Unlabeled training examples to calibrate.")
     g.add_argument("--calibration_ridge", type=float, default=DEFAULT_RIDGE, help="Ridge lambda (x tokens).")

@@ -1,9 +1,6 @@
-"""Evaluation for the recipes' loops: one pass per eval split, outputs gathered across processes
-(``accelerator.gather_for_metrics``), and the dead units of the first split's pass (``hf_helu.ActivationMonitor``).
-
-``eval_step(model, batch)`` returns per-sample outputs: tensors are gathered and concatenated into numpy arrays,
-lists (decoded strings) gathered as objects; ``compute_metrics(outputs)`` receives them.
-"""
+"""Evaluation for the recipes' loops: one pass per eval split of ``eval_step(model, batch)``'s per-sample outputs,
+gathered across processes (``accelerator.gather_for_metrics``; tensors as numpy arrays, lists as objects) for
+``compute_metrics(outputs)``, and the dead units of the first split's pass (``hf_helu.ActivationMonitor``)."""
 
 from __future__ import annotations
 
@@ -23,8 +20,7 @@ from recipe_support.results import log_metrics, results_file, write_predictions,
 logger = logging.getLogger(__name__)
 
 
-def default_eval_step(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Logits and labels of one batch (the classification/regression case)."""
+def default_eval_step(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:  # classification, regression
     return {"predictions": model(**batch).logits, "labels": batch["labels"]}
 
 
@@ -71,8 +67,7 @@ class Evaluator:
 
 
 def make_evaluator(accelerator: Any, model: nn.Module, compute_metrics: Callable, eval_step: Callable, scope: Any):
-    """An :class:`Evaluator` that also reports the dead units of ``model``'s activations in ``scope`` (none, logged,
-    when the monitor cannot read the model: the run goes on and its results say so)."""
+    """An :class:`Evaluator` that also reports the dead units in ``scope`` (None, logged, for an unreadable model)."""
     from hf_helu.diagnostics import ActivationMonitor
 
     try:

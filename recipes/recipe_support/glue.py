@@ -1,9 +1,6 @@
-"""GLUE for the recipes: the task table, data from local TSVs or the hub, tokenisation, metrics, model heads.
-
-Local TSVs (the classic ``glue_data`` layout, ``DIR/<TASK>/{train,dev}.tsv``) are read by
-``datasets.load_dataset("csv")`` with quoting off (the files hold unbalanced quotes) into the hub's columns and
-features. Metrics are scikit-learn's and scipy's, as ``evaluate``'s glue metric computes them.
-"""
+"""GLUE for the recipes: the task table, data from local TSVs (``DIR/<TASK>/{train,dev}.tsv``) or the hub in the
+hub's columns and features, tokenisation, model heads, and the metrics (scikit-learn's and scipy's, as ``evaluate``'s
+glue metric computes them)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ class SparsePrediction:
         self._positions: torch.Tensor | None = None
         self._fired: list[torch.Tensor] | None = None  # recording only inside eval_step: training pays nothing
         self.firing = firing_scope is not None
-        self._handle = model.cls.register_forward_pre_hook(self._gather)
+        model.cls.register_forward_pre_hook(self._gather)
         for site in find_activation_sites(model, scope=firing_scope) if self.firing else []:
             site.module.register_forward_hook(self._record)
 
@@ -49,9 +49,6 @@ class SparsePrediction:
     def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._fired is not None:
             self._fired.append((output > 0).sum(dim=1, dtype=torch.int32))  # over positions: [batch, units]
-
-    def remove(self) -> None:
-        self._handle.remove()
 
     def logits(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits ``[N, vocab]`` at the N labelled positions, their labels ``[N]``), in row-major order."""
@@ -69,8 +66,7 @@ class SparsePrediction:
         return F.cross_entropy(logits.float(), labels)
 
     def eval_step(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Per sequence: summed loss, correct top-1 predictions, labelled positions and (``firing_scope``) the
-        positions and per-unit firing counts ``[layers, units]`` (eval blocks carry no padding)."""
+        """Per sequence: loss sum, correct predictions, labelled positions (and firing counts; eval blocks unpadded)."""
         self._fired = [] if self.firing else None
         try:
             logits, labels = self.logits(model, batch)

@@ -76,8 +76,7 @@ def check_model_source(source: str, kinds: tuple[str, ...], what: str) -> None:
         raise UsageError(f"--model_name_or_path {source} is a {model_type!r} checkpoint; this recipe needs {what}")
 
 
-def has_trained_head(config: Any, kind: str = "classification") -> bool:
-    """Whether a checkpoint's config says it was saved with a trained head of ``kind`` (classification or ctc)."""
+def has_trained_head(config: Any, kind: str = "classification") -> bool:  # saved with a trained head of that kind
     return any(name.endswith(HEAD_SUFFIXES[kind]) for name in getattr(config, "architectures", None) or [])
 
 
@@ -125,18 +124,15 @@ def apply_activation(model: nn.Module, activation: str, alpha: float = DEFAULT_A
     from hf_helu.conversion import patch_activation
 
     report = patch_activation(model, activation, alpha=alpha, scope=parse_scope(scope)).to_dict()
-    return {"activation": activation, "alpha": alpha if activation == "helu" else None, "scope": scope} | {
-        "patch_report": report
-    }
+    info = {"activation": activation, "alpha": alpha if activation == "helu" else None, "scope": scope}
+    return info | {"patch_report": report}
 
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def prepare_model(
-    model: nn.Module, activation: str = "keep", alpha: float = DEFAULT_ALPHA, scope: Any = "ffn", lora: Any = None
-) -> tuple[nn.Module, dict[str, Any]]:
+def prepare_model(model: nn.Module, activation="keep", alpha=DEFAULT_ALPHA, scope="ffn", lora=None) -> tuple:
     """Apply ``activation`` then (a PEFT ``LoraConfig`` given) LoRA; return the model and its results.json record."""
     info = apply_activation(model, activation, alpha, scope)
     if lora is not None:

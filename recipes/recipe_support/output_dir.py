@@ -19,25 +19,17 @@ from filelock import FileLock, Timeout
 from hf_helu.atomic import atomic_write_json, remove_stale_temps
 from hf_helu.errors import UsageError
 from recipe_support import results
+from recipe_support.results import MODEL_DIR, OUTPUT_FILES, RELU_SUFFIX
 from recipe_support.training import CHECKPOINTS_DIR, LOGS_DIR, check_checkpoint, make_accelerator, start_tracking
 
 MARKER_FILE = ".hf_helu_run.json"
 LOCK_FILE = ".hf_helu_run.lock"
-RUN_ARTIFACTS = (  # what a run writes into OUTPUT_DIR: all that --overwrite_output_dir removes
-    CHECKPOINTS_DIR,
-    LOGS_DIR,
-    results.MODEL_DIR,
-    results.MODEL_DIR + results.RELU_SUFFIX,
-    results.RESULTS_FILE,
-    results.EVAL_RESULTS_FILE,
-    results.PREDICTIONS_FILE,
-    results.EVAL_PREDICTIONS_FILE,
-)
+# What a run writes into OUTPUT_DIR: all that --overwrite_output_dir removes.
+RUN_ARTIFACTS = (CHECKPOINTS_DIR, LOGS_DIR, MODEL_DIR, MODEL_DIR + RELU_SUFFIX, *OUTPUT_FILES)
 _LOCKS: dict[Path, FileLock] = {}  # the lock of each folder this process claimed: FileLock counts nested claims
 
 
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` (and its parents) if needed, then create and remove a probe file in it."""
+def check_writable(folder: Path) -> None:  # created if needed, then a probe file written and removed
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".hf_helu_probe.{os.getpid()}"
@@ -140,9 +132,8 @@ def claim_output_dir(accelerator: Any, config: Any, inputs: Sequence[str | os.Pa
 
 @contextlib.contextmanager
 def start_run(args: Any, script: str, argv: list[str] | None, inputs: Sequence[str | os.PathLike] = ()):
-    """What a training recipe does before it loads anything: records its command line, quiets the libraries'
-    logs, makes the accelerator, claims OUTPUT_DIR, checks ``--resume_from_checkpoint`` and the hub repository,
-    starts the trackers. Yields the accelerator; its trackers end with the run."""
+    """A training recipe's start, before it loads anything: its command line recorded, quieter logs, the accelerator,
+    OUTPUT_DIR claimed, the checkpoint and hub repository checked, the trackers started (ended with the run)."""
     import datasets
     import transformers
 

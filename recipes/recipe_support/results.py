@@ -23,6 +23,7 @@ MODEL_DIR = "model"
 PREDICTIONS_FILE = "predictions.json"  # --save_predictions: each eval example's model output, per split
 EVAL_PREDICTIONS_FILE = "eval_predictions.json"
 RELU_SUFFIX = "_relu"
+OUTPUT_FILES = (RESULTS_FILE, EVAL_RESULTS_FILE, PREDICTIONS_FILE, EVAL_PREDICTIONS_FILE)
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
@@ -64,13 +65,12 @@ def write_results(accelerator: Any, output_dir: Path, results: dict[str, Any], n
 
 
 def write_predictions(accelerator: Any, output_dir: Path, outputs: dict[str, dict[str, Any]], eval_only: bool) -> None:
-    """OUTPUT_DIR/predictions.json (eval-only: eval_predictions.json): ``{split: [model output per example]}``."""
+    """OUTPUT_DIR/[eval_]predictions.json: ``{split: [model output per example]}``."""
     predictions = {split: out["predictions"].tolist() for split, out in outputs.items() if "predictions" in out}
     write_results(accelerator, output_dir, predictions, EVAL_PREDICTIONS_FILE if eval_only else PREDICTIONS_FILE)
 
 
-def log_metrics(accelerator: Any, label: str, metrics: dict[str, dict[str, float]]) -> None:
-    """One line per eval split: ``[label] split: key=value ...``."""
+def log_metrics(accelerator: Any, label: str, metrics: dict[str, dict[str, float]]) -> None:  # a line per split
     for split, values in metrics.items():
         text = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         accelerator.print(f"[{label}] {split}: {text}")

@@ -1,10 +1,7 @@
-"""The recipes' training loop and what every loop shares: the accelerator, optimizer and schedule, crash-safe
-checkpoints and resume, the finite-loss guard, trackers and progress bars.
-
-Checkpoints are accelerate's ``save_state``/``load_state`` in OUTPUT_DIR/checkpoints/checkpoint_<i>, saved into
-``partial_checkpoint_<i>`` and renamed once complete; only then are the ones beyond ``--save_total_limit`` removed
-(accelerate's own ``total_limit`` deletes before it writes: a kill inside that save would leave nothing to resume).
-"""
+"""The recipes' training loop: the accelerator, optimizer and schedule, the finite-loss guard, trackers, progress
+bars, and checkpoints (accelerate's ``save_state``/``load_state`` into ``partial_checkpoint_<i>``, renamed
+``checkpoint_<i>`` once complete; only then are those beyond ``--save_total_limit`` removed: accelerate's own
+``total_limit`` deletes before it writes, so a kill inside that save would leave nothing to resume)."""
 
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ from hf_helu.errors import UsageError
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"  # the trackers' files (--with_tracking)
 STATE_FILE = "custom_checkpoint_0.pkl"  # the RunState, the only object registered for checkpointing
-PARTIAL = "partial_"
 _NAME = re.compile(r"^checkpoint_(\d+)$")
 
 
@@ -178,10 +174,10 @@ def save_checkpoint(accelerator: Any, model: nn.Module, state: RunState, label: 
     check_finite_weights(accelerator, model, state.completed_steps)
     state.label = label
     root, name = Path(accelerator.project_dir) / CHECKPOINTS_DIR, f"checkpoint_{accelerator.save_iteration}"
-    accelerator.save_state(str(root / (PARTIAL + name)))
+    accelerator.save_state(str(root / f"partial_{name}"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (root / (PARTIAL + name)).rename(root / name)
+        (root / f"partial_{name}").rename(root / name)
         for old in _complete(accelerator.project_dir)[: -keep if keep else 0]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -225,10 +221,9 @@ def check_finite_weights(accelerator: Any, model: nn.Module, step: int) -> None:
 
 
 def train(args, accelerator, model, train_dataloader, eval_dataloaders, evaluator, results, *, annealer, compute_loss):
-    """The loop of every training recipe (accelerate's nlp_example plus resume, checkpoints and the finite-loss
-    guard): epochs of optimizer steps, then (``evaluator`` given) an evaluation, results.json and a checkpoint per
-    epoch. ``annealer.on_step(done, total)`` runs before the first step and after each. Returns the prepared model
-    and eval dataloaders, and the RunState (``resumed_from`` recorded in ``results``)."""
+    """Every training recipe's loop (accelerate's nlp_example plus resume, checkpoints, the finite-loss guard):
+    epochs of steps (``annealer.on_step(done, total)`` before the first and after each), then an evaluation (with an
+    ``evaluator``), results.json and a checkpoint. Returns the prepared model and eval loaders, and the RunState."""
     total_steps = total_training_steps(args, len(train_dataloader), accelerator.num_processes)
     optimizer, lr_scheduler = create_optimizer_and_scheduler(model, args, total_steps, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler, *loaders = accelerator.prepare(
