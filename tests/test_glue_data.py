@@ -106,6 +106,7 @@ def test_non_utf8_file_names_file_and_line(tmp_path):
     [
         ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\td\tmaybe\n", r":3: label 'maybe'"),
         ("cola", "src\t1\t\tok\nsrc\t2\t*\tbad\n", r":2: label '2' is not in the cola label set"),
+        ("cola", "src\t1\t\tok\nsrc\t-1\t*\tbad\n", r":2: label '-1' is not in the cola label set"),
         ("stsb", "sentence1\tsentence2\tscore\nx\ty\tnan-ish\n", r":2: label 'nan-ish' is not a finite number"),
     ],
 )
