@@ -2,6 +2,4 @@
 name of its modules is importable from ``recipe_support.speech`` itself."""
 
 from recipe_support.speech.audio import *  # noqa: F403
-from recipe_support.speech.data import *  # noqa: F403
-from recipe_support.speech.models import *  # noqa: F403
 from recipe_support.speech.tasks import *  # noqa: F403

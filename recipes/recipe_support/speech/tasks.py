@@ -1,6 +1,6 @@
-"""What differs between the speech recipe's tasks and model families (Wav2Vec2 classification / CTC, Whisper
-classification / seq2seq recognition), in one :class:`TaskSetup`: the processor, the head (labels or CTC vocabulary),
-the targets, the collator, the eval step and the metrics (WER and CER: jiwer's corpus rates)."""
+"""The speech recipe's tasks and model families (Wav2Vec2 classification / CTC, Whisper classification / seq2seq
+recognition): the model (small scratch Wav2Vec2 configs that train on a CPU; Whisper with a shorter encoder window),
+and in one :class:`TaskSetup` the processor, the head, the targets, the collator, the eval step and the metrics."""
 
 from __future__ import annotations
 
@@ -19,23 +19,119 @@ import jiwer
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from hf_helu.errors import UsageError
 from recipe_support.evaluation import default_eval_step
-from recipe_support.models import has_trained_head
+from recipe_support.models import Head, check_head, has_trained_head, load_model
 from recipe_support.speech.audio import Clip, load_waveform
-from recipe_support.speech.models import encoder_positions, min_input_samples
 
 logger = logging.getLogger("speech")
+
+# Four conv layers of total stride 320 (20 ms frames at 16 kHz, as wav2vec2-base; a first stride of 10 instead of 5
+# halves the conv stack's cost, which dominates at these sizes), and SpecAugment masks short enough for short clips.
+_SMALL = {
+    "feat_extract_norm": "layer",
+    "do_stable_layer_norm": True,
+    "conv_bias": True,
+    "conv_dim": (32, 32, 32, 32),
+    "conv_kernel": (20, 8, 4, 4),
+    "conv_stride": (10, 4, 4, 2),
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4,
+    "mask_time_length": 2,
+    "layerdrop": 0.0,
+    "ctc_loss_reduction": "mean",
+    "ctc_zero_infinity": True,
+}
+_WIDTHS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "classifier_proj_size")
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {**_SMALL, **dict(zip(_WIDTHS, (32, 2, 2, 64, 32), strict=True))},
+    "small": {**_SMALL, **dict(zip(_WIDTHS, (64, 3, 4, 256, 64), strict=True))},
+    "base": {},  # Wav2Vec2Config() defaults: the wav2vec2-base architecture
+}
+
+
+def scratch_config(size: str = "small", overrides: str | None = None):
+    """A ``Wav2Vec2Config`` of a named size with ``overrides`` (``"hidden_size=64,num_hidden_layers=2"``) applied by
+    ``PretrainedConfig.update_from_string``."""
+    from transformers import Wav2Vec2Config
+
+    if size not in SIZES:
+        raise UsageError(f"unknown model size {size!r}: expected one of {sorted(SIZES)}")
+    config = Wav2Vec2Config(**SIZES[size])
+    if overrides:
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--config_overrides {overrides!r}: {err}; expected key=value[,key=value...]") from None
+    return config
+
+
+def min_input_samples(config) -> int:
+    """The fewest waveform samples for which the conv feature encoder of ``config`` gives one frame."""
+    needed = 1
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride, strict=True))):
+        needed = (needed - 1) * stride + kernel
+    return needed
+
+
+def build_model(
+    task: str, *, model_name_or_path: str | None = None, init: str = "pretrained", config=None, **head: Any
+) -> nn.Module:
+    """A float32 model for ``task`` with a head for ``labels=`` (classify) or the CTC ``vocabulary=`` (``<pad>`` its
+    blank), or Whisper's own decoder (asr): from a checkpoint (a trained head of another size is an error), its config
+    with random weights (``init="scratch"``), or new from ``config``."""
+    from transformers import AutoConfig, AutoModelForAudioClassification, AutoModelForCTC, AutoModelForSpeechSeq2Seq
+
+    checkpoint = config or AutoConfig.from_pretrained(model_name_or_path)
+    labels, vocabulary = head.get("labels"), head.get("vocabulary")
+    if task == "classify":
+        auto, fields = AutoModelForAudioClassification, {"id2label": dict(enumerate(labels))}
+        fields["label2id"] = {name: i for i, name in enumerate(labels)}
+        head = Head("classification", len(labels), "the dataset", labels=tuple(labels), detail=", ".join(labels))
+    elif checkpoint.model_type == "whisper":
+        auto, fields, head = AutoModelForSpeechSeq2Seq, {}, None
+    else:
+        auto, fields = AutoModelForCTC, {"vocab_size": len(vocabulary), "pad_token_id": vocabulary["<pad>"]}
+        head = Head("ctc", len(vocabulary), "the vocabulary", detail="characters and special tokens")
+    if config is not None:
+        return load_model(auto, config, **fields)
+    if head is not None:
+        check_head(checkpoint, head, model_name_or_path)
+    return load_model(auto, model_name_or_path, init, **fields)
+
+
+def encoder_positions(seconds: float, available: int) -> int:
+    """Encoder positions (50 per second) of a Whisper window of whole ``seconds`` (its feature extractor's
+    ``chunk_length``), at most the checkpoint's ``available``."""
+    if not (float(seconds).is_integer() and 1 <= seconds * 50 <= available):
+        raise UsageError(
+            f"--encoder_seconds {seconds}: the encoder window must be a whole number of seconds from 1 to the "
+            f"checkpoint's {available / 50:g}"
+        )
+    return int(seconds * 50)
+
+
+def shorten_encoder(model: nn.Module, seconds: float) -> int:
+    """Keep the first ``seconds`` x 50 encoder positions of a Whisper ``model`` in place (whisper.cpp's "audio
+    context"); the saved model, with a feature extractor of that ``chunk_length``, runs in stock transformers."""
+    encoder = model.get_encoder()
+    old = encoder.embed_positions.weight
+    positions = encoder_positions(seconds, len(old))
+    encoder.embed_positions = nn.Embedding.from_pretrained(
+        old[:positions].detach().clone(), freeze=not old.requires_grad
+    )
+    encoder.max_source_positions = model.config.max_source_positions = positions
+    return positions
 
 
 @dataclass
 class SpeechCollator:
-    """Waveforms through the feature extractor: Wav2Vec2's normalises each clip and pads (with an attention mask
-    only where the extractor returns one: not for wav2vec2-base's ``feat_extract_norm="group"``), Whisper's makes the
-    log-mel window. Token-id labels are padded with -100; Whisper asr (``decoder_pad_id``) also gets the decoder
-    inputs ids[:-1] for labels ids[1:], so that a frozen teacher and calibration, which drop the labels, run it."""
+    """Waveforms through the feature extractor (Wav2Vec2's normalises each clip and pads, with an attention mask only
+    where the checkpoint uses one; Whisper's makes the log-mel window); token ids padded with -100. Whisper asr also
+    gets the decoder inputs ids[:-1] for labels ids[1:]: a teacher and calibration, which drop the labels, run it."""
 
     feature_extractor: Any
     decoder_pad_id: int | None = None
@@ -82,30 +178,29 @@ class TaskSetup:
     max_seconds: float  # where clips are cut (classify), or the longest clip (asr): --max_seconds or Whisper's window
     min_samples: int = 1  # the fewest samples that give the model one frame
 
-    def targets(self, clips: list[Clip]) -> list[int] | list[list[int]]:
-        """Class ids, or the token ids of the transcripts; a label or character the model lacks is an error."""
-        if "labels" in self.head:
+    def dataset(self, clips: list[Clip]) -> list[dict[str, Any]]:
+        """Each clip's target (class id, or transcript token ids) and checked audio; a label or character the model
+        lacks, a clip too long for asr or too short for one frame is an error naming the clip, before any training."""
+        rate, cut = self.collator.feature_extractor.sampling_rate, "labels" in self.head  # classification cuts clips
+        if cut:
             label2id = {name: i for i, name in enumerate(self.head["labels"])}
             if unknown := next((clip for clip in clips if clip.label not in label2id), None):
                 raise UsageError(
                     f"unknown label {unknown.label!r} of {unknown.source!r}: the model's labels are {list(label2id)}"
                 )
-            return [label2id[clip.label] for clip in clips]
-        texts, vocabulary = [clean_transcript(clip) for clip in clips], self.head.get("vocabulary")
-        for clip, text in zip(clips, texts, strict=True):  # CTC: characters (Whisper's byte-level BPE has them all)
-            if vocabulary and (missing := sorted(set(text.replace(" ", "|")) - set(vocabulary))):
-                raise UsageError(
-                    f"transcript {text!r} of {clip.source!r} has characters {missing} missing from the vocabulary"
-                )
-        return self.processor.tokenizer(texts).input_ids
-
-    def dataset(self, clips: list[Clip]) -> list[dict[str, Any]]:
-        """Every target encoded and every clip decoded and checked, so that bad data fails before any training."""
-        rate = self.collator.feature_extractor.sampling_rate
+            targets = [label2id[clip.label] for clip in clips]
+        else:
+            texts, vocabulary = [clean_transcript(clip) for clip in clips], self.head.get("vocabulary")
+            for clip, text in zip(clips, texts, strict=True):  # CTC: characters (Whisper's byte-level BPE has all)
+                if vocabulary and (missing := sorted(set(text.replace(" ", "|")) - set(vocabulary))):
+                    raise UsageError(
+                        f"transcript {text!r} of {clip.source!r} has characters {missing} missing from the vocabulary"
+                    )
+            targets = self.processor.tokenizer(texts).input_ids
         cap, rows = round(self.max_seconds * rate), []
-        for clip, target in zip(clips, self.targets(clips), strict=True):
+        for clip, target in zip(clips, targets, strict=True):
             waveform = load_waveform(clip, rate)
-            if "labels" in self.head:  # classification cuts long clips
+            if cut:
                 waveform = waveform[:cap]
             elif len(waveform) > cap:
                 raise UsageError(
