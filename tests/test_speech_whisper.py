@@ -46,7 +46,7 @@ def test_shortened_encoder_is_the_first_positions_and_reloads_with_stock_transfo
 def test_bad_encoder_window_is_refused(seconds):
     from transformers import WhisperForConditionalGeneration
 
-    with pytest.raises(ValueError, match=rf"--encoder_seconds {seconds}: .*whole number of seconds from 1 to .*'s 2$"):
+    with pytest.raises(ValueError, match=rf"--encoder_seconds {seconds}: expected whole seconds from 1 to 2$"):
         speech.shorten_encoder(WhisperForConditionalGeneration(tiny_whisper_config()), seconds)
 
 

@@ -1,6 +1,5 @@
-"""Speech data: clips (an audio file or its encoded bytes, a label and/or transcript) per split, from the Free Spoken
-Digit Dataset, a local folder in the ``datasets`` audiofolder layout (read as a file listing: ``load_dataset
-("audiofolder")`` decodes through torchcodec) or a hub dataset (its audio read undecoded); decoded by soundfile."""
+"""Speech clips per split (FSDD; an audiofolder read as a file listing, as ``load_dataset("audiofolder")`` decodes
+through torchcodec; a hub dataset, its audio read undecoded), decoded by soundfile."""
 
 from __future__ import annotations
 
@@ -95,8 +94,7 @@ def clips_from_datasets(
         columns, where = dataset.column_names, f"{name}:{split}"
         texts = text_column or next((c for c in TRANSCRIPT_COLUMNS if c in columns), None)
         labels = label_column if label_column in columns else None
-        missing = [column for column in (audio_column, text_column) if column and column not in columns]
-        if missing or not (labels or texts):
+        if audio_column not in columns or (text_column and text_column not in columns) or not (labels or texts):
             raise UsageError(
                 f"{where} needs the audio column {audio_column!r} and the label column {label_column!r} or a "
                 f"transcript column ({text_column or list(TRANSCRIPT_COLUMNS)}); columns: {columns}"
@@ -130,9 +128,8 @@ def load_splits(dataset: str, config: str | None = None, **columns: Any) -> dict
     else:
         from datasets import load_dataset
 
-        splits = clips_from_datasets(
-            load_dataset(dataset, config), f"{dataset}/{config}" if config else dataset, **columns
-        )
+        hub = load_dataset(dataset, config)
+        splits = clips_from_datasets(hub, f"{dataset}/{config}" if config else dataset, **columns)
     empty = [name for name, clips in splits.items() if not clips]
     if not splits or empty:
         raise UsageError(f"dataset {dataset} has no audio clips in split(s) {empty or ['train']}")
@@ -156,25 +153,21 @@ def subset_in_order(clips: list[Clip], limit: int | None, seed: int = 0) -> list
 
 def stratified_split(clips: list[Clip], eval_fraction: float, seed: int = 0) -> tuple[list, list, dict[str, Any]]:
     """(train clips, eval clips, a description) of a dataset without an eval split: ``Dataset.train_test_split``
-    holds out ``ceil(eval_fraction * n)`` clips shared among the classes in proportion to their sizes (no labels: a
-    plain random split), with ``seed``; both parts keep the original order."""
+    holds out ``ceil(eval_fraction * n)`` clips shared among the classes in proportion to their sizes, with ``seed``;
+    both parts keep the original order."""
     from datasets import Dataset
 
-    stratified = any(clip.label is not None for clip in clips)
+    stratify = "label" if any(clip.label is not None for clip in clips) else None  # no labels: a plain random split
     labels = [str(clip.label) for clip in clips]
     rows = Dataset.from_dict({"index": range(len(clips)), "label": labels}).class_encode_column("label")
+    held_size = math.ceil(eval_fraction * len(clips))
     try:
-        parts = rows.train_test_split(
-            test_size=math.ceil(eval_fraction * len(clips)),
-            seed=seed,
-            stratify_by_column="label" if stratified else None,
-        )
+        parts = rows.train_test_split(test_size=held_size, seed=seed, stratify_by_column=stratify)
     except ValueError as error:  # a class of one clip, a part with fewer clips than classes, or an empty part
         raise UsageError(
             f"--eval_fraction {eval_fraction} of {len(clips)} clips ({dict(Counter(labels))} per class): {error}; "
             "add clips or give the dataset an eval split"
         ) from None
     train, held = ([clips[i] for i in sorted(parts[name]["index"])] for name in ("train", "test"))
-    description = {"from": "train", "eval_fraction": eval_fraction, "split_seed": seed}
-    description |= {"stratified_by": "label" if stratified else None, "train_clips": len(train)}
-    return train, held, {**description, "eval_clips": len(held)}
+    description = {"from": "train", "eval_fraction": eval_fraction, "split_seed": seed, "stratified_by": stratify}
+    return train, held, {**description, "train_clips": len(train), "eval_clips": len(held)}

@@ -1,6 +1,5 @@
-"""The speech recipe's tasks and model families (Wav2Vec2 classification / CTC, Whisper classification / seq2seq
-recognition): the model (small scratch Wav2Vec2 configs that train on a CPU; Whisper with a shorter encoder window),
-and in one :class:`TaskSetup` the processor, the head, the targets, the collator, the eval step and the metrics."""
+"""Speech tasks (classify, asr) on Wav2Vec2-style and Whisper models: the model (scratch Wav2Vec2 configs that train on
+a CPU, Whisper's shorter encoder window) and a :class:`TaskSetup`: processor, head, targets, collator, evaluation."""
 
 from __future__ import annotations
 
@@ -54,8 +53,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def scratch_config(size: str = "small", overrides: str | None = None):
-    """A ``Wav2Vec2Config`` of a named size with ``overrides`` (``"hidden_size=64,num_hidden_layers=2"``) applied by
-    ``PretrainedConfig.update_from_string``."""
+    """A ``Wav2Vec2Config`` of a named size, ``overrides`` (``"hidden_size=64,..."``) set by ``update_from_string``."""
     from transformers import Wav2Vec2Config
 
     if size not in SIZES:
@@ -90,27 +88,23 @@ def build_model(
     if task == "classify":
         auto, fields = AutoModelForAudioClassification, {"id2label": dict(enumerate(labels))}
         fields["label2id"] = {name: i for i, name in enumerate(labels)}
-        head = Head("classification", len(labels), "the dataset", labels=tuple(labels), detail=", ".join(labels))
+        needs = Head("classification", len(labels), "the dataset", labels=tuple(labels), detail=", ".join(labels))
     elif checkpoint.model_type == "whisper":
-        auto, fields, head = AutoModelForSpeechSeq2Seq, {}, None
+        auto, fields, needs = AutoModelForSpeechSeq2Seq, {}, None
     else:
         auto, fields = AutoModelForCTC, {"vocab_size": len(vocabulary), "pad_token_id": vocabulary["<pad>"]}
-        head = Head("ctc", len(vocabulary), "the vocabulary", detail="characters and special tokens")
+        needs = Head("ctc", len(vocabulary), "the vocabulary", detail="characters and special tokens")
     if config is not None:
         return load_model(auto, config, **fields)
-    if head is not None:
-        check_head(checkpoint, head, model_name_or_path)
+    if needs is not None:
+        check_head(checkpoint, needs, model_name_or_path)
     return load_model(auto, model_name_or_path, init, **fields)
 
 
 def encoder_positions(seconds: float, available: int) -> int:
-    """Encoder positions (50 per second) of a Whisper window of whole ``seconds`` (its feature extractor's
-    ``chunk_length``), at most the checkpoint's ``available``."""
+    """Encoder positions (50 per second) of a Whisper window of whole ``seconds`` (the extractor's ``chunk_length``)."""
     if not (float(seconds).is_integer() and 1 <= seconds * 50 <= available):
-        raise UsageError(
-            f"--encoder_seconds {seconds}: the encoder window must be a whole number of seconds from 1 to the "
-            f"checkpoint's {available / 50:g}"
-        )
+        raise UsageError(f"--encoder_seconds {seconds}: expected whole seconds from 1 to {available / 50:g}")
     return int(seconds * 50)
 
 
@@ -120,9 +114,8 @@ def shorten_encoder(model: nn.Module, seconds: float) -> int:
     encoder = model.get_encoder()
     old = encoder.embed_positions.weight
     positions = encoder_positions(seconds, len(old))
-    encoder.embed_positions = nn.Embedding.from_pretrained(
-        old[:positions].detach().clone(), freeze=not old.requires_grad
-    )
+    kept = old[:positions].detach().clone()
+    encoder.embed_positions = nn.Embedding.from_pretrained(kept, freeze=not old.requires_grad)
     encoder.max_source_positions = model.config.max_source_positions = positions
     return positions
 
@@ -155,9 +148,8 @@ class SpeechCollator:
 
 
 def calibration_batches(dataset: list[dict], collator: SpeechCollator, samples: int, batch_size: int) -> list[dict]:
-    """Batches of the first ``samples`` clips for conversion's calibration, none padded and none masked (a padding
-    mask does not match the FFN activations' positions): clips of one input length (Whisper: every input is the
-    log-mel window) and one target length per batch."""
+    """Unpadded, unmasked batches (a padding mask does not match the FFN activations' positions) of the first
+    ``samples`` clips, for calibration: one input length (Whisper: its window) and one target length per batch."""
     whisper = "input_features" in collator.feature_extractor.model_input_names
     groups: dict[tuple[int, int], list[dict]] = {}
     for row in dataset[:samples]:
@@ -263,8 +255,7 @@ def asr_metrics(outputs: dict[str, Any], normalize: Callable[[str], str] | None 
 
 
 def ctc_eval_step(tokenizer, model, batch) -> dict[str, Any]:
-    """Per-clip CTC loss (as ``ctc_loss_reduction="mean"``: over the target length), greedy transcripts of the clip's
-    own frames, references."""
+    """Per-clip CTC loss (``ctc_loss_reduction="mean"``'s), greedy transcripts of each clip's own frames, references."""
     core, labels = getattr(model, "module", model), batch["labels"]
     logits = model(**batch).logits.float()
     samples = batch.get("attention_mask", torch.ones_like(batch["input_values"], dtype=torch.long)).sum(-1)
@@ -283,13 +274,11 @@ def whisper_eval_step(tokenizer, max_new_tokens: int, model, batch) -> dict[str,
     logits = model(input_features=features, decoder_input_ids=batch["decoder_input_ids"]).logits.float()
     loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(-1) / (labels != -100).sum(-1)
     generated = getattr(model, "module", model).generate(features, max_new_tokens=max_new_tokens)
-    references = labels.masked_fill(labels < 0, tokenizer.pad_token_id)
     hypotheses = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    return {
-        "loss": loss,
-        "hypotheses": hypotheses,
-        "references": tokenizer.batch_decode(references, skip_special_tokens=True),
-    }
+    references = tokenizer.batch_decode(
+        labels.masked_fill(labels < 0, tokenizer.pad_token_id), skip_special_tokens=True
+    )
+    return {"loss": loss, "hypotheses": hypotheses, "references": references}
 
 
 def classify_setup(args: argparse.Namespace, config, train_split: list[Clip], extractor, **common) -> TaskSetup:
@@ -299,16 +288,16 @@ def classify_setup(args: argparse.Namespace, config, train_split: list[Clip], ex
     else:
         if unlabelled := next((clip for clip in train_split if not clip.label), None):
             raise UsageError(f"clip {unlabelled.source!r} has no label (classification needs one per clip)")
-        labels = sorted(
-            {clip.label for clip in train_split}, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n)
-        )
+        names = {clip.label for clip in train_split}
+        labels = sorted(names, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
     if len(labels) < 2:
         raise UsageError(
             f"dataset {args.dataset} has {len(labels)} class(es) {labels} in split {args.train_split!r}: "
             "classification needs at least 2"
         )
-    collator = SpeechCollator(extractor)
-    return TaskSetup({"labels": labels}, extractor, collator, default_eval_step, classify_metrics, **common)
+    return TaskSetup(
+        {"labels": labels}, extractor, SpeechCollator(extractor), default_eval_step, classify_metrics, **common
+    )
 
 
 def wav2vec2_setup(args: argparse.Namespace, config, train_split: list[Clip]) -> TaskSetup:
@@ -334,8 +323,7 @@ def wav2vec2_setup(args: argparse.Namespace, config, train_split: list[Clip]) ->
 
 
 def whisper_setup(args: argparse.Namespace, config, train_split: list[Clip]) -> TaskSetup:
-    """Log-mel features of the (possibly shortened) encoder window; asr targets are the tokenized transcripts
-    (``<|startoftranscript|>`` ... ``<|endoftext|>``), scored after Whisper's English normaliser."""
+    """Log-mel features of the (possibly shortened) encoder window; transcripts scored after Whisper's normaliser."""
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
     from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
@@ -348,5 +336,6 @@ def whisper_setup(args: argparse.Namespace, config, train_split: list[Clip]) -> 
     collator = SpeechCollator(extractor, decoder_pad_id=tokenizer.pad_token_id)
     step = functools.partial(whisper_eval_step, tokenizer, args.generation_max_tokens)
     metrics = functools.partial(asr_metrics, normalize=EnglishTextNormalizer({}))
-    processor = WhisperProcessor(extractor, tokenizer)
-    return TaskSetup({}, processor, collator, step, metrics, max_seconds=min(args.max_seconds, seconds))
+    return TaskSetup(
+        {}, WhisperProcessor(extractor, tokenizer), collator, step, metrics, max_seconds=min(args.max_seconds, seconds)
+    )
