@@ -26,7 +26,7 @@ An Accelerate script (no Trainer) with its own training loop::
 ``--dataset`` is a local folder (FSDD, or the ``datasets`` audiofolder convention) or a hub id; a folder without an
 eval split gets a stratified held-out split (``--eval_fraction``, ``--split_seed``, recorded in results.json).
 OUTPUT_DIR/results.json holds the run config, per-epoch and final metrics (classify: accuracy and loss; asr: WER,
-CER and loss, and for Whisper the exact-match rate), dead-unit statistics, wall time and the number of processes.
+CER, exact-match rate and loss), dead-unit statistics, wall time and the number of processes.
 User errors (bad data, bad flags) print ``error: ...`` and exit 2 before any training.
 """
 
@@ -39,7 +39,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from recipe_support import speech
 from recipe_support.args import (
@@ -56,13 +55,12 @@ from recipe_support.models import check_model_source, prepare_model, trainable_p
 from recipe_support.output_dir import claim_output_dir
 from recipe_support.paths import DATA_DIR_ENV, data_path
 from recipe_support.results import check_hub, command_line, finish_training, new_results, publish
-from recipe_support.speech.setups import load_task_model, train_new_head, wav2vec2_setup, whisper_setup
 from recipe_support.training import check_checkpoint, make_accelerator, start_tracking, train, with_progress
 
 import hf_helu  # noqa: F401  (registers "helu" in transformers' ACT2FN, for checkpoints that use it)
 from hf_helu import conversion
 from hf_helu.errors import UsageError
-from hf_helu.inputs import positive_int
+from hf_helu.inputs import fraction, positive_int
 
 logger = logging.getLogger("speech")
 
@@ -73,7 +71,7 @@ LORA_TARGET_MODULES = ("q_proj", "v_proj")  # Wav2Vec2/HuBERT/WavLM attention pr
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=speech.TASKS, default="classify")
+    parser.add_argument("--task", choices=("classify", "asr"), default="classify")
     parser.add_argument("--dataset", help="FSDD or audiofolder folder, or a hub id (default: $HF_HELU_DATA_DIR/fsdd).")
     parser.add_argument("--dataset_config", default=None, help="Hub dataset config name (e.g. 'ks' for superb).")
     parser.add_argument("--train_split", default="train")
@@ -96,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Freeze the conv feature encoder (default: yes for a pretrained Wav2Vec2, else no).",
     )
-    parser.add_argument("--eval_fraction", type=float, default=0.2, help="No eval split: hold out this fraction.")
+    parser.add_argument("--eval_fraction", type=fraction, default=0.2, help="No eval split: hold out this fraction.")
     parser.add_argument("--split_seed", type=int, default=0, help="Seed of that stratified held-out split.")
     parser.add_argument("--eval_stride", type=positive_int, default=None, help="Keep every Nth eval clip, in order.")
     parser.add_argument(
@@ -114,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.learning_rate = DEFAULT_LR[args.init]
     check_training_args(args)
     check_conversion_args(args)
+    if not args.max_seconds > 0:
+        parser.error(f"--max_seconds must be > 0, got {args.max_seconds}")
     if args.model_name_or_path is None and args.init == "pretrained":
         args.model_name_or_path = DEFAULT_PRETRAINED
     args.output_dir = args.output_dir or f"runs/speech_{args.task}_{args.activation}_s{args.seed}"
@@ -145,8 +145,9 @@ def model_config(args: argparse.Namespace):
 # --- data ----------------------------------------------------------------------------------------
 
 
-def load_clips(args: argparse.Namespace) -> speech.ClipSets:
-    """The clips of the run; a local dataset with a train split only gets a stratified held-out eval split.
+def load_clips(args: argparse.Namespace) -> tuple[list[speech.Clip], list[speech.Clip], list[speech.Clip], dict]:
+    """(the whole train split, its clips used for training, the eval clips, where they come from); a local dataset
+    with a train split only gets a stratified held-out eval split.
 
     Labels and the CTC vocabulary come from the whole train split, so a --max_train_samples subset that
     happens to miss a class or a character still builds the same model head.
@@ -167,31 +168,28 @@ def load_clips(args: argparse.Namespace) -> speech.ClipSets:
     # clips are not decoded; they only give a scratch model its labels or vocabulary.
     train_split = splits.get(args.train_split, [])
     train = speech.subset_in_order(train_split, args.max_train_samples)
-    eval_clips = splits[eval_split][:: args.eval_stride or 1]
-    return speech.ClipSets(
-        train_split, train, speech.subset_in_order(eval_clips, args.max_eval_samples), eval_split, held_out
-    )
-
-
-def waveforms(clips: list[speech.Clip], setup: speech.TaskSetup, args: argparse.Namespace) -> list[np.ndarray]:
-    """Decoded, checked model inputs (:func:`recipe_support.speech.load_waveforms`)."""
-    return speech.load_waveforms(
-        clips,
-        setup.sampling_rate,
-        setup.max_seconds,
-        cut=args.task == "classify",
-        do_normalize=setup.normalize,
-        min_samples=setup.min_samples,
-        cap_name=setup.cap_name,
-    )
+    eval_clips = speech.subset_in_order(splits[eval_split][:: args.eval_stride or 1], args.max_eval_samples)
+    data = {"train_clips": len(train), "eval_clips": len(eval_clips), "eval_split": eval_split}
+    return train_split, train, eval_clips, {**data, "held_out_split": held_out}
 
 
 def build_model(
     args: argparse.Namespace, config, setup: speech.TaskSetup
 ) -> tuple[torch.nn.Module, dict[str, Any], Any]:
-    """The task's model with HeLU / LoRA (the new head trained in full), its model_info, and the conversion state:
-    (original activations, the frozen teacher, the resolved conversion choice)."""
-    model = load_task_model(args, config, setup)
+    """The task's float32 model (Whisper: its encoder window cut to --encoder_seconds) with HeLU / LoRA (the new head
+    trained in full), its model_info, and the conversion state: (original activations, the frozen teacher, the
+    resolved conversion choice)."""
+    scratch = config if args.model_name_or_path is None else None
+    model = speech.build_model(
+        args.task, model_name_or_path=args.model_name_or_path, init=args.init, config=scratch, **setup.head
+    )
+    if args.encoder_seconds is not None:
+        speech.shorten_encoder(model, args.encoder_seconds)
+    if args.freeze_feature_encoder and config.model_type == "whisper":  # Whisper's counterpart: the encoder's convs
+        model.get_encoder().conv1.requires_grad_(False)
+        model.get_encoder().conv2.requires_grad_(False)
+    elif args.freeze_feature_encoder:
+        model.freeze_feature_encoder()
     choice = conversion.resolve_conversion(
         args.conversion, activation=args.activation, model=model, init=args.init, training=not args.eval_only
     )
@@ -199,8 +197,10 @@ def build_model(
     teacher = copy.deepcopy(model) if args.distill_weight else None
     model, model_info = prepare_model(model, args.activation, args.alpha, args.scope, lora=lora_settings(args))
     model_info["conversion_choice"] = choice.to_dict()
-    if args.lora:
-        train_new_head(model, "whisper_asr" if setup.whisper and args.task == "asr" else args.task)
+    if args.lora:  # the task's new head is trained in full (Whisper asr has none)
+        heads = (".projector.", ".classifier.") if args.task == "classify" else (".lm_head.",)
+        for name, param in model.named_parameters():
+            param.requires_grad_(param.requires_grad or any(head in f".{name}" for head in heads))
         model_info["lora"]["trainable_params"] = trainable_parameters(model)
     return model, model_info, (originals, teacher, choice)
 
@@ -222,7 +222,6 @@ def convert(args, accelerator, model, setup, train_data, state, model_info) -> t
                 setup.collator,
                 args.calibration_samples,
                 args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size,
-                by_target_length=setup.whisper and args.task == "asr",
             ),
             ridge=args.calibration_ridge,
             anneal_fraction=args.anneal_fraction,
@@ -261,7 +260,7 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
 
     set_seed(args.seed)
     config = model_config(args)
-    whisper = speech.is_whisper(config)
+    whisper = config.model_type == "whisper"
     if args.encoder_seconds is not None and not whisper:
         raise UsageError(
             "--encoder_seconds applies to Whisper checkpoints; "
@@ -269,13 +268,11 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
         )
     if args.freeze_feature_encoder is None:  # default: the pretrained Wav2Vec2 conv stack stays as trained
         args.freeze_feature_encoder = args.init == "pretrained" and not whisper
-    clips = load_clips(args)
-    setup = (whisper_setup if whisper else wav2vec2_setup)(args, config, clips.train_split)
-    # Every clip is decoded and checked, every target encoded, before the model is loaded or trained.
-    eval_data = speech.SpeechDataset(waveforms(clips.eval, setup, args), setup.encode(clips.eval))
-    train_data = None
-    if not args.eval_only:
-        train_data = speech.SpeechDataset(waveforms(clips.train, setup, args), setup.encode(clips.train))
+    train_split, train_clips, eval_clips, data = load_clips(args)
+    setup = (speech.whisper_setup if whisper else speech.wav2vec2_setup)(args, config, train_split)
+    # Every target is encoded, every clip decoded and checked, before the model is loaded or trained.
+    eval_data = setup.dataset(eval_clips)
+    train_data = None if args.eval_only else setup.dataset(train_clips)
     model, model_info, state = build_model(args, config, setup)
 
     eval_batch_size = args.per_device_eval_batch_size or 2 * args.per_device_train_batch_size
@@ -295,14 +292,11 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
     run = {
         **run_config(args),
         "data": {
-            "train_clips": len(clips.train),
-            "eval_clips": len(clips.eval),
-            "eval_split": clips.eval_split,
-            "held_out_split": clips.held_out,
-            "sampling_rate": setup.sampling_rate,
+            **data,
+            "sampling_rate": setup.collator.feature_extractor.sampling_rate,
             **({"labels": head["labels"]} if args.task == "classify" else {}),
             **({"vocabulary_size": len(head["vocabulary"])} if "vocabulary" in head else {}),
-            **({"encoder_seconds": speech.window_seconds(model.config)} if whisper else {}),
+            **({"encoder_seconds": model.config.max_source_positions / 50} if whisper else {}),
         },
     }
     results = new_results(accelerator, run, model_info)
@@ -310,12 +304,12 @@ def _run(args: argparse.Namespace, accelerator) -> dict[str, Any]:
     evaluator = make_evaluator(accelerator, model, setup.compute_metrics, setup.eval_step, args.scope)
     if args.eval_only:
         model, eval_loader = accelerator.prepare(model, eval_loader)
-        loaders = with_progress(args, accelerator, {clips.eval_split: eval_loader})
+        loaders = with_progress(args, accelerator, {data["eval_split"]: eval_loader})
         results = evaluate_only(accelerator, model, loaders, evaluator, args, results)
     else:
         # The loop (recipe_support.training.train): epochs of optimizer steps, an evaluation and a checkpoint each.
         model, loaders, state = train(
-            args, accelerator, model, train_loader, {clips.eval_split: eval_loader}, evaluator, results,
+            args, accelerator, model, train_loader, {data["eval_split"]: eval_loader}, evaluator, results,
             annealer=annealer, compute_loss=distiller,
         )  # fmt: skip
         # The final metrics, the model (and its stock-ReLU export) with model cards, results.json.

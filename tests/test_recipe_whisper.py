@@ -66,13 +66,9 @@ def test_whisper_asr_with_helu_auto_conversion_and_distillation_exports_stock_re
     helu_model = WhisperForConditionalGeneration.from_pretrained(out / "model").eval()
     relu_model = WhisperForConditionalGeneration.from_pretrained(relu_dir).eval()
     assert helu_model.config.activation_function.startswith("helu")
-    waveforms = speech.load_waveforms(
-        [speech.Clip(str(RECORDINGS / name)) for name in ("3_theo_0.wav", "6_lucas_1.wav")],
-        16000,
-        2.4,
-        cut=False,
-        do_normalize=False,
-    )
+    waveforms = [
+        speech.load_waveform(speech.Clip(str(RECORDINGS / name))) for name in ("3_theo_0.wav", "6_lucas_1.wav")
+    ]
     features = WhisperFeatureExtractor.from_pretrained(relu_dir)(waveforms, sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
         want = helu_model.generate(features.input_features, max_new_tokens=6)

@@ -1,5 +1,5 @@
-"""Speech batches (recipe_support.speech.batches): per-clip normalisation then padding give what Wav2Vec2's feature
-extractor gives from the raw clips; token labels padded with -100."""
+"""Speech batches (recipe_support.speech.tasks): the collator normalises each clip over its own samples, then pads
+(an attention mask only where the extractor uses one); token labels padded with -100; calibration batches unpadded."""
 
 from __future__ import annotations
 
@@ -9,23 +9,27 @@ from recipe_support import speech
 from speech_helpers import fsdd_files, needs_fsdd
 
 
+def normalised(waveform) -> np.ndarray:
+    """Zero mean, unit variance over the clip (the independent reference of Wav2Vec2's normalisation)."""
+    waveform = np.asarray(waveform, dtype=np.float64)
+    return (waveform - waveform.mean()) / np.sqrt(waveform.var() + 1e-7)
+
+
 @needs_fsdd
-def test_normalisation_padding_and_mask_match_wav2vec2_feature_extractor():
+def test_each_clip_is_normalised_over_its_own_samples_then_padded():
     from transformers import Wav2Vec2FeatureExtractor
 
-    clips = [speech.Clip(str(p)) for p in fsdd_files(["3_theo_7.wav", "0_george_0.wav", "9_lucas_20.wav"])]
-    raw = [speech.resample(*speech.read_audio(c)) for c in clips]
-    assert len({len(w) for w in raw}) == 3
-    extractor = Wav2Vec2FeatureExtractor(return_attention_mask=True, do_normalize=True)
-    expected = extractor(raw, sampling_rate=16000, padding=True, return_tensors="pt")
-    batch = speech.SpeechCollator(extractor)([{"input_values": speech.load_waveform(c), "labels": 0} for c in clips])
-    torch.testing.assert_close(batch["input_values"], expected["input_values"], atol=1e-5, rtol=1e-5)
-    assert batch["attention_mask"].tolist() == [[1] * len(w) + [0] * (max(map(len, raw)) - len(w)) for w in raw]
-    no_mask = Wav2Vec2FeatureExtractor(return_attention_mask=False, padding_value=0.5)
-    rows = [{"input_values": np.ones(3), "labels": 1}, {"input_values": [2], "labels": 0}]
-    batch = speech.SpeechCollator(no_mask)(rows)
-    assert set(batch) == {"input_values", "labels"} and batch["labels"].tolist() == [1, 0]
-    assert batch["input_values"].tolist() == [[1, 1, 1], [2, 0.5, 0.5]]
+    raw = [speech.load_waveform(speech.Clip(str(p))) for p in fsdd_files(["3_theo_7.wav", "0_george_0.wav"])]
+    longest = max(map(len, raw))
+    for mask in (True, False):  # a checkpoint without a mask (wav2vec2-base) still gets per-clip normalisation
+        extractor = Wav2Vec2FeatureExtractor(return_attention_mask=mask, padding_value=0.5)
+        batch = speech.SpeechCollator(extractor)([{"input_values": w, "labels": i} for i, w in enumerate(raw)])
+        assert ("attention_mask" in batch) == mask and batch["labels"].tolist() == [0, 1]
+        for row, waveform in zip(batch["input_values"].numpy(), raw, strict=True):
+            np.testing.assert_allclose(row[: len(waveform)], normalised(waveform), atol=1e-4)
+            assert (row[len(waveform) :] == 0.5).all() and len(row) == longest
+        if mask:
+            assert batch["attention_mask"].tolist() == [[1] * len(w) + [0] * (longest - len(w)) for w in raw]
 
 
 def test_token_labels_pad_with_minus_100():
@@ -36,3 +40,17 @@ def test_token_labels_pad_with_minus_100():
     )
     assert batch["labels"].tolist() == [[3, 4, -100], [5, 6, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_calibration_batches_hold_clips_of_one_length_without_a_mask():
+    from transformers import Wav2Vec2FeatureExtractor
+
+    collator = speech.SpeechCollator(Wav2Vec2FeatureExtractor(return_attention_mask=True))
+    rng = np.random.default_rng(0)
+    rows = [{"input_values": rng.standard_normal(n).astype(np.float32), "labels": 0} for n in (5, 7, 5, 5, 9)]
+    batches = speech.calibration_batches(rows, collator, samples=4, batch_size=2)
+    assert [tuple(b["input_values"].shape) for b in batches] == [(2, 5), (1, 5), (1, 7)]  # the first 4 clips only
+    assert all(set(b) == {"input_values", "labels"} for b in batches)
+    torch.testing.assert_close(
+        batches[2]["input_values"][0], torch.as_tensor(normalised(rows[1]["input_values"])).float()
+    )

@@ -1,8 +1,9 @@
-"""Speech datasets (recipe_support.speech.data): FSDD, audiofolders (label folders, splits, metadata.csv), hub-style
-datasets decoded by soundfile, and clear errors."""
+"""Speech datasets (recipe_support.speech.audio): FSDD, audiofolders (label folders, splits, metadata.csv), hub-style
+datasets decoded by soundfile, the class labels a classification head gets, and clear errors."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 
@@ -17,6 +18,14 @@ from hf_helu.errors import UsageError
 pytestmark = needs_fsdd
 
 
+def class_labels(clips: list) -> list[str]:
+    """The labels a scratch classification model gets for ``clips`` as its train split."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    args = argparse.Namespace(model_name_or_path=None, dataset="data", train_split="train")
+    return speech.classify_setup(args, None, clips, Wav2Vec2FeatureExtractor(), max_seconds=1.0).head["labels"]
+
+
 def test_fsdd_split_labels_and_transcripts():
     splits = speech.load_splits(FSDD)
     assert {name: len(clips) for name, clips in splits.items()} == {"train": 2700, "test": 300}
@@ -29,7 +38,7 @@ def test_fsdd_split_labels_and_transcripts():
                 clip.transcript
                 == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][int(digit)]
             )
-    assert speech.label_names(splits["train"]) == [str(d) for d in range(10)]
+    assert class_labels(splits["train"]) == [str(d) for d in range(10)]
 
 
 def test_audiofolder_with_label_subfolders(tmp_path):
@@ -41,7 +50,16 @@ def test_audiofolder_with_label_subfolders(tmp_path):
         ("1_theo_5.wav", "yes"),
         ("1_theo_6.wav", "yes"),
     ]
-    assert speech.label_names(splits["train"]) == ["no", "yes"]
+    assert class_labels(splits["train"]) == ["no", "yes"]
+
+
+def test_class_labels_sort_numbers_numerically_and_every_clip_needs_one():
+    clips = [speech.Clip(f"{label}.wav", label=label) for label in ("10", "b", "9", "a", "10")]
+    assert class_labels(clips) == ["9", "10", "a", "b"]
+    with pytest.raises(UsageError, match=r"clip 'x\.wav' has no label"):
+        class_labels([*clips, speech.Clip("x.wav")])
+    with pytest.raises(UsageError, match=r"has 1 class\(es\) \['a'\] in split 'train'"):
+        class_labels(clips[3:4])
 
 
 def test_audiofolder_with_splits_and_metadata(tmp_path):
@@ -54,7 +72,7 @@ def test_audiofolder_with_splits_and_metadata(tmp_path):
     assert speech.pick_eval_split(splits) == "test"
     clip = splits["train"][0]
     assert (clip.source, clip.label, clip.transcript) == (str(tmp_path / "train/clips/2_jackson_5.wav"), "two", "two  ")
-    assert speech.read_audio(clip)[1] == 8000
+    assert len(speech.load_waveform(clip, 8000)) == sf.info(clip.source).frames  # read at its own 8 kHz
 
 
 def test_hub_style_dataset_is_decoded_by_soundfile_not_torchcodec():
@@ -74,10 +92,9 @@ def test_hub_style_dataset_is_decoded_by_soundfile_not_torchcodec():
         ("seven", "seven", "local/fake:train[1]"),
     ]
     for clip, path in zip(clips, paths, strict=True):
-        decoded, rate = speech.read_audio(clip)
-        expected, expected_rate = sf.read(path, dtype="float32")
-        assert rate == expected_rate == 8000
-        np.testing.assert_array_equal(decoded, expected)
+        expected, rate = sf.read(path, dtype="float32")
+        assert rate == 8000
+        np.testing.assert_array_equal(speech.load_waveform(clip, 8000), expected)
 
 
 def test_empty_dataset_is_an_error(tmp_path):
@@ -95,8 +112,6 @@ def test_subset_in_order_is_fixed_by_its_seed_and_keeps_the_order():
     assert [clips.index(c) for c in chosen] == sorted(clips.index(c) for c in chosen)  # original order
     assert chosen != clips[:8]  # drawn at random, not the first ones
     assert speech.subset_in_order(clips, None) == clips == speech.subset_in_order(clips, 30)
-    with pytest.raises(ValueError, match="sample limit must be > 0"):
-        speech.subset_in_order(clips, 0)
 
 
 def test_stratified_split_is_reproducible_per_class_and_recorded():
@@ -115,7 +130,10 @@ def test_stratified_split_is_reproducible_per_class_and_recorded():
     assert held == [c for c in clips if c in held]  # original order kept
 
 
-def test_stratified_split_refuses_a_class_of_one_clip():
+def test_stratified_split_refuses_a_class_of_one_clip_or_too_few_clips():
     clips = [speech.Clip("a_0.wav", label="a"), speech.Clip("a_1.wav", label="a"), speech.Clip("b_0.wav", label="b")]
-    with pytest.raises(ValueError, match=r"class 'b' has 1 clip \('b_0.wav'\)"):
+    with pytest.raises(UsageError, match=r"--eval_fraction 0.5 of 3 clips \(\{'a': 2, 'b': 1\} per class\): .*only 1"):
         speech.stratified_split(clips, 0.5)
+    clips = [speech.Clip(f"{label}_{i}.wav", label=label) for label in "abc" for i in range(4)]
+    with pytest.raises(UsageError, match=r"--eval_fraction 0.1 of 12 clips .*number of classes = 3"):
+        speech.stratified_split(clips, 0.1)

@@ -1,4 +1,5 @@
-"""Speech metrics (recipe_support.speech.evaluation, jiwer's WER and CER) against an edit distance written here."""
+"""Speech recognition metrics (recipe_support.speech.asr_metrics: jiwer's WER and CER, exact match, loss) against an
+edit distance written here."""
 
 from __future__ import annotations
 
@@ -31,13 +32,19 @@ def characters(text: str) -> list[str]:
     return list(text.strip())
 
 
+def metrics(references, hypotheses) -> dict[str, float]:
+    return speech.asr_metrics({"references": references, "hypotheses": hypotheses, "loss": [1.0] * len(references)})
+
+
 def test_wer_and_cer_are_corpus_edit_rates():
     assert edit_distance("kitten", "sitting") == 3
-    assert math.isclose(speech.word_error_rate(REFERENCES, HYPOTHESES), corpus_rate(REFERENCES, HYPOTHESES, str.split))
-    assert math.isclose(speech.char_error_rate(REFERENCES, HYPOTHESES), corpus_rate(REFERENCES, HYPOTHESES, characters))
+    corpus = metrics(REFERENCES, HYPOTHESES)
+    assert math.isclose(corpus["wer"], corpus_rate(REFERENCES, HYPOTHESES, str.split))
+    assert math.isclose(corpus["cer"], corpus_rate(REFERENCES, HYPOTHESES, characters))
+    assert corpus["exact_match"] == 1 / 5 and corpus["loss"] == 1.0
     for ref, hyp in zip(REFERENCES, HYPOTHESES, strict=True):
-        assert math.isclose(speech.word_error_rate(ref, hyp), corpus_rate([ref], [hyp], str.split))
-        assert math.isclose(speech.char_error_rate(ref, hyp), corpus_rate([ref], [hyp], characters))
-    assert speech.word_error_rate("one two three", "two three") == 1 / 3
-    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
-        speech.word_error_rate(["a", "b"], ["a"])
+        assert math.isclose(metrics([ref], [hyp])["wer"], corpus_rate([ref], [hyp], str.split))
+        assert math.isclose(metrics([ref], [hyp])["cer"], corpus_rate([ref], [hyp], characters))
+    assert metrics(["one two three"], ["two three"])["wer"] == 1 / 3
+    with pytest.raises(ValueError):
+        metrics(["a", "b"], ["a"])

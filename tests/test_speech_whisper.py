@@ -1,12 +1,15 @@
-"""recipe_support.speech.whisper: the shorter encoder window, the collator's decoder inputs, the asr metrics;
-and the Wav2Vec2 minimum clip length (recipe_support.speech.models.min_input_samples)."""
+"""Whisper in recipe_support.speech: the shorter encoder window, the collator's decoder inputs, the asr metrics of
+whisper_setup (Whisper's English normaliser); and the Wav2Vec2 minimum clip length (min_input_samples)."""
 
 from __future__ import annotations
+
+import argparse
 
 import jiwer
 import numpy as np
 import pytest
 import torch
+from helpers import WHISPER_DIR
 from recipe_support import speech
 
 
@@ -15,7 +18,7 @@ def tiny_whisper_config(**overrides):
 
     fields = dict(
         vocab_size=60, num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=50,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=100,
         max_target_positions=16, pad_token_id=1, bos_token_id=2, eos_token_id=1, decoder_start_token_id=2,
     )  # fmt: skip
     fields.update(overrides)
@@ -28,10 +31,10 @@ def test_shortened_encoder_is_the_first_positions_and_reloads_with_stock_transfo
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(tiny_whisper_config()).eval()
     full = model.model.encoder.embed_positions.weight.detach().clone()
-    assert speech.shorten_encoder(model, 0.2) == 10
-    assert torch.equal(model.model.encoder.embed_positions.weight, full[:10])
-    assert model.config.max_source_positions == 10
-    features = torch.randn(2, 80, 20)  # 10 positions x 2 mel frames each
+    assert speech.shorten_encoder(model, 1) == 50
+    assert torch.equal(model.model.encoder.embed_positions.weight, full[:50])
+    assert model.config.max_source_positions == 50 and not model.model.encoder.embed_positions.weight.requires_grad
+    features = torch.randn(2, 80, 100)  # 50 positions x 2 mel frames each
     decoder = torch.tensor([[2, 5, 7], [2, 9, 3]])
     logits = model(input_features=features, decoder_input_ids=decoder).logits
     model.save_pretrained(tmp_path)
@@ -39,11 +42,11 @@ def test_shortened_encoder_is_the_first_positions_and_reloads_with_stock_transfo
     assert torch.equal(again(input_features=features, decoder_input_ids=decoder).logits, logits)
 
 
-@pytest.mark.parametrize(("seconds", "message"), [(0.01, "whole number"), (1.2, "needs 60 encoder positions")])
-def test_bad_encoder_window_is_refused(seconds, message):
+@pytest.mark.parametrize("seconds", [0.5, 3, 0, float("nan")])
+def test_bad_encoder_window_is_refused(seconds):
     from transformers import WhisperForConditionalGeneration
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=rf"--encoder_seconds {seconds}: expected whole seconds from 1 to 2$"):
         speech.shorten_encoder(WhisperForConditionalGeneration(tiny_whisper_config()), seconds)
 
 
@@ -51,8 +54,8 @@ def test_collator_decoder_inputs_are_the_labels_shifted_as_stock_whisper_shifts_
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(tiny_whisper_config()).eval()
-    collator = speech.WhisperCollator(WhisperFeatureExtractor(chunk_length=1), pad_token_id=1)
+    model = WhisperForConditionalGeneration(tiny_whisper_config(max_source_positions=50)).eval()
+    collator = speech.SpeechCollator(WhisperFeatureExtractor(chunk_length=1), decoder_pad_id=1)
     rng = np.random.default_rng(0)
     rows = [{"input_values": rng.standard_normal(n).astype(np.float32), "labels": ids}
             for n, ids in ((4000, [2, 5, 6, 1]), (9000, [2, 7, 1]))]  # fmt: skip
@@ -65,13 +68,17 @@ def test_collator_decoder_inputs_are_the_labels_shifted_as_stock_whisper_shifts_
     torch.testing.assert_close(ours, stock, rtol=0, atol=0)
 
 
-def test_asr_metrics_normalise_then_match_jiwer():
+@pytest.mark.skipif(not (WHISPER_DIR / "tokenizer.json").is_file(), reason=f"no Whisper at {WHISPER_DIR}")
+def test_whisper_asr_metrics_normalise_then_match_jiwer():
+    args = argparse.Namespace(
+        task="asr", model_name_or_path=str(WHISPER_DIR), encoder_seconds=1, max_seconds=16.0, generation_max_tokens=4
+    )
+    setup = speech.whisper_setup(args, tiny_whisper_config(max_source_positions=1500), [])
+    assert setup.collator.feature_extractor.nb_max_frames == 100 and setup.max_seconds == 1
     references = ["seven", "one two", "nine"]
     hypotheses = [" Seven.", "1 to", "Nein!"]
-    metrics = speech.whisper_asr_metrics({"references": references, "hypotheses": hypotheses, "loss": [1.0, 2.0, 3.0]})
+    metrics = setup.compute_metrics({"references": references, "hypotheses": hypotheses, "loss": [1.0, 2.0, 3.0]})
     normalized = ["7", "one to", "nein"]  # Whisper's English normaliser writes numbers as digits
-    assert [speech.normalize_text(h) for h in hypotheses] == normalized
-    assert [speech.normalize_text(r) for r in references] == ["7", "12", "9"]
     assert metrics["exact_match"] == pytest.approx(1 / 3)
     assert metrics["wer"] == pytest.approx(jiwer.wer(["7", "12", "9"], normalized))
     assert metrics["cer"] == pytest.approx(jiwer.cer(["7", "12", "9"], normalized))

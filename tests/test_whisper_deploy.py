@@ -40,11 +40,11 @@ STOCK_PIPELINE = textwrap.dedent(
 
 
 def test_calibrated_helu_whisper_deploys_as_stock_relu(tmp_path):
-    from transformers import WhisperProcessor, WhisperTokenizer, pipeline
+    from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer, pipeline
 
-    model = speech.build_whisper_model("asr", str(WHISPER_DIR)).eval()
+    model = speech.build_model("asr", model_name_or_path=str(WHISPER_DIR)).eval()
     assert speech.shorten_encoder(model, 1) == 50
-    feature_extractor = speech.load_feature_extractor(str(WHISPER_DIR), 1)
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(WHISPER_DIR, chunk_length=1)
     tokenizer = WhisperTokenizer.from_pretrained(WHISPER_DIR)
     originals = conversion.original_activations(model)
     report = conversion.patch_activation(model, "helu")
@@ -55,20 +55,19 @@ def test_calibrated_helu_whisper_deploys_as_stock_relu(tmp_path):
     calibration_clips = [
         speech.Clip(str(RECORDINGS / f"{d}_theo_7.wav"), transcript=speech.DIGIT_WORDS[d]) for d in (1, 7)
     ]
-    texts = [clip.transcript for clip in calibration_clips]
-    dataset = speech.SpeechDataset(
-        speech.load_waveforms(calibration_clips, 16000, 1.0, cut=False, do_normalize=False),
-        speech.transcript_ids(tokenizer, texts),
-    )
-    collator = speech.WhisperCollator(feature_extractor, pad_token_id=tokenizer.pad_token_id)
-    batches = speech.calibration_batches(dataset, collator, 2, 2, by_target_length=True)
+    targets = tokenizer([clip.transcript for clip in calibration_clips]).input_ids
+    dataset = [
+        {"input_values": speech.load_waveform(c), "labels": t} for c, t in zip(calibration_clips, targets, strict=True)
+    ]
+    collator = speech.SpeechCollator(feature_extractor, decoder_pad_id=tokenizer.pad_token_id)
+    batches = speech.calibration_batches(dataset, collator, 2, 2)
     assert all("decoder_input_ids" in batch and "attention_mask" not in batch for batch in batches)
     calibration = conversion.calibrate_ffn(model, batches, originals)
     assert [layer.activation for layer in calibration.layers] == FFN_ACTIVATIONS  # encoder first, then decoder
     assert all(layer.error_after < layer.error_before for layer in calibration.layers)
 
     eval_clips = [speech.Clip(str(RECORDINGS / f"{d}_george_0.wav")) for d in (5, 8)]
-    waveforms = speech.load_waveforms(eval_clips, 16000, 1.0, cut=False, do_normalize=False)
+    waveforms = [speech.load_waveform(clip) for clip in eval_clips]
     patched = pipeline(
         "automatic-speech-recognition", model=model, tokenizer=tokenizer, feature_extractor=feature_extractor
     )
