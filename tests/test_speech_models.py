@@ -1,4 +1,4 @@
-"""Scratch Wav2Vec2 configs (recipe_support.speech.models): size presets with ``--config_overrides`` applied by
+"""Scratch Wav2Vec2 configs (recipe_support.speech.tasks): size presets with ``--config_overrides`` applied by
 ``PretrainedConfig.update_from_string``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Speech labels and transcripts (recipe_support.speech.text): the CTC vocabulary and tokenizer."""
+"""Speech labels and transcripts (recipe_support.speech.tasks): the CTC vocabulary and tokenizer."""
 
 from __future__ import annotations
 
