@@ -160,7 +160,7 @@ def test_auto_dense_path_is_the_original_computation(case):
 
 @pytest.mark.parametrize("factory", [llama, bert])
 def test_auto_dense_calls_probe_sparsity(factory):
-    """Every PROBE_EVERY calls of at most max_rows rows, "auto" tries the dense ops, which measure the zeros."""
+    """Every PROBE_EVERY steps of at most max_rows rows, "auto" tries the dense ops, which measure the zeros."""
     model = build(factory)
     ids = torch.tensor([[5, 17, 42, 9, 77]])
     acts = []
@@ -172,8 +172,8 @@ def test_auto_dense_calls_probe_sparsity(factory):
     for hook in hooks:
         hook.remove()
     handle = hf_helu.sparse_inference(model, max_rows=8)
-    for module in handle.modules:  # the kernel is preferred, and the next call is a probe: dense, measuring zeros
-        module.dispatch.choices = PROBE_EVERY - 1
+    # the kernel is preferred, and the next step is a probe: dense, measuring zeros
+    handle.modules[0].dispatch.clock.steps = PROBE_EVERY - 1
     with torch.no_grad():
         model(ids)
     assert handle.sparse_calls == 0

@@ -20,7 +20,7 @@ from sparse_helpers import PROMPTS, build, gpt2, greedy, llama
 
 import hf_helu
 from hf_helu.sparse import kernel as sparse_kernel
-from hf_helu.sparse.modules import PROBE_EVERY, TIMINGS_KEPT, Dispatch
+from hf_helu.sparse.modules import PROBE_EVERY, Dispatch, StepClock
 
 needs_kernel = pytest.mark.skipif(not sparse_kernel.available(), reason="no C compiler for the sparse FFN kernel")
 FACTORIES = {"llama": llama, "gpt2": gpt2}
@@ -268,18 +268,44 @@ def test_torch_compile_of_a_swapped_model_runs_and_matches(backend):
     assert done.returncode == 0 and done.stdout.startswith("OK"), (done.returncode, done.stderr[-3000:])
 
 
-def test_auto_takes_the_path_measured_faster_and_keeps_trying_the_other():
-    """Where the kernel is measured slower than the dense ops (e.g. beside another job), "auto" runs dense, and
-    tries the kernel again every PROBE_EVERY calls; where it is faster, the dense ops are the ones tried."""
-    dispatch = Dispatch()
-    for ns in range(TIMINGS_KEPT):
-        dispatch.timed(True, 2000 + ns)  # sparse: about 2 us a call
-        dispatch.timed(False, 1000 + ns)  # dense: about 1 us
-    picks = [dispatch.choose(kernel_ok=True) for _ in range(2 * PROBE_EVERY)]
-    assert [sparse for sparse, _ in picks] == [i % PROBE_EVERY == PROBE_EVERY - 1 for i in range(2 * PROBE_EVERY)]
-    assert [probe for _, probe in picks] == [sparse for sparse, _ in picks]
-    for _ in range(TIMINGS_KEPT):
-        dispatch.timed(False, 3000)  # dense got slower than the kernel
-    picks = [dispatch.choose(kernel_ok=True) for _ in range(PROBE_EVERY)]
-    assert [sparse for sparse, _ in picks] == [i != PROBE_EVERY - 1 for i in range(PROBE_EVERY)]
-    assert dispatch.choose(kernel_ok=False) == (False, False)
+def _steps(clock: StepClock, ns: dict[bool, int], count: int) -> list[bool]:
+    """The paths of ``count`` decode steps whose durations are ``ns[path]`` (a fake clock)."""
+    now, paths = 0, []
+    for _ in range(count):
+        clock.start_step(now)
+        paths.append(clock.sparse)
+        now += ns[clock.sparse]
+    return paths
+
+
+def test_auto_takes_the_path_measured_faster_a_whole_step_at_a_time():
+    """Where sparse steps are measured slower than dense ones (e.g. beside another job), "auto" runs dense and tries
+    the kernel again every PROBE_EVERY steps; where sparse is faster, dense is the path tried."""
+    clock = StepClock()
+    paths = _steps(clock, {True: 2000, False: 1000}, 4 * PROBE_EVERY)  # sparse steps take 2 us, dense 1 us
+    assert paths[:PROBE_EVERY] == [i != PROBE_EVERY - 1 for i in range(PROBE_EVERY)]  # until a dense step is timed
+    assert paths[-2 * PROBE_EVERY :] == [i % PROBE_EVERY == PROBE_EVERY - 1 for i in range(2 * PROBE_EVERY)]
+    paths = _steps(clock, {True: 2000, False: 3000}, 4 * PROBE_EVERY)  # dense got slower than the kernel
+    assert paths[-2 * PROBE_EVERY :] == [i % PROBE_EVERY != PROBE_EVERY - 1 for i in range(2 * PROBE_EVERY)]
+    clock.void()  # a prefill call: the step under way is not timed
+    kept = {path: list(times) for path, times in clock.times.items()}
+    clock.start_step(10**12)
+    assert clock.times == kept
+
+
+def test_every_module_takes_the_step_path_of_the_first():
+    """One clock per swapped model: the first module to ask opens each step, the others follow its path (dense
+    where their own sparsity is below min_sparsity, or the kernel is out), and only dense probe steps measure."""
+    clock = StepClock()
+    first, other, thin = (Dispatch(clock=clock) for _ in range(3))
+    thin.sparsity = 0.1
+    for step in range(1, 2 * PROBE_EVERY + 1):
+        clock.void()  # steps left untimed: the preference stays the kernel
+        sparse, probe = first.choose(kernel_ok=True)
+        assert (sparse, probe) == (step % PROBE_EVERY != 0, step % PROBE_EVERY == 0)
+        assert other.choose(kernel_ok=True) == (sparse, probe)
+        assert thin.choose(kernel_ok=True) == (False, probe)
+        assert other.choose(kernel_ok=False) == (False, probe)
+    assert clock.steps == 2 * PROBE_EVERY
+    assert Dispatch(mode="dense").choose(kernel_ok=True) == (False, False)
+    assert Dispatch(mode="sparse").choose(kernel_ok=True) == (True, False)

@@ -3,13 +3,13 @@
 One call computes a ReLU FFN for a few rows over its active units only (see the C file's header): the dense gate
 (or up) projection, then rows of the up projection and of the transposed down projection for the units whose
 activation is non-zero. Weights are float32 or bfloat16, accumulation float32. The units are cut into a number of
-chunks fixed by their count; the threads of PyTorch's OpenMP team that actually run (at most
-``torch.get_num_threads()``) take them one at a time, so the result does not depend on the thread count or on any
-OpenMP setting.
+chunks fixed by their count; the caller and the workers of the kernel's own thread pool (at most
+``torch.get_num_threads()`` threads in all) take them one at a time, so the result does not depend on the thread
+count or on any OpenMP setting.
 
 The library is built, cached, verified and loaded by :mod:`hf_helu.ops.c_library`, exactly as the HeLU kernels
-are. Built with ``-fopenmp`` it links ``libgomp.so.1``, which resolves to the copy PyTorch has loaded: one OpenMP
-runtime and one thread team in the process.
+are, with ``-pthread`` instead of OpenMP: its workers sleep between calls rather than spin (the C file says why),
+so a decode step does not take CPU time from a busy machine.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def load() -> ctypes.CDLL:
     if _failure is not None:
         raise RuntimeError(_failure)
     try:
-        _library, _ = KERNEL.load(fallback="The FFN runs dense (or, forced sparse, on torch ops) instead.")
+        _library, _ = KERNEL.load(
+            variants=(("-pthread",), ()), fallback="The FFN runs dense (or, forced sparse, on torch ops) instead."
+        )
     except RuntimeError as error:
         _failure = str(error)
         raise

@@ -17,10 +17,10 @@ new storage, dtype or layout (``load_state_dict(assign=True)``, ``model.to(torch
 
 Which path a call takes (:class:`Dispatch`): dense inside ``torch.compile`` (traced as torch ops, the kernel
 stays out of graphs), under autograd, in training mode, off the CPU, for a dtype the kernel lacks, or for more rows
-than ``max_rows``. Otherwise, in ``"auto"`` mode, the path measured faster on this machine now: each path's last
-few call times are kept, the other path is tried every ``PROBE_EVERY`` calls, and sparse runs only while the
-measured share of inactive units is at least ``min_sparsity``. So beside another job that slows the kernel down,
-the dense path takes over.
+than ``max_rows``. Otherwise, in ``"auto"`` mode, the path measured faster on this machine now, timed a whole
+decode step at a time (:class:`StepClock`): each path's last few step times are kept, the other path is tried
+every ``PROBE_EVERY`` steps, and a module runs sparse only while its measured share of inactive units is at least
+``min_sparsity``. So wherever the kernel loses (a machine whose dense path is faster), the dense path takes over.
 
 Numerics: the sparse path adds the same non-zero products as the dense one, in another order, and skips inactive
 units entirely. So a non-finite weight of a unit that is off for a token does not reach that token's output,
@@ -49,8 +49,8 @@ DEFAULT_MAX_ROWS = 1
 # The share of inactive units below which "auto" runs dense: the kernel reads the gate in full and the up and
 # down rows of active units, so it pays from low sparsity on; this margin keeps it off where it is a wash.
 DEFAULT_MIN_SPARSITY = 0.2
-PROBE_EVERY = 16  # calls between two tries of the path not taken in "auto" mode (they measure time and zeros)
-TIMINGS_KEPT = 7  # latest call times per path; their median decides
+PROBE_EVERY = 16  # decode steps between two tries of the path not preferred in "auto" mode (time and zeros)
+TIMINGS_KEPT = 7  # latest step times per path; their median decides
 _SMOOTHING = 0.125  # weight of the newest measurement in the running mean of sparsity
 
 
@@ -86,44 +86,74 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
 
 
 @dataclass
+class StepClock:
+    """Which path the decode steps of one swapped model take in ``"auto"`` mode, timed a whole step at a time.
+
+    A step runs from one call of the first module that asks (the pacer: layer 0's FFN at decoding) to its next
+    call, so a step's time holds everything the path costs, also outside the FFN calls: a path whose threads
+    spin-wait after their work takes CPU time from the attention that follows, which timing the FFN calls alone
+    cannot see (beside a busy process that made the dense path lose 4x while its calls looked fast). Every module
+    of a step takes the step's path where it can; a call that cannot be a decode step (prefill, more rows than
+    ``max_rows``) voids the step under way. The path not preferred is tried every ``PROBE_EVERY`` steps.
+    """
+
+    pacer: int | None = None  # id of the Dispatch whose calls open the steps
+    started: int | None = None  # perf_counter_ns at the start of the step under way; None: not timed
+    sparse: bool = True  # the path of the step under way
+    probe: bool = False  # the step under way tries the path not preferred
+    steps: int = 0
+    kernel_slower: bool = False  # dense_faster as of the latest probe
+    times: dict[bool, list[int]] = field(default_factory=lambda: {True: [], False: []})  # ns per step, by sparse?
+
+    def start_step(self, now: int) -> None:
+        """Close the step under way (keep its time) and choose the next one's path."""
+        if self.started is not None:
+            kept = self.times[self.sparse]
+            kept.append(now - self.started)
+            del kept[:-TIMINGS_KEPT]
+        self.steps += 1
+        if self.steps % PROBE_EVERY == 1:  # once per window, after the probe: which path is faster now
+            self.kernel_slower = self.dense_faster
+        self.probe = self.steps % PROBE_EVERY == 0
+        self.sparse = self.kernel_slower == self.probe
+        self.started = now
+
+    def void(self) -> None:
+        """The step under way holds a call that is not a decode step: its time says nothing."""
+        self.started = None
+
+    @property
+    def dense_faster(self) -> bool:
+        """True when both paths have been timed and dense's median step time is the lower."""
+        sparse, dense = self.times[True], self.times[False]
+        return bool(sparse and dense) and statistics.median(dense) < statistics.median(sparse)
+
+
+@dataclass
 class Dispatch:
     """The per-module choice between the kernel and the dense ops, and what it has measured."""
 
     mode: str = "auto"
     max_rows: int = DEFAULT_MAX_ROWS
     min_sparsity: float = DEFAULT_MIN_SPARSITY
+    clock: StepClock = field(default_factory=StepClock)  # shared by the modules of one swapped model
     sparsity: float = 1.0  # running mean of the share of units inactive in every row of a call
     sparse_calls: int = 0
     dense_calls: int = 0
     measured_rows: int = 0  # rows seen by the measurements below (decode: one per token)
     inactive_sum: float = 0.0  # sum over measured rows of the share of units at zero
-    choices: int = 0  # calls that could take either path ("auto" mode)
-    kernel_slower: bool = False  # dense_faster as of the latest probe
-    times: dict[bool, list[int]] = field(default_factory=lambda: {True: [], False: []})  # ns per call, by sparse?
 
     def choose(self, kernel_ok: bool) -> tuple[bool, bool]:
-        """``(sparse, probe)`` for a call either path could take; a probe is a try of the path not preferred."""
+        """``(sparse, probe)`` for a call either path could take (``probe``: the dense ops measure the zeros)."""
         if self.mode != "auto":
             return self.mode == "sparse", False
-        self.choices += 1
-        if self.choices % PROBE_EVERY == 1:  # once per window, after the probe: which path is faster now
-            self.kernel_slower = self.dense_faster
-        preferred = kernel_ok and self.sparsity >= self.min_sparsity and not self.kernel_slower
-        if kernel_ok and self.choices % PROBE_EVERY == 0:
-            return not preferred, True
-        return preferred, False
-
-    @property
-    def dense_faster(self) -> bool:
-        """True when both paths have been timed and dense's median call time is the lower."""
-        sparse, dense = self.times[True], self.times[False]
-        return bool(sparse and dense) and statistics.median(dense) < statistics.median(sparse)
-
-    def timed(self, sparse: bool, ns: int) -> None:
-        kept = self.times[sparse]
-        kept.append(ns)
-        if len(kept) > TIMINGS_KEPT:
-            del kept[0]
+        clock = self.clock
+        if clock.pacer is None:
+            clock.pacer = id(self)
+        if clock.pacer == id(self):
+            clock.start_step(time.perf_counter_ns())
+        sparse = clock.sparse and kernel_ok and self.sparsity >= self.min_sparsity
+        return sparse, not sparse and clock.probe
 
     def record(self, union_active: int, units: int, rows: int, pair_active: int | None = None) -> None:
         """One measurement: units active in some row (what the kernel reads), and (row, unit) pairs when known."""
@@ -239,6 +269,7 @@ class SparseFFN(nn.Module):
         forced = dispatch.mode == "sparse"
         if rows == 0 or dispatch.mode == "dense" or (rows > dispatch.max_rows and not forced) or not self._usable(x):
             dispatch.dense_calls += 1  # the common dense case (prefill, encoders) with few checks
+            dispatch.clock.void()
             return self._dense(x, probe=False)
         operands = self.kernel_operands()
         if operands is None or operands[0].dtype != x.dtype:
@@ -246,16 +277,11 @@ class SparseFFN(nn.Module):
             return self._dense(x, probe=False)
         kernel_ok = rows <= kernel.MAX_ROWS and kernel.available()
         sparse, probe = dispatch.choose(kernel_ok)
-        start = time.perf_counter_ns()
         if sparse:
             dispatch.sparse_calls += 1
-            out = self._sparse(x, rows, operands, kernel_ok)
-        else:
-            dispatch.dense_calls += 1
-            out = self._dense(x, probe=probe)
-        if not forced:
-            dispatch.timed(sparse, time.perf_counter_ns() - start)
-        return out
+            return self._sparse(x, rows, operands, kernel_ok)
+        dispatch.dense_calls += 1
+        return self._dense(x, probe=probe)
 
     def _sparse(self, x: torch.Tensor, rows: int, operands: tuple, kernel_ok: bool) -> torch.Tensor:
         flat = x.reshape(rows, x.shape[-1])

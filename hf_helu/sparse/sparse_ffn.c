@@ -11,10 +11,10 @@
    row; the return value counts those units (the rows of B and D read).
 
    Work split: the units are cut into sparse_ffn_chunks(m) contiguous chunks, a count fixed by m alone. The
-   threads that actually run (however many the OpenMP runtime grants: OMP_DYNAMIC, OMP_THREAD_LIMIT, nested
-   regions) take chunks one at a time, so a thread descheduled by another process holds up one chunk, not half
-   of the work; each chunk sums into its own accumulator, and the accumulators are added in chunk order. A result
-   therefore depends only on the inputs, never on the thread count. Accumulation is in float32 for both dtypes. */
+   caller and the workers of a passive thread pool (below; no OpenMP) take chunks one at a time, so a thread
+   descheduled by another process holds up at most the chunk it took; each chunk sums into its own accumulator,
+   and the accumulators are added in chunk order. A result therefore depends only on the inputs, never on the
+   thread count or on any OpenMP setting. Accumulation is in float32 for both dtypes. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -202,35 +202,144 @@ int64_t sparse_ffn_chunks(int64_t m) {
     return chunks > SF_MAX_CHUNKS ? SF_MAX_CHUNKS : (chunks < 1 ? 1 : chunks);
 }
 
-/* Common driver: chunks to whichever threads run, then the chunk accumulators summed in chunk order, plus bD.
-   `scratch` holds sparse_ffn_chunks(m) * rows * (dout + ceil(m / chunks)) floats; at most `threads` threads. */
-#define SF_DRIVER(NAME, T, CHUNK, BIAS, STORE)                                                            \
+/* ---- A passive thread pool ----
+   Why not OpenMP: libgomp's threads spin-wait after each parallel region (OMP_WAIT_POLICY=active is its
+   default under PyTorch), so beside another busy process a decode step's 30 short kernel calls leave a spinning
+   thread that takes CPU time from the main thread and from the neighbour: measured 0.75x dense, against 1.34x
+   with OMP_WAIT_POLICY=passive (BENCHMARKS.md, "Sparse FFN"). Here the workers sleep on a condition variable
+   between calls, and the caller never waits for a worker to arrive: it takes items itself, a worker that wakes
+   late finds none left, and the caller waits only for items a worker has already taken. Items are claimed with
+   one 64-bit ticket (the job's generation above, the next item below), so a late worker cannot take an item of
+   a newer job. One job at a time (call_lock); a forked child starts with no workers. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+
+#define SF_MAX_WORKERS 63
+
+typedef void (*sf_task)(const void *ctx, int64_t item);
+
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static int pool_started, pool_forked_handler; /* workers started; pthread_atfork registered */
+static int pool_helpers;                      /* workers the current job may use (ids below it) */
+static uint32_t pool_generation;              /* the current job, bumped under pool_lock */
+static sf_task pool_task;
+static const void *pool_ctx;
+static int64_t pool_items;
+static _Atomic uint64_t pool_ticket; /* generation << 32 | next item */
+static _Atomic int64_t pool_done;    /* items of the current job finished */
+
+static void run_items(uint32_t generation, sf_task task, const void *ctx, int64_t items) {
+    for (;;) {
+        uint64_t t = atomic_load_explicit(&pool_ticket, memory_order_acquire);
+        int64_t item = (int64_t)(t & 0xFFFFFFFFu);
+        if ((uint32_t)(t >> 32) != generation || item >= items) return;
+        if (!atomic_compare_exchange_weak_explicit(&pool_ticket, &t, t + 1, memory_order_acq_rel,
+                                                   memory_order_relaxed))
+            continue;
+        task(ctx, item);
+        atomic_fetch_add_explicit(&pool_done, 1, memory_order_release);
+    }
+}
+
+static void *pool_worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    uint32_t seen = 0;
+    pthread_mutex_lock(&pool_lock);
+    seen = pool_generation;
+    for (;;) {
+        while (pool_generation == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+        seen = pool_generation;
+        if (id >= pool_helpers) continue;
+        sf_task task = pool_task;
+        const void *ctx = pool_ctx;
+        int64_t items = pool_items;
+        pthread_mutex_unlock(&pool_lock);
+        run_items(seen, task, ctx, items);
+        pthread_mutex_lock(&pool_lock);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) { /* the child has this thread only */
+    pthread_mutex_init(&call_lock, NULL);
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+    pool_started = 0;
+}
+
+/* task(ctx, i) for every i < items, on the calling thread and at most threads - 1 workers. */
+static void pool_run(sf_task task, const void *ctx, int64_t items, int threads) {
+    int helpers = threads - 1 < items - 1 ? threads - 1 : (int)(items - 1);
+    if (helpers > SF_MAX_WORKERS) helpers = SF_MAX_WORKERS;
+    pthread_mutex_lock(&call_lock);
+    pthread_mutex_lock(&pool_lock);
+    if (!pool_forked_handler) pool_forked_handler = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    while (pool_started < helpers) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&thread, &attr, pool_worker, (void *)(intptr_t)pool_started);
+        pthread_attr_destroy(&attr);
+        if (failed) break; /* fewer workers: the caller takes more items */
+        pool_started++;
+    }
+    if (helpers > pool_started) helpers = pool_started;
+    uint32_t generation = ++pool_generation;
+    pool_task = task, pool_ctx = ctx, pool_items = items, pool_helpers = helpers;
+    atomic_store_explicit(&pool_done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool_ticket, (uint64_t)generation << 32, memory_order_release);
+    if (helpers > 0) pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    run_items(generation, task, ctx, items);
+    for (int spins = 0; atomic_load_explicit(&pool_done, memory_order_acquire) < items; spins++)
+        if (spins > 64) sched_yield(); /* a worker is finishing an item it took */
+    pthread_mutex_unlock(&call_lock);
+}
+
+/* ---- The driver: chunks on the pool, then the chunk accumulators summed in chunk order, plus bD ---- */
+typedef struct {
+    const float *x;
+    int64_t rows, d, m, dout, per, total, stride;
+    const void *A, *bA, *B, *bB, *D;
+    float *scratch;
+    int64_t *active; /* per chunk */
+} sf_job;
+
+#define SF_TASK(NAME, T, CHUNK)                                                                           \
+static void NAME(const void *ctxv, int64_t c) {                                                           \
+    const sf_job *j = (const sf_job *)ctxv;                                                               \
+    int64_t j0 = c * j->per, j1 = j0 + j->per < j->m ? j0 + j->per : j->m;                                \
+    float *acc = j->scratch + c * j->stride, *a = acc + j->total;                                         \
+    memset(acc, 0, j->total * sizeof(float));                                                             \
+    j->active[c] = j0 < j1 ? CHUNK(j->x, j->rows, j->d, j->dout, (const T *)j->A, (const T *)j->bA,       \
+                                   (const T *)j->B, (const T *)j->bB, (const T *)j->D, j0, j1, a, acc)    \
+                           : 0;                                                                           \
+}
+SF_TASK(task_f32, float, chunk_f32)
+SF_TASK(task_bf16, bf16, chunk_bf16)
+
+/* `scratch` holds sparse_ffn_chunks(m) * rows * (dout + ceil(m / chunks)) floats; at most `threads` threads. */
+#define SF_DRIVER(NAME, T, TASK, BIAS, STORE)                                                             \
 int64_t NAME(const void *xv, int64_t rows, int64_t d, int64_t m, int64_t dout, const T *A, const T *bA,   \
              const T *B, const T *bB, const T *D, const T *bD, void *outv, float *scratch, int threads) { \
     if (rows < 1 || rows > SF_MAX_ROWS || m < 1 || threads < 1) return -1;                                \
-    const float *x = (const float *)xv;                                                                   \
-    int64_t chunks = sparse_ffn_chunks(m), per = (m + chunks - 1) / chunks;                               \
-    int64_t total = rows * dout, stride = rows * (dout + per), active = 0;                                \
-    int team = threads < chunks ? threads : (int)chunks;                                                  \
-    (void)team;                                                                                           \
-    _Pragma("omp parallel num_threads(team) reduction(+ : active) if (team > 1)")                         \
-    {                                                                                                     \
-        _Pragma("omp for schedule(dynamic, 1)")                                                           \
-        for (int64_t c = 0; c < chunks; c++) {                                                            \
-            int64_t j0 = c * per, j1 = j0 + per < m ? j0 + per : m;                                       \
-            float *acc = scratch + c * stride, *a = acc + total;                                          \
-            memset(acc, 0, total * sizeof(float));                                                        \
-            if (j0 < j1) active += CHUNK(x, rows, d, dout, A, bA, B, bB, D, j0, j1, a, acc);              \
-        }                                                                                                 \
-        _Pragma("omp for schedule(static)")                                                               \
-        for (int64_t i = 0; i < total; i++) {                                                             \
-            float s = scratch[i];                                                                         \
-            for (int64_t c = 1; c < chunks; c++) s += scratch[c * stride + i];                            \
-            if (bD) s += BIAS(bD[i % dout]);                                                              \
-            STORE(outv, i, s);                                                                            \
-        }                                                                                                 \
+    int64_t chunks = sparse_ffn_chunks(m), per = (m + chunks - 1) / chunks, active[SF_MAX_CHUNKS];        \
+    sf_job job = {(const float *)xv, rows, d, m, dout, per, rows * dout, rows * (dout + per),             \
+                  A, bA, B, bB, D, scratch, active};                                                      \
+    pool_run(TASK, &job, chunks, threads);                                                                \
+    int64_t total_active = 0;                                                                             \
+    for (int64_t c = 0; c < chunks; c++) total_active += active[c];                                       \
+    for (int64_t i = 0; i < job.total; i++) {                                                             \
+        float s = scratch[i];                                                                             \
+        for (int64_t c = 1; c < chunks; c++) s += scratch[c * job.stride + i];                            \
+        if (bD) s += BIAS(bD[i % dout]);                                                                  \
+        STORE(outv, i, s);                                                                                \
     }                                                                                                     \
-    return active;                                                                                        \
+    return total_active;                                                                                  \
 }
 #define F32_BIAS(v) (v)
 #define F32_STORE(o, i, s) (((float *)(o))[i] = (s))
@@ -238,5 +347,5 @@ int64_t NAME(const void *xv, int64_t rows, int64_t d, int64_t m, int64_t dout, c
 #define BF16_STORE(o, i, s) (((bf16 *)(o))[i] = f32_to_bf16(s))
 
 /* x is float32 [rows, d] for both: a bf16 caller converts x first (exact) and gets bf16 out. */
-SF_DRIVER(sparse_ffn_f32, float, chunk_f32, F32_BIAS, F32_STORE)
-SF_DRIVER(sparse_ffn_bf16, bf16, chunk_bf16, BF16_BIAS, BF16_STORE)
+SF_DRIVER(sparse_ffn_f32, float, task_f32, F32_BIAS, F32_STORE)
+SF_DRIVER(sparse_ffn_bf16, bf16, task_bf16, BF16_BIAS, BF16_STORE)

@@ -36,6 +36,7 @@ from hf_helu.sparse.modules import (
     GatedSparseFFN,
     PlainSparseFFN,
     SparseFFN,
+    StepClock,
 )
 
 HANDLE_ATTR = "_hf_helu_sparse_inference"
@@ -196,9 +197,9 @@ def sparse_inference(
     _check_options(mode, max_rows, min_sparsity)
     inner = _check_model(model)
     sites = _ffn_sites(inner)
-    plan, modules = [], []
+    plan, modules, clock = [], [], StepClock()
     for site in sites:
-        dispatch = Dispatch(mode=mode, max_rows=max_rows, min_sparsity=float(min_sparsity))
+        dispatch = Dispatch(mode=mode, max_rows=max_rows, min_sparsity=float(min_sparsity), clock=clock)
         steps = (_plan_gated if site.gated else _plan_plain)(inner, site, dispatch)
         plan.extend(steps)
         modules.append(steps[-1][2])
