@@ -22,6 +22,7 @@ from hf_helu.cli.common import (
     load_tokenizer,
     transform_and_save,
 )
+from hf_helu.cli.heap import map_large_allocations
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.conversion import DEFAULT_RIDGE, ConversionResult, check_ridge, convert_model, ffn_sites
 from hf_helu.conversion.auto import gated_decoder
@@ -137,6 +138,7 @@ def estimate_seconds(model: nn.Module, tokens: int) -> float:
 def run_convert(args: argparse.Namespace) -> int:
     """``hf-helu convert``: the texts and the tokenizer first (fail fast), then load, check the data is enough,
     patch, calibrate (with a progress bar), save with a model card."""
+    map_large_allocations()  # this process is the conversion's: its peak memory is its live tensors
     src = check_source_and_destination(args.src, args.dst, args.overwrite)
     check_text_model(src)
     limit = max_positions(load_config(src))
