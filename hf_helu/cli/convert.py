@@ -22,7 +22,6 @@ from hf_helu.cli.common import (
     load_tokenizer,
     transform_and_save,
 )
-from hf_helu.cli.heap import map_large_allocations
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.conversion import DEFAULT_RIDGE, ConversionResult, check_ridge, convert_model, ffn_sites
 from hf_helu.conversion.auto import gated_decoder
@@ -32,6 +31,7 @@ from hf_helu.inputs import alpha, positive_int
 from hf_helu.model_card import conversion_card
 
 DEFAULT_MAX_LENGTH = 128
+DEFAULT_SAMPLES = 800
 HELP = (
     "patch the FFN activations with HeLU and calibrate the FFN output projections on unlabeled text "
     "(calibration only: annealing needs training; for calibrate+anneal fine-tune the original checkpoint with the "
@@ -59,7 +59,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "else its dev set)",
     )
     parser.add_argument("--alpha", type=alpha, default=DEFAULT_ALPHA, help=f"HeLU margin (default {DEFAULT_ALPHA})")
-    parser.add_argument("--samples", type=positive_int, default=800, help="calibrate on the first N texts (800)")
+    parser.add_argument(
+        "--samples",
+        type=positive_int,
+        default=DEFAULT_SAMPLES,
+        help=f"calibrate on the first N texts ({DEFAULT_SAMPLES})",
+    )
     parser.add_argument("--ridge", type=_ridge, default=DEFAULT_RIDGE, help=f"ridge lambda x tokens ({DEFAULT_RIDGE})")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument(
@@ -138,7 +143,6 @@ def estimate_seconds(model: nn.Module, tokens: int) -> float:
 def run_convert(args: argparse.Namespace) -> int:
     """``hf-helu convert``: the texts and the tokenizer first (fail fast), then load, check the data is enough,
     patch, calibrate (with a progress bar), save with a model card."""
-    map_large_allocations()  # this process is the conversion's: its peak memory is its live tensors
     src = check_source_and_destination(args.src, args.dst, args.overwrite)
     check_text_model(src)
     limit = max_positions(load_config(src))
