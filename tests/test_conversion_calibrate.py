@@ -231,3 +231,13 @@ def test_calibration_errors():
         conversion.original_activations(patched)
     with pytest.raises(TypeError, match="mappings of model inputs"):
         conversion.calibrate_ffn(patched, [torch.ones(2, 3)], "gelu")
+
+
+@pytest.mark.parametrize("features", [1, 3, 7, 64, 1537])
+def test_gram_matrix_is_the_full_product(features):
+    """The blockwise upper-triangle Gram matrix equals X^T X (numpy, float64) for widths that split unevenly."""
+    from hf_helu.conversion.equations import gram_matrix
+
+    x = torch.randn(257, features, generator=torch.Generator().manual_seed(features), dtype=torch.float64)
+    expected = x.numpy().T @ x.numpy()
+    np.testing.assert_allclose(gram_matrix(x).numpy(), expected, rtol=1e-10, atol=1e-10)

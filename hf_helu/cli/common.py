@@ -7,6 +7,8 @@ The DST checks are in :mod:`hf_helu.cli.destination`, what is copied from SRC be
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,7 +130,17 @@ def source_model_class(source: Path, config: transformers.PretrainedConfig) -> t
 
 
 def load_config(folder: Path) -> transformers.PretrainedConfig:
-    """The config of a model folder, or the one transformers derives from a GGUF file's metadata."""
+    """The config of a model folder, or the one transformers derives from a GGUF file's metadata (a new copy each
+    call: the commands check SRC several times, and a GGUF file's whole vocabulary is parsed for its config)."""
+    where, extra = _location(folder)
+    source = where / extra.get("gguf_file", "config.json")
+    stamp = (source.stat().st_mtime_ns, source.stat().st_size) if source.is_file() else None
+    return copy.deepcopy(_read_config(folder, stamp))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_config(folder: Path, stamp: tuple[int, int] | None) -> transformers.PretrainedConfig:
+    """:func:`load_config` for one version (``stamp``: modification time and size) of the file it reads."""
     where, extra = _location(folder)
     if extra:
         check_gguf_architecture(where / extra["gguf_file"])  # from the header, before transformers reads the file

@@ -31,6 +31,7 @@ from hf_helu.inputs import alpha, positive_int
 from hf_helu.model_card import conversion_card
 
 DEFAULT_MAX_LENGTH = 128
+DEFAULT_SAMPLES = 800
 HELP = (
     "patch the FFN activations with HeLU and calibrate the FFN output projections on unlabeled text "
     "(calibration only: annealing needs training; for calibrate+anneal fine-tune the original checkpoint with the "
@@ -58,7 +59,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "else its dev set)",
     )
     parser.add_argument("--alpha", type=alpha, default=DEFAULT_ALPHA, help=f"HeLU margin (default {DEFAULT_ALPHA})")
-    parser.add_argument("--samples", type=positive_int, default=800, help="calibrate on the first N texts (800)")
+    parser.add_argument(
+        "--samples",
+        type=positive_int,
+        default=DEFAULT_SAMPLES,
+        help=f"calibrate on the first N texts ({DEFAULT_SAMPLES})",
+    )
     parser.add_argument("--ridge", type=_ridge, default=DEFAULT_RIDGE, help=f"ridge lambda x tokens ({DEFAULT_RIDGE})")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument(
