@@ -309,3 +309,34 @@ def test_every_module_takes_the_step_path_of_the_first():
     assert clock.steps == 2 * PROBE_EVERY
     assert Dispatch(mode="dense").choose(kernel_ok=True) == (False, False)
     assert Dispatch(mode="sparse").choose(kernel_ok=True) == (True, False)
+
+
+_WORKERS_SCRIPT = textwrap.dedent(
+    """
+    import pathlib, time, torch
+    from hf_helu.sparse import kernel
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(1536, 64, generator=g), torch.randn(1536, 64, generator=g), torch.randn(1536, 64, generator=g)]
+    x = torch.randn(1, 64, generator=g)
+    for _ in range(200):
+        kernel.sparse_ffn(x, w[0], None, w[1], None, w[2], None)
+    time.sleep(0.5)  # far longer than any spin-wait
+    states = []
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        if (task / "comm").read_text().strip() == "hf_helu-sparse":
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+    print("STATES", " ".join(states))
+    """
+)
+
+
+@needs_kernel
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_kernel_workers_sleep_between_calls():
+    """The kernel's own workers (no OpenMP team) wait on a condition variable, not in a spin: half a second after
+    the last call each is asleep (state S), so a decode step leaves no thread taking CPU time from a busy machine."""
+    done = _run(_WORKERS_SCRIPT, {})
+    assert done.returncode == 0, done.stderr[-2000:]
+    states = done.stdout.split("STATES", 1)[1].split()
+    assert states and all(state == "S" for state in states), states

@@ -16,6 +16,7 @@
    and the accumulators are added in chunk order. A result therefore depends only on the inputs, never on the
    thread count or on any OpenMP setting. Accumulation is in float32 for both dtypes. */
 
+#define _GNU_SOURCE /* pthread_setname_np, before any system header */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -216,6 +217,7 @@ int64_t sparse_ffn_chunks(int64_t m) {
 #include <stdatomic.h>
 
 #define SF_MAX_WORKERS 63
+#define SF_WORKER_NAME "hf_helu-sparse"
 
 typedef void (*sf_task)(const void *ctx, int64_t item);
 
@@ -247,6 +249,9 @@ static void run_items(uint32_t generation, sf_task task, const void *ctx, int64_
 static void *pool_worker(void *arg) {
     int id = (int)(intptr_t)arg;
     uint32_t seen = 0;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), SF_WORKER_NAME); /* so a process listing (and the tests) can tell them */
+#endif
     pthread_mutex_lock(&pool_lock);
     seen = pool_generation;
     for (;;) {
