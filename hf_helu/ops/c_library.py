@@ -15,9 +15,10 @@ of them:
   would hand back the foreign library already mapped under that path.
 - Unwritable cache. The library is built in a private temp folder for this process, with one warning, never a
   silent fall back to slower code.
-- Threads. Variants are tried in order: with ``-fopenmp`` first, which links ``libgomp.so.1`` and so joins the
-  OpenMP runtime PyTorch has already loaded (the kernels run on PyTorch's warm thread team, at most
-  ``torch.get_num_threads()`` threads), then without (one thread) for a compiler lacking OpenMP.
+- Threads. Variants are tried in order, each library naming its own: by default with ``-fopenmp`` first, which
+  links ``libgomp.so.1`` and so joins the OpenMP runtime PyTorch has already loaded (the HeLU kernels run on
+  PyTorch's warm thread team, at most ``torch.get_num_threads()`` threads), then without (one thread) for a
+  compiler lacking OpenMP; the sparse FFN kernel builds with ``-pthread`` for its own pool (``hf_helu.sparse``).
 """
 
 from __future__ import annotations
