@@ -147,6 +147,8 @@ def bench_smollm(args, rows: list[dict], notes: list[str]) -> None:
         for dtype_name in args.dtypes:
             label, tokenizer, model = load_smollm(source, DTYPES[dtype_name])
             sparsity, total = bench_decoding(args, f"{label}, {dtype_name}", tokenizer, model, rows)
+            if args.breakdown:
+                notes += step_breakdown(args, f"{label}, {dtype_name}", tokenizer, model)
             notes.append(
                 f"{label}, {dtype_name}: FFN sparsity while decoding per layer {min(sparsity):.2f}-{max(sparsity):.2f}"
                 f"; weights read per token {total / 2**20:.0f} MiB"
@@ -176,6 +178,65 @@ def bench_decoding(args, label: str, tokenizer, model, rows: list[dict]) -> tupl
             rows.append(row(f"{label}: greedy generate", threads, dense, sparse, n, "tok/s", load=LOADS[kind], **extra))
             print(markdown(rows[-1:], [], []), flush=True)
     return sparsity, total
+
+
+def step_breakdown(args, label: str, tokenizer, model) -> list[str]:
+    """Where a decode step's time goes: seconds inside the FFN blocks against the whole step, dense and sparse.
+
+    The part outside the FFN blocks (attention, norms, the head, generate's own work) is what FFN sparsity cannot
+    touch: with an FFN share f of the dense step, no FFN speed-up takes the whole step past 1 / (1 - f)."""
+    n = args.new_tokens
+    kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    inputs = [tokenizer(p, return_tensors="pt") for p in PROMPTS[: args.prompts]]
+    blocks = [site.name.rpartition(".")[0] for site in hf_helu.find_activation_sites(model) if site.gated]
+    inside, started = [0.0], []
+
+    def before(module, args_):
+        if args_[0].shape[-2] == 1:  # one new token: a decode step
+            started.append(time.perf_counter())
+
+    def after(module, args_, output):
+        if args_[0].shape[-2] == 1:
+            inside[0] += time.perf_counter() - started.pop()
+
+    notes = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        best = {}
+        for which in ("dense", "sparse", "sparse", "dense"):
+            handle = hf_helu.sparse_inference(model, mode="sparse") if which == "sparse" else None
+            hooks = [
+                h
+                for b in blocks
+                for h in (
+                    model.get_submodule(b).register_forward_pre_hook(before),
+                    model.get_submodule(b).register_forward_hook(after),
+                )
+            ]
+            step = inside[0] = 0.0
+            with torch.inference_mode():
+                for batch in inputs:
+                    start = time.perf_counter()
+                    model.generate(**batch, **kwargs, max_new_tokens=1, min_new_tokens=1)  # the prefill alone
+                    prefill = time.perf_counter() - start
+                    start = time.perf_counter()
+                    model.generate(**batch, **kwargs, max_new_tokens=n, min_new_tokens=n)
+                    step += time.perf_counter() - start - prefill
+            for h in hooks:
+                h.remove()
+            if handle:
+                handle.remove()
+            steps = len(inputs) * (n - 1)
+            best[which] = min(best.get(which, (float("inf"),)), (step / steps, inside[0] / steps))
+        (d_step, d_ffn), (s_step, s_ffn) = best["dense"], best["sparse"]
+        notes.append(
+            f"{label}, {threads} thread(s), one decode step (fastest of 2 runs of {len(inputs)} x {n} tokens): dense "
+            f"{d_step * 1e3:.1f} ms, of which FFN blocks {d_ffn * 1e3:.1f} ms ({d_ffn / d_step:.0%}); sparse "
+            f"{s_step * 1e3:.1f} ms, FFN {s_ffn * 1e3:.1f} ms. FFN alone {d_ffn / s_ffn:.2f}x, whole step "
+            f"{d_step / s_step:.2f}x; a free FFN would give at most {d_step / (d_step - d_ffn):.2f}x"
+        )
+        print(notes[-1], flush=True)
+    return notes
 
 
 def bench_whisper(args, rows: list[dict], notes: list[str]) -> None:
@@ -273,6 +334,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--pairs", type=int, default=1, help="interleaved dense/sparse pairs per prompt")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument(
+        "--breakdown", action="store_true", help="SmolLM2: also time the FFN blocks' share of a decode step"
+    )
     parser.add_argument("--markdown", default=None, help="write the report (Markdown) to this file as well")
     args = parser.parse_args(argv)
     if "whisper" in args.models and data_path("whisper-tiny.en") is None:

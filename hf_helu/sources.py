@@ -3,8 +3,8 @@
 * :func:`load_complete` loads with ``output_loading_info=True`` and refuses a checkpoint with missing or unexpected
   weights, naming them (transformers would fill the missing ones with random values and only log it).
 * :func:`gguf_architecture` / :func:`check_gguf_architecture` read ``general.architecture`` from a GGUF file's
-  header (the ``gguf`` package's reader maps the file; no tensor is read) and refuse what transformers cannot load,
-  before the weights are dequantized.
+  header (its first metadata entries; no tensor is read) and refuse what transformers cannot load, before the
+  weights are dequantized.
 * GGUF-loaded models as plain, saveable models (:func:`drop_gguf_quantization`), below.
 
 Models loaded from a GGUF file (``from_pretrained(folder, gguf_file=...)``) as plain, saveable models.
@@ -21,6 +21,7 @@ its load dtype.
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any
 
 from torch import nn
@@ -62,17 +63,53 @@ def drop_gguf_quantization(model: nn.Module) -> bool:
     return True
 
 
-def gguf_architecture(path: str | os.PathLike) -> str:
-    """``general.architecture`` of a GGUF file, read from its header (a UsageError when it is no GGUF file)."""
-    from gguf import GGUFReader
+# Sizes of the GGUF metadata value types with a fixed size (gguf.GGUFValueType: UINT8 .. FLOAT64); 8 is a string,
+# 9 an array.
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
+
+def gguf_architecture(path: str | os.PathLike) -> str:
+    """``general.architecture`` of a GGUF file, read from its header (a UsageError when it is no GGUF file).
+
+    The metadata is read in order up to that key, which writers put first: ``gguf.GGUFReader`` would parse every
+    field, a whole vocabulary included (about 6 s for SmolLM2's 49k tokens), before the key could be looked up."""
+    where = os.fspath(path)
     try:
-        field = GGUFReader(path).fields.get("general.architecture")
-    except Exception as error:  # the reader raises ValueError/struct errors on anything but a GGUF file
-        raise UsageError(f"{os.fspath(path)} is not a GGUF file the gguf package can read: {error}") from None
-    if field is None:
-        raise UsageError(f"{os.fspath(path)} has no general.architecture in its GGUF header")
-    return field.contents()
+        with open(where, "rb") as file:
+            magic, version = struct.unpack("<4sI", file.read(8))
+            order = "<" if version & 0xFFFF else ">"  # a big-endian file's version reads as n << 24
+            if magic != b"GGUF" or struct.unpack(order + "I", struct.pack("<I", version))[0] not in (2, 3):
+                raise ValueError(f"no GGUF v2/v3 header (magic {magic!r})")
+
+            def number(fmt: str) -> int:
+                return struct.unpack(order + fmt, file.read(struct.calcsize(fmt)))[0]
+
+            def string() -> bytes:
+                return file.read(number("Q"))
+
+            def skip(kind: int) -> None:
+                if kind == _GGUF_STRING:
+                    file.seek(number("Q"), os.SEEK_CUR)
+                elif kind == _GGUF_ARRAY:
+                    item, count = number("I"), number("Q")
+                    if item in _GGUF_SCALAR_SIZES:
+                        file.seek(count * _GGUF_SCALAR_SIZES[item], os.SEEK_CUR)
+                    else:
+                        for _ in range(count):
+                            skip(item)
+                else:
+                    file.seek(_GGUF_SCALAR_SIZES[kind], os.SEEK_CUR)
+
+            number("Q")  # tensor count
+            for _ in range(number("Q")):
+                key, kind = string(), number("I")
+                if key == b"general.architecture" and kind == _GGUF_STRING:
+                    return string().decode("utf-8")
+                skip(kind)
+    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as error:
+        raise UsageError(f"{where} is not a GGUF file that can be read: {error}") from None
+    raise UsageError(f"{where} has no general.architecture in its GGUF header")
 
 
 def check_gguf_architecture(path: str | os.PathLike) -> str:

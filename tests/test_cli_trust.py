@@ -162,6 +162,43 @@ def test_an_unsupported_gguf_architecture_is_refused_from_the_header(tmp_path, c
     assert "architecture 'rwkv9'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("order", ["first", "after a vocabulary", "big-endian"])
+def test_the_header_reader_finds_the_architecture_the_gguf_package_reads(order, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from hf_helu.sources import gguf_architecture
+
+    path = tmp_path / "m.gguf"
+    endianess = gguf.GGUFEndian.BIG if order == "big-endian" else gguf.GGUFEndian.LITTLE
+    writer = gguf.GGUFWriter(str(path), "qwen2", endianess=endianess)
+    writer.add_uint32("test.number", 7)
+    writer.add_token_list(["a", "bc", "<s>"])
+    writer.add_token_scores([0.0, 1.0, 2.0])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    if order == "after a vocabulary":  # writers put it first; a reader must not depend on that
+        writer.kv_data[0]["general.architecture"] = writer.kv_data[0].pop("general.architecture")
+        assert list(writer.kv_data[0])[-1] == "general.architecture"
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_architecture(path) == gguf.GGUFReader(path).fields["general.architecture"].contents() == "qwen2"
+
+
+def test_the_header_reader_refuses_what_is_no_gguf_file(tmp_path):
+    from hf_helu.sources import gguf_architecture
+
+    (tmp_path / "x.gguf").write_bytes(b"GGML\x03\x00\x00\x00" + bytes(16))
+    with pytest.raises(UsageError, match="is not a GGUF file"):
+        gguf_architecture(tmp_path / "x.gguf")
+    header = b"GGUF" + (3).to_bytes(4, "little") + bytes(8)  # version 3, no tensor
+    (tmp_path / "cut.gguf").write_bytes(header + (1).to_bytes(8, "little") + b"\x05")  # 1 entry, cut short
+    with pytest.raises(UsageError, match="is not a GGUF file"):
+        gguf_architecture(tmp_path / "cut.gguf")
+    (tmp_path / "none.gguf").write_bytes(header + bytes(8))  # no entry
+    with pytest.raises(UsageError, match=r"has no general\.architecture"):
+        gguf_architecture(tmp_path / "none.gguf")
+
+
 def test_an_existing_dst_that_cannot_be_replaced_is_refused_before_loading(tmp_path, capsys, monkeypatch, no_load):
     """Root ignores permission bits: the refusal is checked with os.access answering as for another user."""
     src = save_bert_checkpoint(tmp_path / "src")

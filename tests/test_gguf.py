@@ -86,6 +86,33 @@ def test_hf_helu_commands_accept_a_gguf_file_or_a_folder_with_one(gguf_dir, tmp_
     export_for_inference(AutoModelForCausalLM.from_pretrained(tmp_path / "converted"))
 
 
+def test_convert_parses_a_gguf_files_metadata_once_for_the_config_the_tokenizer_and_the_weights(tmp_path, monkeypatch):
+    """The file's whole metadata (a real vocabulary: seconds) is parsed by transformers for the config, for the
+    tokenizer and for the weights, once each; the architecture check reads the header alone, and DST's tokenizer is
+    the one already built."""
+    import gguf
+
+    write_tiny_gguf(tiny_llama_lm(), tmp_path / "tiny.gguf")  # a file no earlier test has read (loads are cached)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["abc def.", "hello world, again.", "the cat sat.", "zz yy xx"] * 64))
+    parsed = []
+    real = gguf.GGUFReader.__init__
+
+    def counting(self, path, *args, **kwargs):
+        parsed.append(Path(path).name)
+        real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["convert", str(tmp_path / "tiny.gguf"), str(tmp_path / "dst"), "--data", str(texts)]) == 0
+    assert parsed == ["tiny.gguf"] * 3
+    monkeypatch.undo()
+    saved = AutoTokenizer.from_pretrained(tmp_path / "dst")
+    fresh = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    assert saved.get_vocab() == fresh.get_vocab() and saved.pad_token == fresh.pad_token
+
+
 def test_a_folder_with_two_gguf_files_is_refused(gguf_dir, tmp_path, capsys):
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / name).write_bytes((gguf_dir / "tiny.gguf").read_bytes())

@@ -187,14 +187,17 @@ def load_checkpoint(folder: Path) -> nn.Module:
     return reapply_recorded_patch(model)
 
 
-def save_atomically(model: nn.Module, src: Path, dst: str, overwrite: bool, card: ModelCard | None = None) -> None:
+def save_atomically(
+    model: nn.Module, src: Path, dst: str, overwrite: bool, card: ModelCard | None = None, tokenizer: Any = None
+) -> None:
     """``model.save_pretrained`` plus the extras of ``src`` and the model ``card`` (README.md, in place of SRC's),
-    written to a temp folder renamed to ``dst`` at the end."""
+    written to a temp folder renamed to ``dst`` at the end. A GGUF file's tokenizer is saved too: ``tokenizer``
+    when the caller has built it already (from the whole metadata: seconds for a real vocabulary), else built here."""
     try:
         with atomic_directory(dst, overwrite=overwrite) as tmp:
             model.save_pretrained(tmp)
             if gguf_file(src):
-                load_tokenizer(src).save_pretrained(tmp)  # the tokenizer stored in the GGUF file
+                (tokenizer if tokenizer is not None else load_tokenizer(src)).save_pretrained(tmp)
             else:
                 copy_extras(src, tmp)
             if card is not None:
@@ -236,18 +239,19 @@ def transform_and_save(
     saved_note: str = "",
     card: Callable[[nn.Module, Any], ModelCard] | None = None,
     describe: Callable[[Any], str] = str,
+    tokenizer: Any = None,
 ) -> int:
     """Load SRC, apply ``transform``, save to DST atomically with a model card, print the report.
 
     Only a :class:`UsageError` from ``transform`` is the user's error; anything else is a bug and keeps its
     traceback. ``card(model, report)`` makes the model card (default: :func:`default_card`); ``describe(report)``
-    the text printed."""
+    the text printed; ``tokenizer``: SRC's, when the caller has loaded it (:func:`save_atomically`)."""
     src = check_source_and_destination(args.src, args.dst, args.overwrite)
     with sole_writer(args.dst):
         model = load_checkpoint(src)
         report = transform(model)
         written = card(model, report) if card is not None else default_card(args, report)
-        save_atomically(model, src, args.dst, args.overwrite, written)
+        save_atomically(model, src, args.dst, args.overwrite, written, tokenizer)
     print(describe(report))
     print(f"saved to {args.dst}{saved_note}")
     return 0

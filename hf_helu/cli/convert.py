@@ -8,6 +8,7 @@ reproduces the original activation's outputs on the tokens of ``--samples`` text
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -157,9 +158,12 @@ def run_convert(args: argparse.Namespace) -> int:
         raise
     except Exception as error:
         raise UsageError(f"cannot load a tokenizer from {args.src!r} (text models only): {error}") from None
+    padding = tokenizer  # DST gets SRC's tokenizer as it is; batches need a pad token
     if tokenizer.pad_token is None:  # decoder LMs often have none; padding is masked out of the fit anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    fit, held_out = fit_and_held_out(tokenizer, texts, args.batch_size, args.max_length)
+        padding = copy.deepcopy(tokenizer)
+        padding.pad_token = tokenizer.eos_token
+    fit, held_out = fit_and_held_out(padding, texts, args.batch_size, args.max_length)
+    del padding
     fit_tokens = count_tokens(fit)
 
     def convert(model: nn.Module) -> ConversionResult:
@@ -208,4 +212,4 @@ def run_convert(args: argparse.Namespace) -> int:
         return f"{result.patch_report}\n{result.calibration}\non {len(texts)} texts of {args.data}{kept}"
 
     note = " (calibrated; annealing needs training: see hf-helu convert --help)"
-    return transform_and_save(args, convert, saved_note=note, card=card, describe=report)
+    return transform_and_save(args, convert, saved_note=note, card=card, describe=report, tokenizer=tokenizer)
