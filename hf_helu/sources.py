@@ -77,9 +77,9 @@ def gguf_architecture(path: str | os.PathLike) -> str:
     where = os.fspath(path)
     try:
         with open(where, "rb") as file:
-            magic, version = struct.unpack("<4sI", file.read(8))
-            order = "<" if version & 0xFFFF else ">"  # a big-endian file's version reads as n << 24
-            if magic != b"GGUF" or struct.unpack(order + "I", struct.pack("<I", version))[0] not in (2, 3):
+            magic, version = file.read(4), file.read(4)
+            order = ">" if version.startswith(b"\0\0") else "<"  # a small version number's zero bytes come first
+            if magic != b"GGUF" or struct.unpack(order + "I", version)[0] not in (2, 3):
                 raise ValueError(f"no GGUF v2/v3 header (magic {magic!r})")
 
             def number(fmt: str) -> int:
@@ -107,7 +107,7 @@ def gguf_architecture(path: str | os.PathLike) -> str:
                 if key == b"general.architecture" and kind == _GGUF_STRING:
                     return string().decode("utf-8")
                 skip(kind)
-    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as error:
+    except (OSError, ValueError, KeyError, struct.error) as error:  # UnicodeDecodeError is a ValueError
         raise UsageError(f"{where} is not a GGUF file that can be read: {error}") from None
     raise UsageError(f"{where} has no general.architecture in its GGUF header")
 
