@@ -230,7 +230,9 @@ def test_a_dst_swap_that_fails_leaves_dst_and_no_temp_copy(tmp_path, capsys, mon
     assert sorted(p.name for p in dst.iterdir()) == ["old.txt"] and leftovers(tmp_path, "dst") == []
 
 
-def test_convert_plans_shows_progress_and_writes_its_own_model_card(tmp_path, tiny_bert_dir, capsys):
+def test_convert_plans_shows_progress_and_writes_its_own_model_card(tmp_path, tiny_bert_dir, capsys, monkeypatch):
+    kept = []  # the command keeps freed heap pages for its process (tests/test_conversion_heap.py checks the effect)
+    monkeypatch.setattr("hf_helu.cli.convert.keep_freed_memory", lambda: kept.append(True) or True)
     src = tmp_path / "src"
     transformers.BertModel.from_pretrained(tiny_bert_dir).save_pretrained(src)
     transformers.AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(src)
@@ -238,6 +240,7 @@ def test_convert_plans_shows_progress_and_writes_its_own_model_card(tmp_path, ti
     write_sentences(tmp_path / "fit.txt", 240, seed=0)
     dst = tmp_path / "dst"
     assert main(["convert", str(src), str(dst), "--data", str(tmp_path / "fit.txt"), "--alpha", "0.1"]) == 0
+    assert kept == [True]
     captured = capsys.readouterr()
     assert "calibrating on" in captured.err and "minutes (estimate)" in captured.err
     assert "tokens/s" in captured.err and "2/2" in captured.err  # the progress bar, one step per layer

@@ -26,6 +26,7 @@ from hf_helu.cli.common import (
 from hf_helu.cli.texts import iter_text_batches, read_texts
 from hf_helu.conversion import DEFAULT_RIDGE, ConversionResult, check_ridge, convert_model, ffn_sites
 from hf_helu.conversion.auto import gated_decoder
+from hf_helu.conversion.heap import keep_freed_memory
 from hf_helu.conversion.thin_data import MIN_TOKENS_PER_FEATURE, minimum_calibration_tokens
 from hf_helu.errors import UsageError
 from hf_helu.inputs import alpha, positive_int
@@ -144,6 +145,7 @@ def estimate_seconds(model: nn.Module, tokens: int) -> float:
 def run_convert(args: argparse.Namespace) -> int:
     """``hf-helu convert``: the texts and the tokenizer first (fail fast), then load, check the data is enough,
     patch, calibrate (with a progress bar), save with a model card."""
+    keep_freed_memory()  # this process calibrates: freed pages are reused, not faulted in afresh (BENCHMARKS.md)
     src = check_source_and_destination(args.src, args.dst, args.overwrite)
     check_text_model(src)
     limit = max_positions(load_config(src))
