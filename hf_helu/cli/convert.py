@@ -34,6 +34,10 @@ from hf_helu.model_card import conversion_card
 
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_SAMPLES = 800
+# Texts per calibration batch: a batch's transients (a block's intermediates) are a share of the peak memory, while
+# the fit sums the same tokens at any size. SmolLM2-135M's defaults: 16 texts peak 1.84 GB, 32 texts 2.05 GB, at the
+# same CPU time and perplexity (BENCHMARKS.md, "Calibration").
+DEFAULT_BATCH_SIZE = 16
 HELP = (
     "patch the FFN activations with HeLU and calibrate the FFN output projections on unlabeled text "
     "(calibration only: annealing needs training; for calibrate+anneal fine-tune the original checkpoint with the "
@@ -68,7 +72,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"calibrate on the first N texts ({DEFAULT_SAMPLES})",
     )
     parser.add_argument("--ridge", type=_ridge, default=DEFAULT_RIDGE, help=f"ridge lambda x tokens ({DEFAULT_RIDGE})")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"texts per calibration batch ({DEFAULT_BATCH_SIZE})",
+    )
     parser.add_argument(
         "--max-length",
         type=positive_int,
